@@ -1,0 +1,609 @@
+//! The end-to-end session: `Noise_IK_25519_ChaChaPoly_BLAKE2s` between a device (initiator) and the
+//! core (responder), then snow's stateless transport with explicit counters and our replay window
+//! (`docs/protocol.md` §6).
+//!
+//! ```text
+//!  DeviceSession                                   Responder
+//!  start_handshake ── HandshakeInit ────────────▶  read_init ─▶ IncomingHandshake
+//!                                                  (core checks the key)   │ accept
+//!  handle_datagram ◀─ HandshakeResponse ─────────────────────────────────── ┘
+//!        │ Established                                   Transport
+//!  seal / handle_datagram ◀── Transport frames ──▶ Transport::open / seal
+//! ```
+//!
+//! Nothing here touches a socket or a clock: time comes in as `now: Instant`, randomness for
+//! session ids from the caller. Ephemeral keys come from snow's resolver.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use snow::params::NoiseParams;
+use snow::resolvers::{CryptoResolver, DefaultResolver};
+use snow::{Builder, HandshakeState, StatelessTransportState};
+
+use crate::frame::{DeviceFrame, SessionId, MAX_TRANSPORT_PLAINTEXT, TAG_LEN, TRANSPORT_HEADER};
+use crate::payload::{InitPayload, ResponsePayload, INIT_PAYLOAD_LEN, RESPONSE_PAYLOAD_LEN};
+use crate::DecodeError;
+
+/// The Noise protocol name.
+pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+
+/// Mixed into every handshake hash: a session of another protocol or version cannot be spliced in.
+pub const PROLOGUE: &[u8] = b"relay-gateway/e2e/1";
+
+/// Length of a Curve25519 key.
+pub const KEY_LEN: usize = 32;
+
+/// After this many frames sent, the device starts a new handshake.
+pub const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
+
+/// No frame is sealed or opened with a counter at or past this value.
+pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+
+fn params() -> NoiseParams {
+    // The constant parses; a failure here is a programming error caught by every test.
+    NOISE_PATTERN.parse().expect("NOISE_PATTERN is a valid Noise protocol name")
+}
+
+/// Why a session operation failed, sorted by who is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The peer (or someone on the path) sent something malformed.
+    #[error("malformed: {0}")]
+    Malformed(#[from] DecodeError),
+    /// A frame failed authentication: forged, altered, or for another session.
+    #[error("authentication failed")]
+    Authentication,
+    /// A frame's counter was seen before or is too old.
+    #[error("replay: {0}")]
+    Replay(#[from] crate::replay::ReplayError),
+    /// A frame names a session this side does not hold.
+    #[error("unknown session {0}")]
+    UnknownSession(SessionId),
+    /// A frame of a type this side never receives.
+    #[error("unexpected {0:?} frame")]
+    UnexpectedFrame(crate::frame::FrameType),
+    /// Local: no established session to send on yet.
+    #[error("no established session")]
+    NoSession,
+    /// Local: the plaintext does not fit in one frame.
+    #[error("plaintext of {0} bytes does not fit in one frame")]
+    TooLarge(usize),
+    /// Local: the session's counter is used up; a new handshake is needed.
+    #[error("session counter exhausted")]
+    Exhausted,
+    /// Local: snow refused an operation for another reason (key material, state).
+    #[error("noise: {0}")]
+    Noise(snow::Error),
+}
+
+impl From<snow::Error> for SessionError {
+    fn from(e: snow::Error) -> Self {
+        match e {
+            snow::Error::Decrypt => Self::Authentication,
+            // A bad ephemeral point or a message of the wrong length is the peer's doing.
+            snow::Error::Input | snow::Error::Dh => Self::Authentication,
+            other => Self::Noise(other),
+        }
+    }
+}
+
+/// A Curve25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; KEY_LEN]);
+
+impl PublicKey {
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Result<Self, DecodeError> {
+        parse_hex32(s).map(Self)
+    }
+
+    /// The key as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        to_hex(&self.0)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A short fingerprint: enough to tell keys apart in a test failure.
+        write!(f, "PublicKey({}…)", &self.to_hex()[..8])
+    }
+}
+
+/// A static Curve25519 key pair. `Debug` never prints the private half.
+pub struct StaticKeypair {
+    public: PublicKey,
+    private: [u8; KEY_LEN],
+}
+
+impl StaticKeypair {
+    /// A fresh key pair from the operating system's random source.
+    pub fn generate() -> Result<Self, SessionError> {
+        let kp = Builder::new(params()).generate_keypair()?;
+        Self::from_private(&kp.private)
+    }
+
+    /// The key pair for a stored private key.
+    pub fn from_private(private: &[u8]) -> Result<Self, SessionError> {
+        let private: [u8; KEY_LEN] = private
+            .try_into()
+            .map_err(|_| SessionError::Noise(snow::Error::Input))?;
+        let mut dh = DefaultResolver
+            .resolve_dh(&snow::params::DHChoice::Curve25519)
+            .ok_or(SessionError::Noise(snow::Error::Dh))?;
+        dh.set(&private);
+        let public: [u8; KEY_LEN] = dh
+            .pubkey()
+            .try_into()
+            .map_err(|_| SessionError::Noise(snow::Error::Dh))?;
+        Ok(Self {
+            public: PublicKey(public),
+            private,
+        })
+    }
+
+    /// Parses a private key from 64 hex digits.
+    pub fn from_private_hex(s: &str) -> Result<Self, SessionError> {
+        Self::from_private(&parse_hex32(s)?)
+    }
+
+    /// The public half.
+    pub fn public(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// The private half as hex, for writing it to a protected key file. Never log it.
+    pub fn private_hex_for_storage(&self) -> String {
+        to_hex(&self.private)
+    }
+}
+
+impl fmt::Debug for StaticKeypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticKeypair")
+            .field("public", &self.public)
+            .field("private", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Drop for StaticKeypair {
+    fn drop(&mut self) {
+        self.private = [0; KEY_LEN];
+    }
+}
+
+/// One established session's keys, counters and replay window: the same type on both sides.
+pub struct Transport {
+    local: SessionId,
+    remote: SessionId,
+    cipher: StatelessTransportState,
+    next_counter: u64,
+    replay: crate::replay::ReplayWindow,
+    established: Instant,
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transport")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .field("next_counter", &self.next_counter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    fn new(local: SessionId, remote: SessionId, hs: HandshakeState, now: Instant) -> Result<Self, SessionError> {
+        Ok(Self {
+            local,
+            remote,
+            cipher: hs.into_stateless_transport_mode()?,
+            next_counter: 0,
+            replay: crate::replay::ReplayWindow::new(),
+            established: now,
+        })
+    }
+
+    /// This side's id for the session: incoming frames carry it.
+    pub fn local_id(&self) -> SessionId {
+        self.local
+    }
+
+    /// The peer's id for the session: outgoing frames carry it.
+    pub fn remote_id(&self) -> SessionId {
+        self.remote
+    }
+
+    /// How long ago the handshake completed.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.established)
+    }
+
+    /// How many frames this side has sealed.
+    pub fn sent(&self) -> u64 {
+        self.next_counter
+    }
+
+    /// Seals `plaintext` into a complete transport frame appended to `out`.
+    pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
+        if plaintext.len() > MAX_TRANSPORT_PLAINTEXT {
+            return Err(SessionError::TooLarge(plaintext.len()));
+        }
+        let counter = self.next_counter;
+        if counter >= REJECT_AFTER_MESSAGES {
+            return Err(SessionError::Exhausted);
+        }
+        let start = out.len();
+        out.reserve(TRANSPORT_HEADER + plaintext.len() + TAG_LEN);
+        out.push(crate::frame::VERSION);
+        out.push(crate::frame::FrameType::Transport as u8);
+        out.extend_from_slice(&self.remote.0.to_be_bytes());
+        out.extend_from_slice(&counter.to_be_bytes());
+        let body = out.len();
+        out.resize(body + plaintext.len() + TAG_LEN, 0);
+        match self.cipher.write_message(counter, plaintext, &mut out[body..]) {
+            Ok(_) => {
+                self.next_counter += 1;
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Opens a transport frame's ciphertext (already parsed off the frame) into `out`, which is
+    /// cleared first. The counter enters the replay window only once the frame authenticated.
+    pub fn open(&mut self, counter: u64, ciphertext: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
+        if counter >= REJECT_AFTER_MESSAGES {
+            return Err(SessionError::Exhausted);
+        }
+        self.replay.check(counter)?;
+        out.clear();
+        out.resize(ciphertext.len().saturating_sub(TAG_LEN), 0);
+        match self.cipher.read_message(counter, ciphertext, out) {
+            Ok(n) => {
+                out.truncate(n);
+                self.replay.accept(counter)?;
+                Ok(())
+            }
+            Err(e) => {
+                out.clear();
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// What a datagram meant to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// The handshake completed: the device can send on the new session.
+    Established {
+        /// The core's rekey policy for this session.
+        rekey_after: Duration,
+    },
+    /// A transport frame opened; its plaintext is in the caller's buffer.
+    Plaintext,
+}
+
+struct PendingHandshake {
+    hs: HandshakeState,
+    local: SessionId,
+    started: Instant,
+}
+
+/// The device's side: initiates handshakes, holds the current session and the one before it
+/// (so acknowledgements still in flight across a rekey are not lost).
+pub struct DeviceSession {
+    keypair: StaticKeypair,
+    core: PublicKey,
+    pending: Option<PendingHandshake>,
+    current: Option<Transport>,
+    rekey_after: Duration,
+    previous: Option<Transport>,
+}
+
+impl fmt::Debug for DeviceSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceSession")
+            .field("core", &self.core)
+            .field("pending", &self.pending.as_ref().map(|p| p.local))
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceSession {
+    /// A device with its static key pair and the core's static public key.
+    pub fn new(keypair: StaticKeypair, core: PublicKey) -> Self {
+        Self {
+            keypair,
+            core,
+            pending: None,
+            current: None,
+            rekey_after: Duration::MAX,
+            previous: None,
+        }
+    }
+
+    /// The device's static public key.
+    pub fn public(&self) -> &PublicKey {
+        self.keypair.public()
+    }
+
+    /// Starts a handshake and returns the `HandshakeInit` datagram. `local` is a fresh random id;
+    /// `timestamp` must exceed every earlier handshake's. A handshake already pending is dropped.
+    pub fn start_handshake(&mut self, local: SessionId, timestamp: u64, now: Instant) -> Result<Vec<u8>, SessionError> {
+        self.start_handshake_with(local, timestamp, now, None)
+    }
+
+    pub(crate) fn start_handshake_with(
+        &mut self,
+        local: SessionId,
+        timestamp: u64,
+        now: Instant,
+        fixed_ephemeral: Option<&[u8]>,
+    ) -> Result<Vec<u8>, SessionError> {
+        let mut builder = Builder::new(params())
+            .local_private_key(&self.keypair.private)?
+            .remote_public_key(&self.core.0)?
+            .prologue(PROLOGUE)?;
+        if let Some(e) = fixed_ephemeral {
+            builder = builder.fixed_ephemeral_key_for_testing_only(e);
+        }
+        let mut hs = builder.build_initiator()?;
+        let mut payload = Vec::with_capacity(INIT_PAYLOAD_LEN);
+        InitPayload { timestamp }.encode(&mut payload);
+        let mut noise = [0u8; 256];
+        let n = hs.write_message(&payload, &mut noise)?;
+        self.pending = Some(PendingHandshake {
+            hs,
+            local,
+            started: now,
+        });
+        Ok(DeviceFrame::HandshakeInit {
+            sender: local,
+            noise: &noise[..n],
+        }
+        .to_vec())
+    }
+
+    /// When the pending handshake started, if one is pending.
+    pub fn handshake_started(&self) -> Option<Instant> {
+        self.pending.as_ref().map(|p| p.started)
+    }
+
+    /// Whether the device has a session to send on.
+    pub fn is_established(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Whether a new handshake is due: no session yet, or the current one is past the core's
+    /// rekey time or counter limit. A pending handshake does not count; see
+    /// [`DeviceSession::handshake_started`] for retrying one.
+    pub fn needs_handshake(&self, now: Instant) -> bool {
+        match &self.current {
+            None => true,
+            Some(t) => t.age(now) >= self.rekey_after || t.sent() >= REKEY_AFTER_MESSAGES,
+        }
+    }
+
+    /// The current session, if any.
+    pub fn current(&self) -> Option<&Transport> {
+        self.current.as_ref()
+    }
+
+    /// Forgets every session and any pending handshake (for example after the core refused to
+    /// know the session any more).
+    pub fn reset(&mut self) {
+        self.pending = None;
+        self.current = None;
+        self.previous = None;
+    }
+
+    /// Seals `plaintext` on the current session into a transport datagram appended to `out`.
+    pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
+        self.current
+            .as_mut()
+            .ok_or(SessionError::NoSession)?
+            .seal(plaintext, out)
+    }
+
+    /// Handles one datagram from the core (through any path). On `Plaintext` the opened message is
+    /// in `out`. A bad datagram leaves the established sessions as they were.
+    pub fn handle_datagram(&mut self, datagram: &[u8], now: Instant, out: &mut Vec<u8>) -> Result<DeviceEvent, SessionError> {
+        match DeviceFrame::decode(datagram)? {
+            DeviceFrame::HandshakeResponse {
+                receiver,
+                sender,
+                noise,
+            } => {
+                let local = self.pending.as_ref().map(|p| p.local);
+                if local != Some(receiver) {
+                    return Err(SessionError::UnknownSession(receiver));
+                }
+                let mut pending = self.pending.take().ok_or(SessionError::UnknownSession(receiver))?;
+                let mut payload = [0u8; 64];
+                let n = pending.hs.read_message(noise, &mut payload)?;
+                let policy = ResponsePayload::decode(&payload[..n])?;
+                let transport = Transport::new(receiver, sender, pending.hs, now)?;
+                self.previous = self.current.replace(transport);
+                self.rekey_after = Duration::from_secs(u64::from(policy.rekey_after_secs));
+                Ok(DeviceEvent::Established {
+                    rekey_after: self.rekey_after,
+                })
+            }
+            DeviceFrame::Transport {
+                receiver,
+                counter,
+                ciphertext,
+            } => {
+                let session = [self.current.as_mut(), self.previous.as_mut()]
+                    .into_iter()
+                    .flatten()
+                    .find(|t| t.local == receiver)
+                    .ok_or(SessionError::UnknownSession(receiver))?;
+                session.open(counter, ciphertext, out)?;
+                Ok(DeviceEvent::Plaintext)
+            }
+            other @ DeviceFrame::HandshakeInit { .. } => Err(SessionError::UnexpectedFrame(other.frame_type())),
+        }
+    }
+}
+
+/// The core's side of the handshake. Stateless between messages: IK completes in one round trip,
+/// so the core holds no pending handshakes.
+pub struct Responder {
+    keypair: StaticKeypair,
+    params: NoiseParams,
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("public", self.keypair.public())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Responder {
+    /// The core with its static key pair.
+    pub fn new(keypair: StaticKeypair) -> Self {
+        Self {
+            keypair,
+            params: params(),
+        }
+    }
+
+    /// The core's static public key, which devices must know.
+    pub fn public(&self) -> &PublicKey {
+        self.keypair.public()
+    }
+
+    /// Reads a `HandshakeInit`'s Noise message. On success the device's static key is known and
+    /// authenticated; the caller decides whether to [`IncomingHandshake::accept`] it.
+    pub fn read_init(&self, sender: SessionId, noise: &[u8]) -> Result<IncomingHandshake, SessionError> {
+        self.read_init_with(sender, noise, None)
+    }
+
+    pub(crate) fn read_init_with(
+        &self,
+        sender: SessionId,
+        noise: &[u8],
+        fixed_ephemeral: Option<&[u8]>,
+    ) -> Result<IncomingHandshake, SessionError> {
+        let mut builder = Builder::new(self.params.clone())
+            .local_private_key(&self.keypair.private)?
+            .prologue(PROLOGUE)?;
+        if let Some(e) = fixed_ephemeral {
+            builder = builder.fixed_ephemeral_key_for_testing_only(e);
+        }
+        let mut hs = builder.build_responder()?;
+        let mut payload = [0u8; 64];
+        let n = hs.read_message(noise, &mut payload)?;
+        let init = InitPayload::decode(&payload[..n])?;
+        let remote: [u8; KEY_LEN] = hs
+            .get_remote_static()
+            .and_then(|k| k.try_into().ok())
+            .ok_or(SessionError::Authentication)?;
+        Ok(IncomingHandshake {
+            hs,
+            sender,
+            device: PublicKey(remote),
+            init,
+        })
+    }
+}
+
+/// A handshake initiation that authenticated, waiting for the core's decision.
+pub struct IncomingHandshake {
+    hs: HandshakeState,
+    sender: SessionId,
+    device: PublicKey,
+    init: InitPayload,
+}
+
+impl fmt::Debug for IncomingHandshake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IncomingHandshake")
+            .field("sender", &self.sender)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IncomingHandshake {
+    /// The device's static public key, proven by the handshake.
+    pub fn device(&self) -> &PublicKey {
+        &self.device
+    }
+
+    /// The initiation's timestamp (must exceed the last one accepted from this device).
+    pub fn timestamp(&self) -> u64 {
+        self.init.timestamp
+    }
+
+    /// The device's session id.
+    pub fn sender(&self) -> SessionId {
+        self.sender
+    }
+
+    /// Completes the handshake: appends the `HandshakeResponse` datagram to `out` and returns the
+    /// established session, known to devices as `local`.
+    pub fn accept(
+        mut self,
+        local: SessionId,
+        policy: ResponsePayload,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<Transport, SessionError> {
+        let mut payload = Vec::with_capacity(RESPONSE_PAYLOAD_LEN);
+        policy.encode(&mut payload);
+        let mut noise = [0u8; 128];
+        let n = self.hs.write_message(&payload, &mut noise)?;
+        DeviceFrame::HandshakeResponse {
+            receiver: self.sender,
+            sender: local,
+            noise: &noise[..n],
+        }
+        .encode(out);
+        Transport::new(local, self.sender, self.hs, now)
+    }
+}
+
+fn parse_hex32(s: &str) -> Result<[u8; KEY_LEN], DecodeError> {
+    let s = s.trim().as_bytes();
+    if s.len() != 2 * KEY_LEN {
+        return Err(DecodeError::Invalid("a key is 64 hex digits"));
+    }
+    let mut out = [0u8; KEY_LEN];
+    for (i, pair) in s.chunks_exact(2).enumerate() {
+        let hi = hex_val(pair[0]).ok_or(DecodeError::Invalid("not a hex digit"))?;
+        let lo = hex_val(pair[1]).ok_or(DecodeError::Invalid("not a hex digit"))?;
+        out[i] = hi << 4 | lo;
+    }
+    Ok(out)
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn to_hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(DIGITS[(x >> 4) as usize] as char);
+        s.push(DIGITS[(x & 15) as usize] as char);
+    }
+    s
+}

@@ -1,0 +1,282 @@
+//! The gateway↔core link, carried inside one mutually authenticated QUIC connection per gateway.
+//!
+//! Device frames ride QUIC datagrams (see `docs/protocol.md` §5 for why); control messages ride one
+//! bidirectional stream that the gateway opens, as length-prefixed messages:
+//!
+//! ```text
+//! datagram        = version:u8 = 1 | kind:u8 = 1 | flow:u32 | device frame
+//! stream message  = length:u16 | version:u8 = 1 | kind:u8 | body      (length counts version..body)
+//!   kind 0x10 Hello        body = name_len:u8 | name (UTF-8, 1..=64 bytes)    gateway -> core
+//!   kind 0x11 HelloAck     body = max_flows:u32                                core -> gateway
+//!   kind 0x12 DeviceFrame  body = flow:u32 | device frame                      either way
+//! ```
+//!
+//! `DeviceFrame` on the stream is the fallback for a frame that does not fit in a QUIC datagram.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::frame::{split_u32, MAX_DATAGRAM};
+use crate::DecodeError;
+
+/// The uplink protocol version.
+pub const VERSION: u8 = 1;
+
+/// Bytes an uplink datagram adds in front of the device frame it carries.
+pub const DATAGRAM_HEADER: usize = 6;
+
+/// The largest body of a control-stream message (a device frame plus its flow id).
+pub const MAX_MESSAGE_BODY: usize = MAX_DATAGRAM + 4;
+
+/// The longest gateway name in a `Hello`.
+pub const MAX_NAME_LEN: usize = 64;
+
+const KIND_DATAGRAM_FRAME: u8 = 0x01;
+const KIND_HELLO: u8 = 0x10;
+const KIND_HELLO_ACK: u8 = 0x11;
+const KIND_DEVICE_FRAME: u8 = 0x12;
+
+/// The gateway's name for one device address: the core routes replies by it. It is local to one
+/// uplink connection and says nothing about the device's identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub u32);
+
+impl std::fmt::Display for FlowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One device frame on an uplink QUIC datagram, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UplinkDatagram<'a> {
+    /// Which device address the frame came from or goes to.
+    pub flow: FlowId,
+    /// The device frame, unchanged.
+    pub frame: &'a [u8],
+}
+
+impl<'a> UplinkDatagram<'a> {
+    /// Parses one QUIC datagram. The device frame inside is not parsed here.
+    pub fn decode(datagram: &'a [u8]) -> Result<Self, DecodeError> {
+        let [version, kind, rest @ ..] = datagram else {
+            return Err(DecodeError::Truncated);
+        };
+        if *version != VERSION {
+            return Err(DecodeError::UnknownVersion(*version));
+        }
+        if *kind != KIND_DATAGRAM_FRAME {
+            return Err(DecodeError::UnknownType(*kind));
+        }
+        let (flow, frame) = split_u32(rest)?;
+        if frame.is_empty() {
+            return Err(DecodeError::Truncated);
+        }
+        if frame.len() > MAX_DATAGRAM {
+            return Err(DecodeError::Oversized {
+                len: frame.len(),
+                max: MAX_DATAGRAM,
+            });
+        }
+        Ok(Self {
+            flow: FlowId(flow),
+            frame,
+        })
+    }
+
+    /// Appends the datagram to `buf`.
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        buf.put_u8(VERSION);
+        buf.put_u8(KIND_DATAGRAM_FRAME);
+        buf.put_u32(self.flow.0);
+        buf.put_slice(self.frame);
+    }
+
+    /// The encoded length in bytes.
+    pub fn encoded_len(&self) -> usize {
+        DATAGRAM_HEADER + self.frame.len()
+    }
+}
+
+/// A message on the uplink control stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UplinkMessage {
+    /// The gateway's first message: who it says it is (its certificate is what is trusted).
+    Hello {
+        /// The gateway's name, for logs and metrics.
+        name: String,
+    },
+    /// The core's answer to `Hello`.
+    HelloAck {
+        /// How many device flows the core is willing to route for this gateway.
+        max_flows: u32,
+    },
+    /// A device frame too large for a QUIC datagram.
+    DeviceFrame {
+        /// Which device address the frame came from or goes to.
+        flow: FlowId,
+        /// The device frame, unchanged.
+        frame: Bytes,
+    },
+}
+
+impl UplinkMessage {
+    /// Appends the length-prefixed message to `buf`.
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        let body_len = match self {
+            Self::Hello { name } => 1 + name.len().min(MAX_NAME_LEN),
+            Self::HelloAck { .. } => 4,
+            Self::DeviceFrame { frame, .. } => 4 + frame.len(),
+        };
+        buf.put_u16((2 + body_len) as u16);
+        buf.put_u8(VERSION);
+        match self {
+            Self::Hello { name } => {
+                buf.put_u8(KIND_HELLO);
+                let name = truncate_utf8(name, MAX_NAME_LEN);
+                buf.put_u8(name.len() as u8);
+                buf.put_slice(name.as_bytes());
+            }
+            Self::HelloAck { max_flows } => {
+                buf.put_u8(KIND_HELLO_ACK);
+                buf.put_u32(*max_flows);
+            }
+            Self::DeviceFrame { flow, frame } => {
+                buf.put_u8(KIND_DEVICE_FRAME);
+                buf.put_u32(flow.0);
+                buf.put_slice(frame);
+            }
+        }
+    }
+
+    /// Takes one message off the front of `src`. `Ok(None)`: not all of it has arrived yet, and
+    /// nothing was consumed. On error the stream is no longer in sync and must be closed.
+    pub fn decode(src: &mut BytesMut) -> Result<Option<Self>, DecodeError> {
+        if src.len() < 2 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([src[0], src[1]]) as usize;
+        if len < 2 {
+            return Err(DecodeError::Truncated);
+        }
+        if len - 2 > MAX_MESSAGE_BODY {
+            return Err(DecodeError::Oversized {
+                len: len - 2,
+                max: MAX_MESSAGE_BODY,
+            });
+        }
+        if src.len() < 2 + len {
+            return Ok(None);
+        }
+        src.advance(2);
+        let mut msg = src.split_to(len).freeze();
+        let version = msg.get_u8();
+        if version != VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let kind = msg.get_u8();
+        let decoded = match kind {
+            KIND_HELLO => {
+                let n = *msg.first().ok_or(DecodeError::Truncated)? as usize;
+                msg.advance(1);
+                if n == 0 || n > MAX_NAME_LEN {
+                    return Err(DecodeError::Invalid("gateway name length"));
+                }
+                if msg.len() != n {
+                    return Err(DecodeError::Invalid("gateway name length"));
+                }
+                let name = std::str::from_utf8(&msg)
+                    .map_err(|_| DecodeError::Invalid("gateway name is not UTF-8"))?;
+                Self::Hello {
+                    name: name.to_owned(),
+                }
+            }
+            KIND_HELLO_ACK => {
+                if msg.len() != 4 {
+                    return Err(DecodeError::Invalid("hello-ack length"));
+                }
+                Self::HelloAck {
+                    max_flows: msg.get_u32(),
+                }
+            }
+            KIND_DEVICE_FRAME => {
+                if msg.len() < 5 {
+                    return Err(DecodeError::Truncated);
+                }
+                let flow = FlowId(msg.get_u32());
+                Self::DeviceFrame { flow, frame: msg }
+            }
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        Ok(Some(decoded))
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_round_trip_and_wait_for_more() {
+        let msgs = [
+            UplinkMessage::Hello {
+                name: "gw-1".into(),
+            },
+            UplinkMessage::HelloAck { max_flows: 100_000 },
+            UplinkMessage::DeviceFrame {
+                flow: FlowId(7),
+                frame: Bytes::from_static(&[1, 3, 0, 0, 0, 0]),
+            },
+        ];
+        let mut buf = BytesMut::new();
+        for m in &msgs {
+            m.encode(&mut buf);
+        }
+        // Feed byte by byte: every prefix is "incomplete", never an error.
+        let all = buf.clone();
+        let mut src = BytesMut::new();
+        let mut out = Vec::new();
+        for b in all.iter() {
+            src.put_u8(*b);
+            while let Some(m) = UplinkMessage::decode(&mut src).expect("valid stream") {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, msgs);
+        assert!(src.is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_messages() {
+        let mut src = BytesMut::from(&[0xFF, 0xFF][..]);
+        assert!(matches!(
+            UplinkMessage::decode(&mut src),
+            Err(DecodeError::Oversized { .. })
+        ));
+        let mut src = BytesMut::from(&[0, 2, 9, 0x10][..]);
+        assert_eq!(
+            UplinkMessage::decode(&mut src),
+            Err(DecodeError::UnknownVersion(9))
+        );
+        let mut src = BytesMut::from(&[0, 3, 1, 0x10, 5][..]);
+        assert!(UplinkMessage::decode(&mut src).is_err());
+        assert_eq!(
+            UplinkDatagram::decode(&[1, 1, 0, 0, 0, 1]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            UplinkDatagram::decode(&[1, 2, 0, 0, 0, 1, 1]),
+            Err(DecodeError::UnknownType(2))
+        );
+    }
+}
