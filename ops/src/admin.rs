@@ -1,0 +1,318 @@
+//! The admin HTTP endpoint: `/metrics`, `/live`, `/ready`, and routes a daemon adds.
+//!
+//! Deliberately small: one request per connection (`Connection: close`), a request head of at most
+//! [`MAX_HEAD`] bytes, a body of at most [`AdminConfig::max_body`] bytes, and a time limit for
+//! reading the request, so a slow or hostile client costs one task for a bounded time.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The largest request head (request line and headers) accepted.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// Whether the daemon is ready for traffic; `/ready` answers 200 when set, 503 otherwise.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// A flag that starts not ready.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the flag.
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    /// Reads the flag.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A parsed request.
+#[derive(Debug)]
+pub struct Request {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The path, query string included.
+    pub path: String,
+    /// The body (empty without `Content-Length`).
+    pub body: Vec<u8>,
+}
+
+/// A response to write.
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// `Content-Type` header.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// A `text/plain` response.
+    pub fn text(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    /// An `application/json` response.
+    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: body.into(),
+        }
+    }
+}
+
+/// Extra routes: return `None` for a path the daemon does not serve (404).
+pub type Routes = Arc<dyn Fn(&Request) -> Option<Response> + Send + Sync>;
+
+/// Settings of the admin endpoint.
+#[derive(Clone)]
+pub struct AdminConfig {
+    /// The metrics served on `/metrics`.
+    pub registry: Registry,
+    /// The flag behind `/ready`.
+    pub readiness: Readiness,
+    /// Daemon-specific routes, consulted before the 404.
+    pub routes: Option<Routes>,
+    /// Largest request body accepted.
+    pub max_body: usize,
+    /// Time allowed to read a whole request.
+    pub read_timeout: Duration,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("max_body", &self.max_body)
+            .field("read_timeout", &self.read_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminConfig {
+    /// Defaults: no extra routes, 1 MiB bodies, 10 s to read a request.
+    pub fn new(registry: Registry, readiness: Readiness) -> Self {
+        Self {
+            registry,
+            readiness,
+            routes: None,
+            max_body: 1 << 20,
+            read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, config: AdminConfig, shutdown: CancellationToken) {
+    let tasks = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let config = config.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = handle(stream, &config).await {
+                        tracing::debug!(%peer, error = %e, "admin request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tasks.close();
+}
+
+/// Binds `addr` and reports the bound address (port 0 picks one).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let local = l.local_addr()?;
+    Ok((l, local))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out reading the request")]
+    Timeout,
+    #[error("bad request: {0}")]
+    Bad(&'static str),
+}
+
+async fn handle(mut stream: TcpStream, config: &AdminConfig) -> Result<(), AdminError> {
+    let request = tokio::time::timeout(config.read_timeout, read_request(&mut stream, config.max_body))
+        .await
+        .map_err(|_| AdminError::Timeout)?;
+    let response = match request {
+        Ok(req) => route(&req, config),
+        Err(AdminError::Bad(why)) => Response::text(400, format!("bad request: {why}\n")),
+        Err(e) => return Err(e),
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        reason(response.status),
+        response.content_type,
+        response.body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&response.body).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+fn route(req: &Request, config: &AdminConfig) -> Response {
+    let path = req.path.split('?').next().unwrap_or("");
+    match (req.method.as_str(), path) {
+        ("GET", "/metrics") => {
+            let encoder = TextEncoder::new();
+            let mut body = Vec::new();
+            match encoder.encode(&config.registry.gather(), &mut body) {
+                Ok(()) => Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body,
+                },
+                Err(e) => Response::text(500, format!("metrics encoding failed: {e}\n")),
+            }
+        }
+        ("GET", "/live") => Response::text(200, "live\n"),
+        ("GET", "/ready") => {
+            if config.readiness.get() {
+                Response::text(200, "ready\n")
+            } else {
+                Response::text(503, "not ready\n")
+            }
+        }
+        _ => config
+            .routes
+            .as_ref()
+            .and_then(|r| r(req))
+            .unwrap_or_else(|| Response::text(404, "not found\n")),
+    }
+}
+
+async fn read_request(stream: &mut TcpStream, max_body: usize) -> Result<Request, AdminError> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(AdminError::Bad("request head too large"));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(AdminError::Bad("connection closed mid-request"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| AdminError::Bad("head is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or("").split(' ');
+    let method = request_line.next().filter(|m| !m.is_empty()).ok_or(AdminError::Bad("no method"))?;
+    let path = request_line.next().filter(|p| p.starts_with('/')).ok_or(AdminError::Bad("no path"))?;
+    let mut content_length = 0usize;
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                content_length = value.trim().parse().map_err(|_| AdminError::Bad("content-length"))?;
+            }
+        }
+    }
+    if content_length > max_body {
+        return Err(AdminError::Bad("body too large"));
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    if body.len() > content_length {
+        return Err(AdminError::Bad("body longer than content-length"));
+    }
+    let already = body.len();
+    body.resize(content_length, 0);
+    stream.read_exact(&mut body[already..]).await?;
+    Ok(Request {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        body,
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        422 => "Unprocessable Entity",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, raw: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_live_ready_and_refuses_junk() {
+        let registry = Registry::new();
+        crate::build_info(&registry, "test", "1.2.3").unwrap();
+        let ready = Readiness::new();
+        let (l, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(l, AdminConfig::new(registry, ready.clone()), stop.clone()));
+
+        let m = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        assert!(m.contains("test_build_info{version=\"1.2.3\"} 1"), "{m}");
+        assert!(get(addr, b"GET /live HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, b"GET /ready HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 503"));
+        ready.set(true);
+        assert!(get(addr, b"GET /ready HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, b"GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
+        assert!(get(addr, b"\x00\x01garbage\r\n\r\n").await.starts_with("HTTP/1.1 400"));
+        let huge = vec![b'a'; MAX_HEAD * 2];
+        assert!(get(addr, &huge).await.starts_with("HTTP/1.1 400"));
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
