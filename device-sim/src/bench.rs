@@ -1,0 +1,808 @@
+//! `device-sim bench`: the relay's cost, measured in one run on one machine against the real
+//! `core-stub` and `gateway` binaries (started as child processes on 127.0.0.1, port 0).
+//!
+//! ```text
+//!  core-stub init TMP ─▶ core-stub run ◀══ QUIC ══ gateway        (children, killed at the end)
+//!  1. throughput: run_fleet ─▶ gateway ─▶ core, then run_fleet ─▶ core direct   ratio relay/direct
+//!  2. handshakes: snow IK responder in-process (1 thread), then pre-built
+//!                 HandshakeInits ─▶ core direct, responses counted               ratio core/raw
+//!  3. memory:     VmRSS baseline, then idle sessions through the gateway from distinct
+//!                 source addresses (127.0.0.2.., ports 20000..60000) ─▶ RSS per device
+//! ```
+//!
+//! Every phase uses devices of its own from the fleet file, so each handshake the core sees is a
+//! first one for a fresh subscription and each idle device adds exactly one gateway flow and one
+//! core session. Figures are ratios taken in the same run (see `shared/PERFORMANCE-NOTES.md`: these
+//! machines are noisy); the absolute rates are printed for context only.
+//!
+//! Nothing here asserts: the command prints the figures, their targets and pass/fail, and exits 0
+//! once every figure was measured (2 when it could not run).
+
+mod daemons;
+mod handshakes;
+mod idle;
+mod table;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_protocol::session::PublicKey;
+use serde::Serialize;
+
+use crate::config::{load_config, load_fleet, ConfigError, DeviceIdentity};
+use crate::fleet::{run_fleet, FleetError, FleetOptions, FleetProgress, FleetSummary};
+use crate::meter::MeterConfig;
+
+pub use table::render_table;
+
+/// Relay throughput must be at least this share of the direct path's.
+pub const TARGET_RELAY_RATIO: f64 = 0.80;
+/// The core's handshake rate must be at least this share of snow's raw responder rate.
+pub const TARGET_HANDSHAKE_RATIO: f64 = 0.80;
+/// Gateway memory per connected idle device, at most.
+pub const TARGET_GATEWAY_BYTES: f64 = 256.0;
+/// Core memory per connected idle device, at most.
+pub const TARGET_CORE_BYTES: f64 = 1024.0;
+
+/// Readings sent and unacknowledged per meter in the throughput phase.
+const WINDOW: usize = 32;
+/// Reading body size in the throughput phase.
+const PAYLOAD_BYTES: usize = 64;
+/// Acknowledgements before this point of a throughput run are not counted (handshakes, ramp-up).
+const WARMUP: Duration = Duration::from_secs(1);
+/// Handshakes timed for snow's raw rate (repeated until [`RAW_MIN_TIME`] has passed).
+const RAW_HANDSHAKES: usize = 2000;
+const RAW_MIN_TIME: Duration = Duration::from_secs(2);
+/// Sockets sending HandshakeInits to the core, and how many each keeps unanswered at most.
+const HANDSHAKE_SOCKETS: usize = 4;
+const HANDSHAKE_OUTSTANDING: usize = 128;
+/// Idle-session handshakes in flight at once, and each one's limits.
+const IDLE_CONCURRENCY: usize = 512;
+/// How long the daemons get to start.
+const START_LIMIT: Duration = Duration::from_secs(60);
+/// Pause before reading RSS, so that the daemons' queues drained and the allocator settled.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// What `device-sim bench` was asked to do.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Where `core-stub` and `gateway` are; the directory of the running executable by default.
+    pub bin_dir: Option<PathBuf>,
+    /// 10k idle devices only, fewer handshakes.
+    pub quick: bool,
+    /// Meters in each throughput run.
+    pub meters: usize,
+    /// Length of each throughput run.
+    pub secs: u64,
+}
+
+impl BenchOptions {
+    /// The phases' sizes.
+    pub fn plan(&self) -> BenchPlan {
+        BenchPlan {
+            meters: self.meters,
+            duration: Duration::from_secs(self.secs),
+            core_handshakes: if self.quick { 5_000 } else { 20_000 },
+            idle_milestones: if self.quick {
+                vec![10_000]
+            } else {
+                vec![10_000, 100_000]
+            },
+        }
+    }
+}
+
+/// How big each phase is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchPlan {
+    /// Meters per throughput run (one set through the gateway, another set direct).
+    pub meters: usize,
+    /// Each throughput run's length.
+    pub duration: Duration,
+    /// HandshakeInits sent to the core.
+    pub core_handshakes: usize,
+    /// Idle devices at which memory is read, ascending.
+    pub idle_milestones: Vec<usize>,
+}
+
+impl BenchPlan {
+    /// Idle devices at the last milestone.
+    pub fn idle_devices(&self) -> usize {
+        self.idle_milestones.last().copied().unwrap_or(0)
+    }
+
+    /// Devices to provision: each phase gets its own.
+    pub fn fleet_devices(&self) -> usize {
+        2 * self.meters + self.core_handshakes + self.idle_devices()
+    }
+}
+
+/// Why the bench could not produce its figures: the caller's options or the local system.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A flag's value is out of range.
+    #[error("{0}")]
+    Usage(String),
+    /// `core-stub` or `gateway` is not where it was looked for.
+    #[error(
+        "{0} not found (build them with cargo build --release -p core-stub -p gateway, or point \
+         --bin-dir at them)"
+    )]
+    MissingBinary(PathBuf),
+    /// A daemon failed to start, exited, or misbehaved.
+    #[error("{0}")]
+    Daemon(String),
+    /// Some local I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The deployment written by `core-stub init` could not be read.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A throughput run could not start.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// The Noise library refused something (key material, state): a local failure.
+    #[error("noise: {0}")]
+    Noise(String),
+    /// Ctrl-C.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl BenchError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+}
+
+/// Everything the bench measured: printed as a table, or as one JSON object with `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// The command line the bench was run with.
+    pub command_line: Vec<String>,
+    /// Where it ran.
+    pub machine: Machine,
+    /// Whether `--quick` was given.
+    pub quick: bool,
+    /// Devices provisioned by `core-stub init` (each phase uses its own).
+    pub fleet_devices: usize,
+    /// Relay against direct readings throughput.
+    pub throughput: Throughput,
+    /// The core's handshake rate against snow's.
+    pub handshakes: Handshakes,
+    /// Resident memory per idle device.
+    pub memory: Memory,
+    /// Each figure that has a target, with the verdict.
+    pub targets: Vec<TargetCheck>,
+    /// Whether every target was met.
+    pub all_targets_met: bool,
+}
+
+/// The machine, for reading the figures against.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    /// CPUs available to this process.
+    pub nproc: usize,
+    /// `model name` from `/proc/cpuinfo`.
+    pub cpu_model: Option<String>,
+    /// The kernel release.
+    pub kernel: Option<String>,
+    /// `MemTotal` from `/proc/meminfo`, in bytes.
+    pub memory_bytes: Option<u64>,
+}
+
+/// The throughput phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct Throughput {
+    /// Meters per run.
+    pub meters: usize,
+    /// Readings in flight per meter at most.
+    pub window: usize,
+    /// Reading body size.
+    pub payload_bytes: usize,
+    /// What the rates count.
+    pub measured: String,
+    /// Through the gateway.
+    pub relay: PathRun,
+    /// Straight to the core's direct port.
+    pub direct: PathRun,
+    /// `relay.acked_per_sec / direct.acked_per_sec`.
+    pub ratio: f64,
+}
+
+/// Datagrams dropped, cumulative or over a phase.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Drops {
+    /// By the kernel at the core's UDP sockets (receive buffer full).
+    pub kernel_at_core: u64,
+    /// By the kernel at the gateway's UDP sockets.
+    pub kernel_at_gateway: u64,
+    /// By the kernel at every UDP socket on the machine (`RcvbufErrors`): the rest is at the
+    /// bench's own sockets.
+    pub kernel_total: u64,
+    /// `core_frames_dropped_total`, every reason.
+    pub core_frames_dropped: f64,
+    /// `gateway_frames_dropped_total`, every reason.
+    pub gateway_frames_dropped: f64,
+}
+
+impl Drops {
+    fn since(self, before: Drops) -> Drops {
+        Drops {
+            kernel_at_core: self.kernel_at_core.saturating_sub(before.kernel_at_core),
+            kernel_at_gateway: self
+                .kernel_at_gateway
+                .saturating_sub(before.kernel_at_gateway),
+            kernel_total: self.kernel_total.saturating_sub(before.kernel_total),
+            core_frames_dropped: self.core_frames_dropped - before.core_frames_dropped,
+            gateway_frames_dropped: self.gateway_frames_dropped - before.gateway_frames_dropped,
+        }
+    }
+}
+
+/// One throughput run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathRun {
+    /// Readings acknowledged per second within the measured window.
+    pub acked_per_sec: f64,
+    /// Readings acknowledged within the measured window.
+    pub acked_in_window: u64,
+    /// Length of the measured window, in seconds.
+    pub window_secs: f64,
+    /// The whole run, handshakes and drain included.
+    pub summary: FleetSummary,
+    /// Datagrams dropped during the run, and where.
+    pub drops: Drops,
+}
+
+/// The handshake phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct Handshakes {
+    /// snow's `Noise_IK_25519_ChaChaPoly_BLAKE2s` responder (build, read message 1, write message
+    /// 2, split), one thread, in this process.
+    pub raw_per_sec: f64,
+    /// Responder handshakes timed for `raw_per_sec`.
+    pub raw_count: u64,
+    /// HandshakeResponses per second from the core, first send to last response.
+    pub core_per_sec: f64,
+    /// HandshakeInits sent to the core (each from a distinct registered device).
+    pub core_sent: u64,
+    /// HandshakeResponses received.
+    pub core_responses: u64,
+    /// Inits never answered (given up after a second of silence; nothing is resent).
+    pub core_unanswered: u64,
+    /// From the first send to the last response, in seconds.
+    pub core_elapsed_secs: f64,
+    /// Increase of `core_handshakes_total{result="accepted"}` over the phase, if scraped.
+    pub core_accepted_metric: Option<f64>,
+    /// Datagrams dropped while the core was measured, and where.
+    pub core_drops: Drops,
+    /// `core_per_sec / raw_per_sec`.
+    pub ratio: f64,
+}
+
+/// The memory phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct Memory {
+    /// RSS right after start-up, in bytes.
+    pub startup: Rss,
+    /// RSS after the throughput and handshake phases: what per-device figures are measured from.
+    pub baseline: Rss,
+    /// One per milestone.
+    pub points: Vec<MemoryPoint>,
+}
+
+/// Resident set sizes, in bytes.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Rss {
+    /// The gateway's.
+    pub gateway: u64,
+    /// The core's.
+    pub core: u64,
+}
+
+/// Memory with this many idle devices connected.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryPoint {
+    /// Idle sessions established through the gateway so far.
+    pub devices: usize,
+    /// RSS now.
+    pub rss: Rss,
+    /// `(gateway RSS - baseline) / devices`.
+    pub gateway_bytes_per_device: f64,
+    /// `(core RSS - baseline) / devices`.
+    pub core_bytes_per_device: f64,
+    /// From the previous milestone to this one: `(RSS - RSS then) / (devices - devices then)`.
+    pub gateway_marginal_bytes_per_device: Option<f64>,
+    /// As above, for the core.
+    pub core_marginal_bytes_per_device: Option<f64>,
+    /// `gateway_flows` as scraped.
+    pub gateway_flows: Option<f64>,
+    /// `core_sessions` as scraped.
+    pub core_sessions: Option<f64>,
+    /// Devices of this step that got no session in three attempts.
+    pub failed: u64,
+    /// Attempts (of all devices so far) that timed out and were retried or given up.
+    pub timeouts: u64,
+    /// Source ports skipped because they were in use.
+    pub ports_skipped: u64,
+}
+
+/// A figure held against its target.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCheck {
+    /// What.
+    pub what: String,
+    /// The figure.
+    pub figure: f64,
+    /// `">="` or `"<="`.
+    pub relation: &'static str,
+    /// The target.
+    pub target: f64,
+    /// Whether it is met.
+    pub pass: bool,
+}
+
+impl TargetCheck {
+    fn at_least(what: impl Into<String>, figure: f64, target: f64) -> Self {
+        Self {
+            what: what.into(),
+            figure,
+            relation: ">=",
+            target,
+            pass: figure >= target,
+        }
+    }
+
+    fn at_most(what: impl Into<String>, figure: f64, target: f64) -> Self {
+        Self {
+            what: what.into(),
+            figure,
+            relation: "<=",
+            target,
+            pass: figure <= target,
+        }
+    }
+}
+
+/// One progress line on stderr.
+fn progress(line: impl std::fmt::Display) {
+    eprintln!("bench: {line}");
+}
+
+/// Runs every phase and reports. The daemons and the temporary deployment are gone when this
+/// returns, and also when the future is dropped (Ctrl-C): the children are killed on drop.
+pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    let plan = opts.plan();
+    if plan.meters == 0 {
+        return Err(BenchError::Usage("--meters must be at least 1".into()));
+    }
+    if plan.duration <= WARMUP + Duration::from_secs(1) {
+        return Err(BenchError::Usage(format!(
+            "--secs must exceed {} (the first {} s are not counted)",
+            WARMUP.as_secs() + 1,
+            WARMUP.as_secs()
+        )));
+    }
+    let needed = plan.meters + IDLE_CONCURRENCY + HANDSHAKE_SOCKETS + 64;
+    if let Some(limit) = daemons::open_files_limit() {
+        if needed as u64 > limit {
+            return Err(BenchError::Usage(format!(
+                "--meters {} needs about {needed} open files, the limit is {limit} (raise ulimit -n)",
+                plan.meters
+            )));
+        }
+    }
+    let binaries = daemons::find_binaries(opts.bin_dir.as_deref())?;
+
+    let dir = tempfile::Builder::new()
+        .prefix("device-sim-bench.")
+        .tempdir()
+        .map_err(BenchError::io("temporary directory"))?;
+    let fleet_devices = plan.fleet_devices();
+    progress(format_args!(
+        "core-stub init {} --devices {fleet_devices}",
+        dir.path().display()
+    ));
+    daemons::init_deployment(&binaries.core, dir.path(), fleet_devices).await?;
+    // 100k idle devices plus the throughput meters' flows exceed the default `flows.max`.
+    let flows = plan.idle_devices() + 2 * plan.meters + 1000;
+    daemons::ensure_gateway_flows(&dir.path().join("gateway-1/gateway.toml"), flows)?;
+
+    let sim = load_config(&dir.path().join("devices/device-sim.toml"))?;
+    progress(format_args!("loading {fleet_devices} device keys"));
+    let fleet_path = sim.fleet.clone();
+    let mut fleet = tokio::task::spawn_blocking(move || load_fleet(&fleet_path))
+        .await
+        .map_err(|e| BenchError::Daemon(format!("fleet loader: {e}")))??;
+    if fleet.len() < fleet_devices {
+        return Err(BenchError::Daemon(format!(
+            "core-stub init wrote {} devices, {fleet_devices} asked for",
+            fleet.len()
+        )));
+    }
+    let mut take = |n: usize| -> Vec<DeviceIdentity> { fleet.drain(..n).collect() };
+    let relay_devices = take(plan.meters);
+    let direct_devices = take(plan.meters);
+    let handshake_devices = take(plan.core_handshakes);
+    let idle_devices = take(plan.idle_devices());
+
+    let mut daemons = daemons::Daemons::start(&binaries, dir.path(), START_LIMIT).await?;
+    progress(format_args!(
+        "core ready (quic {}, direct {}, admin {}), gateway ready (devices {}, admin {})",
+        daemons.core_quic,
+        daemons.core_direct,
+        daemons.core_admin,
+        daemons.gateway_devices,
+        daemons.gateway_admin
+    ));
+    let startup = daemons.rss()?;
+
+    // 1. Throughput.
+    let relay = throughput(
+        &daemons,
+        "relay",
+        daemons.gateway_devices,
+        sim.core_public_key,
+        relay_devices,
+        &plan,
+    )
+    .await?;
+    daemons.check_alive()?;
+    let direct = throughput(
+        &daemons,
+        "direct",
+        daemons.core_direct,
+        sim.core_public_key,
+        direct_devices,
+        &plan,
+    )
+    .await?;
+    daemons.check_alive()?;
+    let relay_ratio = ratio(relay.acked_per_sec, direct.acked_per_sec);
+    progress(format_args!(
+        "relay / direct = {:.1} %",
+        100.0 * relay_ratio
+    ));
+
+    // 2. Handshakes.
+    progress(format_args!(
+        "snow IK responder, one thread: {RAW_HANDSHAKES} distinct initiations, for at least {} s",
+        RAW_MIN_TIME.as_secs()
+    ));
+    let raw = tokio::task::spawn_blocking(|| {
+        handshakes::raw_responder_rate(RAW_HANDSHAKES, RAW_MIN_TIME)
+    })
+    .await
+    .map_err(|e| BenchError::Noise(format!("raw responder thread: {e}")))??;
+    progress(format_args!("raw: {:.0} handshakes/s", raw.per_sec));
+    progress(format_args!(
+        "pre-building {} HandshakeInits from distinct devices",
+        plan.core_handshakes
+    ));
+    let core_key = sim.core_public_key;
+    let inits =
+        tokio::task::spawn_blocking(move || handshakes::build_inits(handshake_devices, core_key))
+            .await
+            .map_err(|e| BenchError::Noise(format!("init builder thread: {e}")))??;
+    let accepted_before = daemons
+        .core_metric("core_handshakes_total{result=\"accepted\"}")
+        .await;
+    let drops_before = daemons.drops().await;
+    progress(format_args!(
+        "sending them to the core's direct port from {HANDSHAKE_SOCKETS} sockets, {HANDSHAKE_OUTSTANDING} outstanding each"
+    ));
+    let core = handshakes::core_rate(
+        inits,
+        daemons.core_direct,
+        HANDSHAKE_SOCKETS,
+        HANDSHAKE_OUTSTANDING,
+    )
+    .await?;
+    let accepted_after = daemons
+        .core_metric("core_handshakes_total{result=\"accepted\"}")
+        .await;
+    daemons.check_alive()?;
+    progress(format_args!(
+        "core: {:.0} handshakes/s ({} responses of {} sent)",
+        core.per_sec, core.responses, core.sent
+    ));
+    let handshakes = Handshakes {
+        raw_per_sec: raw.per_sec,
+        raw_count: raw.count,
+        core_per_sec: core.per_sec,
+        core_sent: core.sent,
+        core_responses: core.responses,
+        core_unanswered: core.sent - core.responses,
+        core_elapsed_secs: core.elapsed.as_secs_f64(),
+        core_accepted_metric: accepted_before.zip(accepted_after).map(|(b, a)| a - b),
+        core_drops: daemons.drops().await.since(drops_before),
+        ratio: ratio(core.per_sec, raw.per_sec),
+    };
+
+    // 3. Memory.
+    tokio::time::sleep(SETTLE).await;
+    let baseline = daemons.rss()?;
+    progress(format_args!(
+        "baseline RSS: gateway {}, core {}",
+        mib(baseline.gateway),
+        mib(baseline.core)
+    ));
+    let mut points: Vec<MemoryPoint> = Vec::new();
+    let mut sources = idle::SourceAddrs::new();
+    let mut idle_devices = idle_devices.into_iter();
+    let mut established = 0usize;
+    let mut timeouts = 0u64;
+    let mut previous: Option<(usize, Rss)> = None;
+    for &milestone in &plan.idle_milestones {
+        let step: Vec<DeviceIdentity> = idle_devices
+            .by_ref()
+            .take(milestone.saturating_sub(established))
+            .collect();
+        progress(format_args!(
+            "idle sessions through the gateway: {} more from distinct source addresses, {IDLE_CONCURRENCY} handshakes at a time",
+            step.len()
+        ));
+        let outcome = idle::establish(
+            step,
+            sim.core_public_key,
+            daemons.gateway_devices,
+            &mut sources,
+            IDLE_CONCURRENCY,
+            established,
+        )
+        .await?;
+        daemons.check_alive()?;
+        established += outcome.established as usize;
+        timeouts += outcome.timeouts;
+        tokio::time::sleep(SETTLE).await;
+        let rss = daemons.rss()?;
+        let per = |now: u64, base: u64, n: usize| {
+            if n == 0 {
+                0.0
+            } else {
+                (now as f64 - base as f64) / n as f64
+            }
+        };
+        let marginal = previous.map(|(n0, r0)| {
+            let n = established.saturating_sub(n0);
+            (per(rss.gateway, r0.gateway, n), per(rss.core, r0.core, n))
+        });
+        let point = MemoryPoint {
+            devices: established,
+            rss,
+            gateway_bytes_per_device: per(rss.gateway, baseline.gateway, established),
+            core_bytes_per_device: per(rss.core, baseline.core, established),
+            gateway_marginal_bytes_per_device: marginal.map(|m| m.0),
+            core_marginal_bytes_per_device: marginal.map(|m| m.1),
+            gateway_flows: daemons.gateway_metric("gateway_flows").await,
+            core_sessions: daemons.core_metric("core_sessions").await,
+            failed: outcome.failed,
+            timeouts,
+            ports_skipped: sources.skipped(),
+        };
+        progress(format_args!(
+            "{} idle devices: gateway {} ({:.0} B/device), core {} ({:.0} B/device), {} failed, {} timeouts",
+            point.devices,
+            mib(rss.gateway),
+            point.gateway_bytes_per_device,
+            mib(rss.core),
+            point.core_bytes_per_device,
+            point.failed,
+            point.timeouts
+        ));
+        previous = Some((established, rss));
+        points.push(point);
+    }
+    daemons.stop().await;
+    drop(dir);
+
+    let throughput = Throughput {
+        meters: plan.meters,
+        window: WINDOW,
+        payload_bytes: PAYLOAD_BYTES,
+        measured: format!(
+            "readings acknowledged between t={} s and t={} s of each run (handshakes and drain excluded)",
+            WARMUP.as_secs(),
+            plan.duration.as_secs()
+        ),
+        relay,
+        direct,
+        ratio: relay_ratio,
+    };
+    let memory = Memory {
+        startup,
+        baseline,
+        points,
+    };
+    let targets = targets(&throughput, &handshakes, &memory);
+    Ok(BenchReport {
+        command_line: std::env::args().collect(),
+        machine: daemons::machine(),
+        quick: opts.quick,
+        fleet_devices,
+        all_targets_met: targets.iter().all(|t| t.pass),
+        targets,
+        throughput,
+        handshakes,
+        memory,
+    })
+}
+
+fn targets(t: &Throughput, h: &Handshakes, m: &Memory) -> Vec<TargetCheck> {
+    let mut checks = vec![
+        TargetCheck::at_least("relay / direct throughput", t.ratio, TARGET_RELAY_RATIO),
+        TargetCheck::at_least("core / raw handshake rate", h.ratio, TARGET_HANDSHAKE_RATIO),
+    ];
+    for p in &m.points {
+        let k = thousands(p.devices);
+        checks.push(TargetCheck::at_most(
+            format!("gateway bytes per idle device at {k}"),
+            p.gateway_bytes_per_device,
+            TARGET_GATEWAY_BYTES,
+        ));
+        checks.push(TargetCheck::at_most(
+            format!("core bytes per idle device at {k}"),
+            p.core_bytes_per_device,
+            TARGET_CORE_BYTES,
+        ));
+    }
+    checks
+}
+
+/// `10000` as `10k`.
+fn thousands(n: usize) -> String {
+    if n >= 1000 && n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// One throughput run: `devices` meters as fast as their window allows for the plan's duration,
+/// acknowledged readings counted between [`WARMUP`] and the end of queuing.
+async fn throughput(
+    daemons: &daemons::Daemons,
+    name: &str,
+    target: SocketAddr,
+    core: PublicKey,
+    devices: Vec<DeviceIdentity>,
+    plan: &BenchPlan,
+) -> Result<PathRun, BenchError> {
+    progress(format_args!(
+        "throughput {name}: {} meters -> {target}, window {WINDOW}, {PAYLOAD_BYTES} B readings, {} s",
+        devices.len(),
+        plan.duration.as_secs()
+    ));
+    let opts = FleetOptions {
+        readings_per_device: Some(u64::MAX),
+        interval: Duration::ZERO,
+        payload_bytes: PAYLOAD_BYTES,
+        duration: Some(plan.duration),
+        drain_timeout: Duration::from_secs(5),
+        // A short outbox keeps the window full without leaving thousands of readings to drain.
+        meter: MeterConfig {
+            window: WINDOW,
+            outbox_cap: 4 * WINDOW,
+            ..MeterConfig::default()
+        },
+        ..FleetOptions::new(target, core, devices)
+    };
+    let fleet_progress = Arc::new(FleetProgress::default());
+    let start = Instant::now();
+    let sampler = tokio::spawn(sample_window(
+        fleet_progress.clone(),
+        start + WARMUP,
+        start + plan.duration,
+    ));
+    let drops_before = daemons.drops().await;
+    let summary = run_fleet(opts, Some(fleet_progress)).await?;
+    let drops = daemons.drops().await.since(drops_before);
+    let (acked_in_window, window) = sampler
+        .await
+        .map_err(|e| BenchError::Daemon(format!("throughput sampler: {e}")))?;
+    let window_secs = window.as_secs_f64();
+    let acked_per_sec = if window_secs > 0.0 {
+        acked_in_window as f64 / window_secs
+    } else {
+        0.0
+    };
+    progress(format_args!(
+        "throughput {name}: {acked_per_sec:.0} acked readings/s ({acked_in_window} in {window_secs:.2} s; {} acked, {} retransmitted, {} lost in all)",
+        summary.acknowledged, summary.retransmitted, summary.lost
+    ));
+    progress(format_args!(
+        "  datagrams dropped: kernel at core {}, at gateway {}, in all {}; core dropped {:.0} frames, gateway {:.0}",
+        drops.kernel_at_core,
+        drops.kernel_at_gateway,
+        drops.kernel_total,
+        drops.core_frames_dropped,
+        drops.gateway_frames_dropped
+    ));
+    Ok(PathRun {
+        acked_per_sec,
+        acked_in_window,
+        window_secs,
+        summary,
+        drops,
+    })
+}
+
+/// Acknowledgements counted between `from` and `to`, and the exact time between the two samples.
+/// Prints the running count every two seconds.
+async fn sample_window(
+    progress_of: Arc<FleetProgress>,
+    from: Instant,
+    to: Instant,
+) -> (u64, Duration) {
+    tokio::time::sleep_until(from.into()).await;
+    let (a0, t0) = (progress_of.snapshot().acked, Instant::now());
+    let mut tick =
+        tokio::time::interval_at((t0 + Duration::from_secs(2)).into(), Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(to.into()) => break,
+            _ = tick.tick() => {
+                let acked = progress_of.snapshot().acked - a0;
+                progress(format_args!("  {acked} acked in {:.0} s", t0.elapsed().as_secs_f64()));
+            }
+        }
+    }
+    let (a1, t1) = (progress_of.snapshot().acked, Instant::now());
+    (a1.saturating_sub(a0), t1 - t0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(quick: bool) -> BenchOptions {
+        BenchOptions {
+            bin_dir: None,
+            quick,
+            meters: 200,
+            secs: 10,
+        }
+    }
+
+    #[test]
+    fn each_phase_gets_devices_of_its_own() {
+        let p = opts(false).plan();
+        assert_eq!(p.idle_milestones, [10_000, 100_000]);
+        assert_eq!(p.fleet_devices(), 400 + 20_000 + 100_000);
+        let q = opts(true).plan();
+        assert_eq!(q.idle_milestones, [10_000]);
+        assert_eq!(q.fleet_devices(), 400 + 5_000 + 10_000);
+    }
+
+    #[test]
+    fn targets_compare_the_right_way() {
+        assert!(TargetCheck::at_least("x", 0.8, 0.8).pass);
+        assert!(!TargetCheck::at_least("x", 0.79, 0.8).pass);
+        assert!(TargetCheck::at_most("x", 256.0, 256.0).pass);
+        assert!(!TargetCheck::at_most("x", 257.0, 256.0).pass);
+        assert_eq!(thousands(100_000), "100k");
+        assert_eq!(thousands(12_345), "12345");
+        assert_eq!(ratio(1.0, 0.0), 0.0);
+    }
+}

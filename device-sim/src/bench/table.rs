@@ -1,0 +1,204 @@
+//! The bench's figures as an aligned table: what, figure, target, pass/fail.
+
+use std::fmt::Write as _;
+
+use super::BenchReport;
+
+/// The report as a table (a header line, then one row per figure), ending with a newline.
+pub fn render_table(r: &BenchReport) -> String {
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let mut row = |what: String, figure: String, target: &str, pass: Option<bool>| {
+        let verdict = match pass {
+            Some(true) => "pass",
+            Some(false) => "FAIL",
+            None => "",
+        };
+        rows.push([what, figure, target.to_owned(), verdict.to_owned()]);
+    };
+    let pct = |v: f64| format!("{:.1} %", 100.0 * v);
+    let per_sec = |v: f64| format!("{v:.0}/s");
+    let check = |what: &str| r.targets.iter().find(|t| t.what == what).map(|t| t.pass);
+
+    let t = &r.throughput;
+    let secs = t.relay.window_secs;
+    row(
+        format!("relay: acked readings/s via gateway ({:.1} s)", secs),
+        per_sec(t.relay.acked_per_sec),
+        "",
+        None,
+    );
+    row(
+        format!(
+            "direct: acked readings/s to core ({:.1} s)",
+            t.direct.window_secs
+        ),
+        per_sec(t.direct.acked_per_sec),
+        "",
+        None,
+    );
+    row(
+        "relay / direct".into(),
+        pct(t.ratio),
+        ">= 80 %",
+        check("relay / direct throughput"),
+    );
+    let h = &r.handshakes;
+    row(
+        "raw snow IK responder, 1 thread (handshakes/s)".into(),
+        per_sec(h.raw_per_sec),
+        "",
+        None,
+    );
+    row(
+        "core: handshakes answered/s (direct UDP)".into(),
+        per_sec(h.core_per_sec),
+        "",
+        None,
+    );
+    row(
+        "core / raw".into(),
+        pct(h.ratio),
+        ">= 80 %",
+        check("core / raw handshake rate"),
+    );
+    for p in &r.memory.points {
+        let k = super::thousands(p.devices);
+        row(
+            format!("gateway RSS per idle device, {k}"),
+            format!("{:.0} B", p.gateway_bytes_per_device),
+            "<= 256 B",
+            check(&format!("gateway bytes per idle device at {k}")),
+        );
+        row(
+            format!("core RSS per idle device, {k}"),
+            format!("{:.0} B", p.core_bytes_per_device),
+            "<= 1024 B",
+            check(&format!("core bytes per idle device at {k}")),
+        );
+        if let (Some(g), Some(c)) = (
+            p.gateway_marginal_bytes_per_device,
+            p.core_marginal_bytes_per_device,
+        ) {
+            row(
+                format!("  marginal to {k} (gateway / core)"),
+                format!("{g:.0} B / {c:.0} B"),
+                "",
+                None,
+            );
+        }
+    }
+
+    let mut out = String::new();
+    let header = ["what", "figure", "target", "result"];
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].chars().count())
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let _ = writeln!(
+        out,
+        "{:<w0$}  {:>w1$}  {:<w2$}  {}",
+        header[0], header[1], header[2], header[3]
+    );
+    for [what, figure, target, verdict] in &rows {
+        let line = format!("{what:<w0$}  {figure:>w1$}  {target:<w2$}  {verdict}");
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+
+    let _ = writeln!(out);
+    let _ = writeln!(out, "measured: {}", t.measured);
+    let _ = writeln!(
+        out,
+        "throughput: {} meters per path, window {}, {} B readings; relay {} acked, {} retransmitted, {} lost, p50 {} p99 {}; direct {} acked, {} retransmitted, {} lost, p50 {} p99 {}",
+        t.meters,
+        t.window,
+        t.payload_bytes,
+        t.relay.summary.acknowledged,
+        t.relay.summary.retransmitted,
+        t.relay.summary.lost,
+        ms(t.relay.summary.latency_p50_ms),
+        ms(t.relay.summary.latency_p99_ms),
+        t.direct.summary.acknowledged,
+        t.direct.summary.retransmitted,
+        t.direct.summary.lost,
+        ms(t.direct.summary.latency_p50_ms),
+        ms(t.direct.summary.latency_p99_ms),
+    );
+    let _ = writeln!(
+        out,
+        "handshakes: raw {} timed; core {} sent from distinct devices, {} answered, {} unanswered, in {:.2} s{}",
+        h.raw_count,
+        h.core_sent,
+        h.core_responses,
+        h.core_unanswered,
+        h.core_elapsed_secs,
+        h.core_accepted_metric
+            .map(|a| format!(" (core_handshakes_total accepted +{a:.0})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(out, "  drops: {}", drops(&h.core_drops));
+    let m = &r.memory;
+    let _ = writeln!(
+        out,
+        "memory: RSS at start-up gateway {} core {}; baseline (after the phases above) gateway {} core {}",
+        mib(m.startup.gateway),
+        mib(m.startup.core),
+        mib(m.baseline.gateway),
+        mib(m.baseline.core)
+    );
+    for p in &m.points {
+        let _ = writeln!(
+            out,
+            "  {} idle devices: gateway {} core {}; gateway_flows {} core_sessions {}; {} failed, {} timeouts so far, {} source ports skipped",
+            p.devices,
+            mib(p.rss.gateway),
+            mib(p.rss.core),
+            opt(p.gateway_flows),
+            opt(p.core_sessions),
+            p.failed,
+            p.timeouts,
+            p.ports_skipped
+        );
+    }
+    let _ = writeln!(
+        out,
+        "machine: {} CPUs, {}, kernel {}; fleet {} devices; {}",
+        r.machine.nproc,
+        r.machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
+        r.machine.kernel.as_deref().unwrap_or("?"),
+        r.fleet_devices,
+        if r.all_targets_met {
+            "all targets met"
+        } else {
+            "some targets missed"
+        }
+    );
+    out
+}
+
+fn drops(d: &super::Drops) -> String {
+    format!(
+        "kernel (receive buffer full) at core {}, at gateway {}, at the bench's sockets {}; frames dropped by core {:.0}, by gateway {:.0}",
+        d.kernel_at_core,
+        d.kernel_at_gateway,
+        d.kernel_total
+            .saturating_sub(d.kernel_at_core + d.kernel_at_gateway),
+        d.core_frames_dropped,
+        d.gateway_frames_dropped
+    )
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1} ms"))
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "?".into(), |v| format!("{v:.0}"))
+}
+
+fn mib(b: u64) -> String {
+    super::mib(b)
+}

@@ -1,0 +1,307 @@
+//! `run_fleet` end to end over real loopback UDP, against a test-only core loop around
+//! [`TestCore`] (the Noise responder of `relay-protocol`, acknowledging every reading).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use relay_protocol::session::StaticKeypair;
+
+use super::*;
+use crate::test_core::TestCore;
+
+/// Datagram loss on the test core's side, deterministic.
+#[derive(Clone, Copy, Default)]
+struct Loss {
+    /// Drop every n-th datagram received.
+    in_every: Option<u64>,
+    /// Drop every n-th datagram sent.
+    out_every: Option<u64>,
+}
+
+struct CoreLoop {
+    addr: SocketAddr,
+    core: Arc<Mutex<TestCore>>,
+    stop: CancellationToken,
+}
+
+impl CoreLoop {
+    async fn start(loss: Loss) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let core = Arc::new(Mutex::new(TestCore::new()));
+        let stop = CancellationToken::new();
+        let (c, s) = (core.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let (mut received, mut sent) = (0u64, 0u64);
+            loop {
+                let (n, from) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = socket.recv_from(&mut buf) => match r {
+                        Ok(x) => x,
+                        Err(_) => continue,
+                    },
+                };
+                received += 1;
+                if loss.in_every.is_some_and(|k| received % k == 0) {
+                    continue;
+                }
+                let replies = c.lock().expect("core").handle(&buf[..n], Instant::now());
+                for r in replies {
+                    sent += 1;
+                    if loss.out_every.is_some_and(|k| sent % k == 0) {
+                        continue;
+                    }
+                    let _ = socket.send_to(&r, from).await;
+                }
+            }
+        });
+        Self { addr, core, stop }
+    }
+
+    /// Every acknowledged reading is in the store, unaltered; nothing was stored that the fleet
+    /// did not queue.
+    fn check_store(&self, summary: &FleetSummary, payload: usize) {
+        let core = self.core.lock().expect("core");
+        for d in &summary.per_device {
+            let stored = core.store.get(&d.public_key);
+            for seq in &d.acked {
+                let data = stored
+                    .and_then(|s| s.get(&seq.0))
+                    .expect("acknowledged reading stored");
+                assert_eq!(data, &reading_payload(&d.serial, seq.0, payload));
+            }
+            let acked: HashSet<_> = d.acked.iter().collect();
+            assert_eq!(acked.len(), d.acked.len(), "each reading acknowledged once");
+        }
+    }
+}
+
+impl Drop for CoreLoop {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn devices(n: usize) -> Vec<DeviceIdentity> {
+    (1..=n)
+        .map(|i| DeviceIdentity {
+            serial: format!("meter-{i:05}"),
+            keypair: StaticKeypair::generate().expect("keypair"),
+        })
+        .collect()
+}
+
+fn quick_meter() -> MeterConfig {
+    MeterConfig {
+        retransmit_initial: Duration::from_millis(50),
+        retransmit_max: Duration::from_millis(400),
+        handshake_retry_initial: Duration::from_millis(500),
+        handshake_retry_max: Duration::from_millis(1000),
+        silence_timeout: Duration::from_millis(400),
+        ..MeterConfig::default()
+    }
+}
+
+fn options(target: SocketAddr, core: PublicKey, n: usize, readings: u64) -> FleetOptions {
+    FleetOptions {
+        readings_per_device: Some(readings),
+        interval: Duration::from_millis(10),
+        payload_bytes: 100,
+        drain_timeout: Duration::from_secs(20),
+        meter: quick_meter(),
+        seed: Some(1),
+        ..FleetOptions::new(target, core, devices(n))
+    }
+}
+
+#[tokio::test]
+async fn delivers_every_reading_over_udp() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    let progress = Arc::new(FleetProgress::default());
+    let s = run_fleet(options(core.addr, public, 5, 40), Some(progress.clone()))
+        .await
+        .expect("ran");
+
+    assert_eq!(
+        (s.devices, s.queued, s.sent, s.acknowledged, s.lost),
+        (5, 200, 200, 200, 0)
+    );
+    assert_eq!((s.refused, s.handshakes), (0, 5));
+    // Only late responses to handshakes retried meanwhile (debug-build crypto is slow).
+    assert!(
+        s.bad_datagrams <= s.handshake_attempts - s.handshakes,
+        "{s:?}"
+    );
+    assert!(!s.interrupted);
+    assert!(
+        s.latency_p50_ms.is_some()
+            && s.latency_p50_ms <= s.latency_p99_ms
+            && s.latency_p99_ms <= s.latency_max_ms
+    );
+    assert!(s.acknowledged_per_sec > 0.0);
+    core.check_store(&s, 100);
+
+    // Sequence numbers: one base for the run, reading i is base + i.
+    let base = s.per_device[0].acked.iter().min().expect("acked").0;
+    assert_eq!(base % (1 << SEQ_RUN_BITS_FOR_TESTS), 0);
+    for d in &s.per_device {
+        let mut seqs: Vec<u64> = d.acked.iter().map(|s| s.0 - base).collect();
+        seqs.sort();
+        assert_eq!(seqs, (0..40).collect::<Vec<_>>());
+        assert!(d.unacked.is_empty());
+    }
+    let p = progress.snapshot();
+    assert_eq!(
+        (p.queued, p.acked, p.devices_done, p.in_flight()),
+        (200, 200, 5, 0)
+    );
+
+    let json = serde_json::to_value(&s).expect("json");
+    assert_eq!(json["acknowledged"], 200);
+    assert!(json.get("per_device").is_none());
+}
+
+const SEQ_RUN_BITS_FOR_TESTS: u32 = crate::meter::SEQ_RUN_BITS;
+
+#[tokio::test]
+async fn retransmits_through_loss_in_both_directions() {
+    let core = CoreLoop::start(Loss {
+        in_every: Some(4),
+        out_every: Some(5),
+    })
+    .await;
+    let public = core.core.lock().expect("core").public();
+    let s = run_fleet(options(core.addr, public, 4, 30), None)
+        .await
+        .expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (120, 0), "{s:?}");
+    assert!(s.retransmitted > 0);
+    core.check_store(&s, 100);
+}
+
+#[tokio::test]
+async fn survives_a_core_restart() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    let opts = FleetOptions {
+        interval: Duration::from_millis(20),
+        ..options(core.addr, public, 3, 60)
+    };
+    let handle = core.core.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        handle.lock().expect("core").restart();
+    });
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (180, 0), "{s:?}");
+    assert!(
+        s.handshakes >= 6,
+        "a re-handshake per meter after the restart: {s:?}"
+    );
+    let silences: u64 = s
+        .per_device
+        .iter()
+        .map(|d| d.stats.silence_rehandshakes)
+        .sum();
+    assert!(silences >= 1, "{s:?}");
+    core.check_store(&s, 100);
+}
+
+#[tokio::test]
+async fn counts_what_an_absent_core_never_acknowledged() {
+    // Bound but silent: no ICMP errors, just nothing back.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let target = silent.local_addr().expect("addr");
+    let opts = FleetOptions {
+        drain_timeout: Duration::from_millis(200),
+        meter: MeterConfig {
+            outbox_cap: 2,
+            ..quick_meter()
+        },
+        interval: Duration::from_millis(5),
+        ..options(target, PublicKey([9; 32]), 2, 5)
+    };
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!(
+        (s.queued, s.refused, s.acknowledged, s.lost),
+        (4, 6, 0, 4),
+        "{s:?}"
+    );
+    assert_eq!(s.sent, 0, "no session, no reading sent");
+    assert!(s.handshake_attempts >= 2);
+    assert_eq!(s.latency_p50_ms, None);
+    assert_eq!(s.per_device[0].unacked.len(), 2);
+}
+
+#[tokio::test]
+async fn zero_interval_paces_by_the_outbox() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    let opts = FleetOptions {
+        interval: Duration::ZERO,
+        meter: MeterConfig {
+            outbox_cap: 16,
+            ..quick_meter()
+        },
+        ..options(core.addr, public, 2, 300)
+    };
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!((s.acknowledged, s.lost, s.refused), (600, 0, 0), "{s:?}");
+    core.check_store(&s, 100);
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_fleet() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let target = silent.local_addr().expect("addr");
+    let opts = FleetOptions {
+        duration: Some(Duration::from_secs(60)),
+        readings_per_device: None,
+        ..options(target, PublicKey([9; 32]), 2, 0)
+    };
+    let stop = opts.shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.cancel();
+    });
+    let started = Instant::now();
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert!(s.interrupted);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(s.queued > 0 && s.lost == s.queued);
+}
+
+#[tokio::test]
+async fn refuses_options_that_cannot_run() {
+    let target: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let key = PublicKey([1; 32]);
+    let e = run_fleet(FleetOptions::new(target, key, Vec::new()), None).await;
+    assert!(matches!(e, Err(FleetError::NoDevices)));
+    let opts = FleetOptions {
+        readings_per_device: None,
+        ..FleetOptions::new(target, key, devices(1))
+    };
+    assert!(matches!(
+        run_fleet(opts, None).await,
+        Err(FleetError::Unbounded)
+    ));
+    let opts = FleetOptions {
+        payload_bytes: MAX_READING + 1,
+        ..FleetOptions::new(target, key, devices(1))
+    };
+    assert!(matches!(
+        run_fleet(opts, None).await,
+        Err(FleetError::PayloadTooLarge { .. })
+    ));
+}
+
+#[test]
+fn percentiles_use_nearest_rank() {
+    let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+    assert_eq!(percentile(&v, 50.0), Some(&Duration::from_millis(50)));
+    assert_eq!(percentile(&v, 99.0), Some(&Duration::from_millis(99)));
+    assert_eq!(percentile(&v[..1], 99.0), Some(&Duration::from_millis(1)));
+    assert_eq!(percentile(&[], 50.0), None);
+}

@@ -1,0 +1,606 @@
+//! One smart meter as an I/O-free state machine: the end-to-end session, the outbox of readings not
+//! yet acknowledged, retransmission with backoff, handshake retry, rekeying, and re-handshaking when
+//! the core has gone silent.
+//!
+//! ```text
+//!  queue_reading ─▶ outbox (≤ outbox_cap) ─▶ poll_transmit ─▶ datagram ─▶ (caller sends it)
+//!                    │  ≤ window in flight     ▲ HandshakeInit when needed
+//!                    ▼                         │
+//!  handle_datagram ◀─ (caller received it) ── acks remove readings ─▶ poll_event: Acked, Established
+//!  poll_timeout: when to call poll_transmit again
+//! ```
+//!
+//! Nothing here reads a clock, touches a socket or needs tokio: `now: Instant` comes in with every
+//! call, wall-clock time for handshake timestamps comes from a [`Timebase`] the caller anchors,
+//! and randomness (session ids, jitter) from a seed the caller chooses. Tests drive a meter against
+//! an in-memory core in virtual time.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use relay_protocol::frame::SessionId;
+use relay_protocol::payload::{Message, ReadingSeq, MAX_READING};
+use relay_protocol::session::{DeviceEvent, DeviceSession, PublicKey, SessionError, StaticKeypair};
+use relay_protocol::DecodeError;
+
+/// How many bits of a reading sequence number count readings within one run; the bits above hold
+/// the run's start time in Unix milliseconds. See [`seq_base`].
+pub const SEQ_RUN_BITS: u32 = 20;
+
+/// The sequence number of reading 0 of a run that starts at `unix_ms` (milliseconds since the Unix
+/// epoch): `unix_ms << 20`. Reading `i` of the run has sequence number `seq_base(start) + i`.
+///
+/// A device must never reuse a sequence number (the core stores a reading once per
+/// `(device, seq)` and acknowledges a repeat without storing it), yet the simulator keeps no state
+/// between runs. Deriving the base from the start time keeps numbers unique across restarts as
+/// long as the wall clock does not go backwards and a run queues fewer than 2^20 (about a million)
+/// readings per millisecond between its start and the next run's start.
+pub fn seq_base(unix_ms: u64) -> u64 {
+    unix_ms << SEQ_RUN_BITS
+}
+
+/// A deterministic, human-recognisable reading body of exactly `size` bytes (at most
+/// [`MAX_READING`]): `meter-00001|seq=…|kwh=…|` padded with `.` (or cut short). Tests search
+/// captured traffic for it and compare stored readings with it.
+pub fn reading_payload(serial: &str, seq: u64, size: usize) -> Vec<u8> {
+    let size = size.min(MAX_READING);
+    // A plausible, slowly growing meter register, derived from the sequence number only.
+    let tenths = seq % 10_000_000;
+    let mut v = format!("{serial}|seq={seq}|kwh={}.{}|", tenths / 10, tenths % 10).into_bytes();
+    v.resize(size, b'.');
+    v
+}
+
+/// Anchors wall-clock time to the monotonic clock, so a meter can derive handshake timestamps
+/// (milliseconds since the Unix epoch, strictly increasing per device) from the `now: Instant` it
+/// is given, without reading a clock itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Timebase {
+    instant: Instant,
+    unix_ms: u64,
+}
+
+impl Timebase {
+    /// `instant` and `unix_ms` name the same moment.
+    pub fn new(instant: Instant, unix_ms: u64) -> Self {
+        Self { instant, unix_ms }
+    }
+
+    /// Milliseconds since the Unix epoch at `now` (never before the anchor).
+    pub fn unix_ms_at(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.instant).as_millis();
+        self.unix_ms
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+}
+
+/// A meter's limits and timers. The defaults suit a real deployment; tests shorten the timers.
+#[derive(Clone, Debug)]
+pub struct MeterConfig {
+    /// Readings held until acknowledged, at most; a reading queued past it is refused.
+    pub outbox_cap: usize,
+    /// Readings sent and not yet acknowledged, at most.
+    pub window: usize,
+    /// The first retransmission of a reading waits this long after its first transmission.
+    pub retransmit_initial: Duration,
+    /// Retransmission intervals double up to this.
+    pub retransmit_max: Duration,
+    /// A handshake without a response is retried after this (plus jitter).
+    pub handshake_retry_initial: Duration,
+    /// Handshake retry intervals double up to this.
+    pub handshake_retry_max: Duration,
+    /// With readings outstanding and no authenticated frame from the core for this long, the
+    /// session is presumed lost (the core restarted, say) and a new handshake starts.
+    pub silence_timeout: Duration,
+}
+
+impl Default for MeterConfig {
+    fn default() -> Self {
+        Self {
+            outbox_cap: 1024,
+            window: 32,
+            retransmit_initial: Duration::from_millis(500),
+            retransmit_max: Duration::from_secs(8),
+            handshake_retry_initial: Duration::from_secs(1),
+            handshake_retry_max: Duration::from_secs(30),
+            silence_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What the meter tells its driver, drained with [`Meter::poll_event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeterEvent {
+    /// A handshake completed: readings flow on the new session.
+    Established {
+        /// The core's rekey policy for the session.
+        rekey_after: Duration,
+    },
+    /// The core acknowledged a reading: it is durably stored and has left the outbox.
+    Acked {
+        /// The reading.
+        seq: ReadingSeq,
+        /// From the reading's first transmission to its acknowledgement.
+        latency: Duration,
+    },
+}
+
+/// Why a reading was not queued. The caller's input or the meter's capacity: count it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueueError {
+    /// The outbox holds `cap` unacknowledged readings already.
+    #[error("outbox full ({cap} readings unacknowledged)")]
+    OutboxFull {
+        /// The outbox capacity.
+        cap: usize,
+    },
+    /// The reading does not fit in one frame.
+    #[error("reading of {len} bytes exceeds {max}")]
+    TooLarge {
+        /// The reading's length.
+        len: usize,
+        /// [`MAX_READING`].
+        max: usize,
+    },
+    /// A reading with this sequence number is still in the outbox.
+    #[error("reading {0:?} is already queued")]
+    DuplicateSeq(ReadingSeq),
+}
+
+/// Why a datagram from the core was dropped: forged, altered, replayed, stale or malformed. The
+/// peer's (or the path's) fault; the meter carries on unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum DatagramError {
+    /// The frame failed at the session layer (parsing, authentication, replay, unknown session).
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The frame authenticated but its plaintext is not a valid message.
+    #[error("malformed message: {0}")]
+    Message(DecodeError),
+    /// The frame authenticated but carried a message the core never sends.
+    #[error("unexpected message from the core: {0}")]
+    Unexpected(&'static str),
+}
+
+impl DatagramError {
+    /// A short, fixed label for counting.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Session(SessionError::Malformed(_)) => "malformed",
+            Self::Session(SessionError::Authentication) => "authentication",
+            Self::Session(SessionError::Replay(_)) => "replay",
+            Self::Session(SessionError::UnknownSession(_)) => "unknown_session",
+            Self::Session(SessionError::UnexpectedFrame(_)) => "unexpected_frame",
+            Self::Session(_) => "session",
+            Self::Message(_) => "malformed_message",
+            Self::Unexpected(_) => "unexpected_message",
+        }
+    }
+}
+
+/// A meter's counters, all monotonic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MeterStats {
+    /// Readings accepted into the outbox.
+    pub queued: u64,
+    /// Readings refused because the outbox was full.
+    pub refused: u64,
+    /// First transmissions of readings.
+    pub sent: u64,
+    /// Retransmissions of readings.
+    pub retransmitted: u64,
+    /// Readings acknowledged (each once).
+    pub acked: u64,
+    /// Acknowledgements for readings no longer (or never) in the outbox.
+    pub duplicate_acks: u64,
+    /// `HandshakeInit`s sent, retries included.
+    pub handshakes_started: u64,
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Handshakes started because the core had gone silent.
+    pub silence_rehandshakes: u64,
+    /// Datagrams dropped as bad (see [`DatagramError`]).
+    pub bad_datagrams: u64,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    data: Vec<u8>,
+    first_sent: Option<Instant>,
+    next_retransmit: Instant,
+    rto: Duration,
+}
+
+#[derive(Debug)]
+struct HandshakeAttempt {
+    retry_at: Instant,
+}
+
+/// One meter: see the [module docs](self).
+#[derive(Debug)]
+pub struct Meter {
+    serial: String,
+    session: DeviceSession,
+    config: MeterConfig,
+    timebase: Timebase,
+    rng: StdRng,
+    last_timestamp: u64,
+    /// Every reading not yet acknowledged.
+    outbox: HashMap<ReadingSeq, Outgoing>,
+    /// Readings never sent, in queue order.
+    unsent: VecDeque<ReadingSeq>,
+    /// Readings sent and not acknowledged (at most `window`).
+    in_flight: Vec<ReadingSeq>,
+    handshake: Option<HandshakeAttempt>,
+    /// The backoff the next handshake attempt starts with.
+    next_handshake_backoff: Duration,
+    /// When the core stopped answering: set by a transmission while nothing was expected, reset by
+    /// every authenticated frame.
+    silence_from: Option<Instant>,
+    /// The core went silent: the current session is presumed lost, hold readings until a new one.
+    suspect: bool,
+    rekey_at: Option<Instant>,
+    events: VecDeque<MeterEvent>,
+    stats: MeterStats,
+    plaintext: Vec<u8>,
+}
+
+impl Meter {
+    /// A meter named `serial` with its key pair, the core's public key, its limits, a time anchor
+    /// for handshake timestamps and a seed for session ids and jitter.
+    pub fn new(
+        serial: impl Into<String>,
+        keypair: StaticKeypair,
+        core: PublicKey,
+        config: MeterConfig,
+        timebase: Timebase,
+        seed: u64,
+    ) -> Self {
+        let next_handshake_backoff = config.handshake_retry_initial;
+        Self {
+            serial: serial.into(),
+            session: DeviceSession::new(keypair, core),
+            config,
+            timebase,
+            rng: StdRng::seed_from_u64(seed),
+            last_timestamp: 0,
+            outbox: HashMap::new(),
+            unsent: VecDeque::new(),
+            in_flight: Vec::new(),
+            handshake: None,
+            next_handshake_backoff,
+            silence_from: None,
+            suspect: false,
+            rekey_at: None,
+            events: VecDeque::new(),
+            stats: MeterStats::default(),
+            plaintext: Vec::new(),
+        }
+    }
+
+    /// The meter's serial number.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// The meter's static public key.
+    pub fn public(&self) -> &PublicKey {
+        self.session.public()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &MeterStats {
+        &self.stats
+    }
+
+    /// Readings not yet acknowledged.
+    pub fn outstanding(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Readings sent at least once and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether a session is established.
+    pub fn is_established(&self) -> bool {
+        self.session.is_established()
+    }
+
+    /// The sequence numbers still in the outbox, in no particular order.
+    pub fn unacked(&self) -> impl Iterator<Item = ReadingSeq> + '_ {
+        self.outbox.keys().copied()
+    }
+
+    /// Queues a reading for delivery. It stays in the outbox, retransmitted as needed, until the
+    /// core acknowledges it.
+    pub fn queue_reading(
+        &mut self,
+        seq: ReadingSeq,
+        data: Vec<u8>,
+        now: Instant,
+    ) -> Result<(), QueueError> {
+        if data.len() > MAX_READING {
+            return Err(QueueError::TooLarge {
+                len: data.len(),
+                max: MAX_READING,
+            });
+        }
+        if self.outbox.contains_key(&seq) {
+            return Err(QueueError::DuplicateSeq(seq));
+        }
+        if self.outbox.len() >= self.config.outbox_cap {
+            self.stats.refused += 1;
+            return Err(QueueError::OutboxFull {
+                cap: self.config.outbox_cap,
+            });
+        }
+        // The timer fields are set when the reading is first sent.
+        self.outbox.insert(
+            seq,
+            Outgoing {
+                data,
+                first_sent: None,
+                next_retransmit: now,
+                rto: self.config.retransmit_initial,
+            },
+        );
+        self.unsent.push_back(seq);
+        self.stats.queued += 1;
+        Ok(())
+    }
+
+    /// Handles one datagram from the core. Events it causes are queued for
+    /// [`Meter::poll_event`]. A bad datagram is counted and returned as an error; the meter's
+    /// state is as before.
+    pub fn handle_datagram(&mut self, datagram: &[u8], now: Instant) -> Result<(), DatagramError> {
+        let result = self.handle_datagram_inner(datagram, now);
+        if result.is_err() {
+            self.stats.bad_datagrams += 1;
+        }
+        result
+    }
+
+    fn handle_datagram_inner(
+        &mut self,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Result<(), DatagramError> {
+        let mut plaintext = std::mem::take(&mut self.plaintext);
+        let event = self.session.handle_datagram(datagram, now, &mut plaintext);
+        let result = match event {
+            Ok(DeviceEvent::Established { rekey_after }) => {
+                self.on_established(rekey_after, now);
+                Ok(())
+            }
+            Ok(DeviceEvent::Plaintext) => {
+                let result = self.on_message(&plaintext, now);
+                self.heard(now);
+                result
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.plaintext = plaintext;
+        result
+    }
+
+    fn on_established(&mut self, rekey_after: Duration, now: Instant) {
+        self.stats.handshakes += 1;
+        self.handshake = None;
+        self.next_handshake_backoff = self.config.handshake_retry_initial;
+        self.rekey_at = now.checked_add(rekey_after);
+        if self.suspect || self.silent(now) {
+            // The old session is presumed gone with everything sent on it: resend at once rather
+            // than after each reading's (possibly long) backoff.
+            for seq in &self.in_flight {
+                if let Some(r) = self.outbox.get_mut(seq) {
+                    r.next_retransmit = now;
+                    r.rto = self.config.retransmit_initial;
+                }
+            }
+            self.suspect = false;
+        }
+        self.silence_from = None;
+        self.events
+            .push_back(MeterEvent::Established { rekey_after });
+    }
+
+    /// An authenticated frame arrived: the core is alive. Silence counts afresh from here, for
+    /// the readings still unacknowledged.
+    fn heard(&mut self, now: Instant) {
+        self.suspect = false;
+        self.silence_from = (!self.in_flight.is_empty()).then_some(now);
+    }
+
+    fn on_message(&mut self, plaintext: &[u8], now: Instant) -> Result<(), DatagramError> {
+        match Message::decode(plaintext).map_err(DatagramError::Message)? {
+            Message::Ack { seqs } => {
+                for seq in seqs {
+                    self.ack(seq, now);
+                }
+                Ok(())
+            }
+            Message::Keepalive => Ok(()),
+            Message::Reading { .. } => Err(DatagramError::Unexpected("reading")),
+        }
+    }
+
+    fn ack(&mut self, seq: ReadingSeq, now: Instant) {
+        let Some(reading) = self.outbox.remove(&seq) else {
+            self.stats.duplicate_acks += 1;
+            return;
+        };
+        match reading.first_sent {
+            Some(_) => self.in_flight.retain(|s| *s != seq),
+            // The core cannot know a sequence number never sent; believe the authenticated ack all
+            // the same, the reading is stored.
+            None => self.unsent.retain(|s| *s != seq),
+        }
+        self.stats.acked += 1;
+        let latency = reading
+            .first_sent
+            .map_or(Duration::ZERO, |first| now.saturating_duration_since(first));
+        self.events.push_back(MeterEvent::Acked { seq, latency });
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<MeterEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next datagram to send, if any is due at `now`. Call it until it returns `None`, then
+    /// wait until [`Meter::poll_timeout`], a datagram arrives or a reading is queued.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if let Some(init) = self.poll_handshake(now) {
+            return Some(init);
+        }
+        if !self.can_send() {
+            return None;
+        }
+        if let Some(seq) = self.due_retransmission(now) {
+            return self.send_reading(seq, now);
+        }
+        if self.in_flight.len() < self.config.window {
+            if let Some(seq) = self.unsent.pop_front() {
+                return self.send_reading(seq, now);
+            }
+        }
+        None
+    }
+
+    fn can_send(&self) -> bool {
+        self.session.is_established() && !self.suspect
+    }
+
+    fn silent(&self, now: Instant) -> bool {
+        !self.in_flight.is_empty()
+            && self
+                .silence_from
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.silence_timeout)
+    }
+
+    fn poll_handshake(&mut self, now: Instant) -> Option<Vec<u8>> {
+        match &self.handshake {
+            Some(attempt) if now < attempt.retry_at => return None,
+            Some(_) => {}
+            None => {
+                if self.session.is_established() && !self.session.needs_handshake(now) {
+                    if !self.silent(now) {
+                        return None;
+                    }
+                    self.suspect = true;
+                    self.silence_from = None;
+                    self.stats.silence_rehandshakes += 1;
+                    tracing::debug!(serial = %self.serial, "core silent; new handshake");
+                }
+            }
+        }
+        self.start_handshake(now)
+    }
+
+    fn start_handshake(&mut self, now: Instant) -> Option<Vec<u8>> {
+        let backoff = self.next_handshake_backoff;
+        self.next_handshake_backoff = (backoff * 2).min(self.config.handshake_retry_max);
+        // Up to a quarter more, so meters that failed together do not retry together.
+        let jitter = backoff.mul_f64(self.rng.gen_range(0.0..0.25));
+        self.handshake = Some(HandshakeAttempt {
+            retry_at: now + backoff + jitter,
+        });
+        // The core refuses an initiation not newer than the last it accepted from this key.
+        let timestamp = self.timebase.unix_ms_at(now).max(self.last_timestamp + 1);
+        self.last_timestamp = timestamp;
+        let id = SessionId(self.rng.gen());
+        match self.session.start_handshake(id, timestamp, now) {
+            Ok(init) => {
+                self.stats.handshakes_started += 1;
+                Some(init)
+            }
+            Err(e) => {
+                // Local key material refused by snow: nothing a retry can fix quickly, but the
+                // retry timer is set, so the meter keeps trying rather than stalling.
+                tracing::warn!(serial = %self.serial, error = %e, "cannot start handshake");
+                None
+            }
+        }
+    }
+
+    fn due_retransmission(&self, now: Instant) -> Option<ReadingSeq> {
+        self.in_flight
+            .iter()
+            .filter_map(|seq| self.outbox.get(seq).map(|r| (r.next_retransmit, *seq)))
+            .filter(|(at, _)| *at <= now)
+            .min()
+            .map(|(_, seq)| seq)
+    }
+
+    fn send_reading(&mut self, seq: ReadingSeq, now: Instant) -> Option<Vec<u8>> {
+        let reading = self.outbox.get_mut(&seq)?;
+        self.plaintext.clear();
+        Message::Reading {
+            seq,
+            data: &reading.data,
+        }
+        .encode(&mut self.plaintext);
+        let mut datagram = Vec::new();
+        if let Err(e) = self.session.seal(&self.plaintext, &mut datagram) {
+            // Only a used-up session counter gets here; it also makes a new handshake due.
+            tracing::warn!(serial = %self.serial, error = %e, "cannot seal reading");
+            if reading.first_sent.is_none() {
+                self.unsent.push_front(seq);
+            }
+            return None;
+        }
+        match reading.first_sent {
+            None => {
+                reading.first_sent = Some(now);
+                reading.rto = self.config.retransmit_initial;
+                self.in_flight.push(seq);
+                self.stats.sent += 1;
+            }
+            Some(_) => {
+                reading.rto = (reading.rto * 2).min(self.config.retransmit_max);
+                self.stats.retransmitted += 1;
+            }
+        }
+        reading.next_retransmit = now + reading.rto;
+        if self.silence_from.is_none() {
+            self.silence_from = Some(now);
+        }
+        Some(datagram)
+    }
+
+    /// When [`Meter::poll_transmit`] may have something to send next, if ever without new input.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut at: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                at = Some(at.map_or(t, |a| a.min(t)));
+            }
+        };
+        match &self.handshake {
+            Some(attempt) => consider(Some(attempt.retry_at)),
+            None => {
+                consider(self.rekey_at);
+                if !self.in_flight.is_empty() {
+                    consider(self.silence_from.map(|t| t + self.config.silence_timeout));
+                }
+            }
+        }
+        if self.can_send() {
+            consider(
+                self.in_flight
+                    .iter()
+                    .filter_map(|s| self.outbox.get(s))
+                    .map(|r| r.next_retransmit)
+                    .min(),
+            );
+        }
+        at
+    }
+}
+
+#[cfg(test)]
+mod tests;

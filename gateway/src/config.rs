@@ -1,0 +1,572 @@
+//! The command line and `gateway.toml`, parsed once into a validated [`GatewayConfig`].
+//!
+//! Everything that can be wrong with the configuration is found here, before any socket is bound:
+//! unknown keys, out-of-range limits, unreadable or unusable certificates. Paths in the file are
+//! relative to the file's directory; a flag overrides the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::tls::{TlsError, TlsIdentity};
+
+/// The command line. Every flag has an environment equivalent; a flag overrides the file.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "The relay gateway: forwards end-to-end encrypted device frames (UDP) to the core \
+             (QUIC, mutual TLS) and back. It holds no device keys and cannot read what it relays.",
+    after_help = "Flags override the config file; paths inside the file are relative to it.\n\
+                  Logging: RUST_LOG (default info), LOG_FORMAT=plain|json.\n\
+                  Exit status: 0 after SIGINT/SIGTERM, 1 on a runtime failure, 2 on a bad \
+                  configuration or command line."
+)]
+pub struct Cli {
+    /// The configuration file (`gateway.toml`).
+    #[arg(long, env = "GATEWAY_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// UDP address for devices; overrides `listen.devices`.
+    #[arg(long, env = "GATEWAY_LISTEN_DEVICES", value_name = "ADDR")]
+    pub listen_devices: Option<SocketAddr>,
+
+    /// TCP address of /metrics, /live and /ready; overrides `listen.admin`.
+    #[arg(long, env = "GATEWAY_LISTEN_ADMIN", value_name = "ADDR")]
+    pub listen_admin: Option<SocketAddr>,
+
+    /// The core's QUIC address; overrides `uplink.core`.
+    #[arg(long, env = "GATEWAY_CORE", value_name = "ADDR")]
+    pub core: Option<SocketAddr>,
+
+    /// Once the listeners are bound, write `{"devices":"ADDR","admin":"ADDR"}` to this file.
+    #[arg(long, env = "GATEWAY_READY_FILE", value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The validated configuration of one gateway.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// The name sent to the core in `Hello` (1 to 64 bytes of UTF-8).
+    pub name: String,
+    /// Where devices send their frames (UDP).
+    pub listen_devices: SocketAddr,
+    /// Where `/metrics`, `/live` and `/ready` are served (TCP).
+    pub listen_admin: SocketAddr,
+    /// Where to write the bound addresses once listening.
+    pub ready_file: Option<PathBuf>,
+    /// The connection to the core.
+    pub uplink: UplinkConfig,
+    /// The device flow table.
+    pub flows: FlowsConfig,
+}
+
+/// The `[uplink]` section, validated.
+#[derive(Clone, Debug)]
+pub struct UplinkConfig {
+    /// The core's QUIC address.
+    pub core: SocketAddr,
+    /// The name the core's certificate must carry.
+    pub server_name: String,
+    /// The files the TLS material was read from (resolved), for messages.
+    pub files: TlsFiles,
+    /// The CA certificates, the client certificate chain and its key, loaded and checked.
+    pub tls: TlsIdentity,
+    /// The first reconnect delay (before jitter).
+    pub reconnect_initial: Duration,
+    /// The largest reconnect delay (before jitter).
+    pub reconnect_max: Duration,
+    /// Frames held while the core is unreachable; past it, the newest are dropped.
+    pub queue_frames: usize,
+}
+
+/// Where the uplink's TLS material came from, resolved against the config file's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificates the core's certificate must chain to (PEM).
+    pub ca: PathBuf,
+    /// The gateway's client certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The gateway's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// The `[flows]` section, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowsConfig {
+    /// The most device addresses tracked at once.
+    pub max: usize,
+    /// A flow with no frame from its device for this long is forgotten.
+    pub idle_timeout: Duration,
+}
+
+/// Default `listen.devices`.
+pub const DEFAULT_LISTEN_DEVICES: &str = "0.0.0.0:5683";
+/// Default `listen.admin`.
+pub const DEFAULT_LISTEN_ADMIN: &str = "127.0.0.1:9465";
+/// Default `uplink.reconnect_initial_ms`.
+pub const DEFAULT_RECONNECT_INITIAL_MS: u64 = 100;
+/// Default `uplink.reconnect_max_ms`.
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 10_000;
+/// Default `uplink.queue_frames`.
+pub const DEFAULT_QUEUE_FRAMES: usize = 4096;
+/// Default `flows.max`.
+pub const DEFAULT_FLOWS_MAX: usize = 100_000;
+/// Default `flows.idle_timeout_secs`.
+pub const DEFAULT_FLOW_IDLE_TIMEOUT_SECS: u64 = 900;
+
+/// The largest `flows.max`: flow ids are 32 bits, and memory is ~200 bytes per flow.
+pub const MAX_FLOWS_LIMIT: usize = 16 * 1024 * 1024;
+/// The largest `uplink.queue_frames` (about 1.2 KiB each).
+pub const MAX_QUEUE_FRAMES: usize = 1 << 20;
+/// The largest reconnect delay accepted, one hour.
+pub const MAX_RECONNECT_MS: u64 = 3_600_000;
+/// The longest idle timeout accepted (a flow's last-seen time is kept in seconds as a `u32`).
+pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
+/// Why the configuration cannot be used. The `Display` form is one line naming the file and the
+/// key or path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the layout (unknown key, wrong type).
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What and where (line and column), on one line.
+        message: String,
+    },
+    /// A value is outside what it may be.
+    #[error("config {path}: {key}: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key.
+        key: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// The TLS material named by the file is unusable.
+    #[error("config {path}: {source}")]
+    Tls {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong with which file.
+        source: TlsError,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: String,
+    #[serde(default)]
+    listen: FileListen,
+    uplink: FileUplink,
+    #[serde(default)]
+    flows: FileFlows,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListen {
+    #[serde(default = "default_listen_devices")]
+    devices: SocketAddr,
+    #[serde(default = "default_listen_admin")]
+    admin: SocketAddr,
+}
+
+impl Default for FileListen {
+    fn default() -> Self {
+        Self {
+            devices: default_listen_devices(),
+            admin: default_listen_admin(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUplink {
+    core: Option<SocketAddr>,
+    server_name: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_reconnect_initial_ms")]
+    reconnect_initial_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    reconnect_max_ms: u64,
+    #[serde(default = "default_queue_frames")]
+    queue_frames: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFlows {
+    #[serde(default = "default_flows_max")]
+    max: usize,
+    #[serde(default = "default_idle_timeout_secs")]
+    idle_timeout_secs: u64,
+}
+
+impl Default for FileFlows {
+    fn default() -> Self {
+        Self {
+            max: DEFAULT_FLOWS_MAX,
+            idle_timeout_secs: DEFAULT_FLOW_IDLE_TIMEOUT_SECS,
+        }
+    }
+}
+
+fn default_listen_devices() -> SocketAddr {
+    DEFAULT_LISTEN_DEVICES
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 5683)))
+}
+fn default_listen_admin() -> SocketAddr {
+    DEFAULT_LISTEN_ADMIN
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9465)))
+}
+fn default_reconnect_initial_ms() -> u64 {
+    DEFAULT_RECONNECT_INITIAL_MS
+}
+fn default_reconnect_max_ms() -> u64 {
+    DEFAULT_RECONNECT_MAX_MS
+}
+fn default_queue_frames() -> usize {
+    DEFAULT_QUEUE_FRAMES
+}
+fn default_flows_max() -> usize {
+    DEFAULT_FLOWS_MAX
+}
+fn default_idle_timeout_secs() -> u64 {
+    DEFAULT_FLOW_IDLE_TIMEOUT_SECS
+}
+
+impl GatewayConfig {
+    /// Reads the file named on the command line and applies the flags on top.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(&cli.config).map_err(|source| ConfigError::Read {
+            path: cli.config.clone(),
+            source,
+        })?;
+        Self::from_toml(&text, &cli.config, cli)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths inside resolve against its directory)
+    /// and applies the flags in `cli` (its `config` field is not consulted).
+    pub fn from_toml(text: &str, path: &Path, cli: &Cli) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(&e, text),
+        })?;
+        let invalid = |key: &'static str, why: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            why,
+        };
+
+        let name = file.name;
+        if name.is_empty() || name.len() > relay_protocol::uplink::MAX_NAME_LEN {
+            return Err(invalid(
+                "name",
+                format!(
+                    "must be 1 to {} bytes, is {}",
+                    relay_protocol::uplink::MAX_NAME_LEN,
+                    name.len()
+                ),
+            ));
+        }
+
+        let up = file.uplink;
+        let core = cli.core.or(up.core).ok_or_else(|| {
+            invalid(
+                "uplink.core",
+                "missing (set it in the file or with --core)".into(),
+            )
+        })?;
+        if rustls::pki_types::ServerName::try_from(up.server_name.as_str()).is_err() {
+            return Err(invalid(
+                "uplink.server_name",
+                format!("{:?} is not a DNS name or IP address", up.server_name),
+            ));
+        }
+        if up.reconnect_initial_ms == 0 || up.reconnect_initial_ms > MAX_RECONNECT_MS {
+            return Err(invalid(
+                "uplink.reconnect_initial_ms",
+                format!("must be 1 to {MAX_RECONNECT_MS}"),
+            ));
+        }
+        if up.reconnect_max_ms < up.reconnect_initial_ms || up.reconnect_max_ms > MAX_RECONNECT_MS {
+            return Err(invalid(
+                "uplink.reconnect_max_ms",
+                format!(
+                    "must be reconnect_initial_ms ({}) to {MAX_RECONNECT_MS}",
+                    up.reconnect_initial_ms
+                ),
+            ));
+        }
+        if up.queue_frames > MAX_QUEUE_FRAMES {
+            return Err(invalid(
+                "uplink.queue_frames",
+                format!("must be at most {MAX_QUEUE_FRAMES}"),
+            ));
+        }
+        if file.flows.max == 0 || file.flows.max > MAX_FLOWS_LIMIT {
+            return Err(invalid(
+                "flows.max",
+                format!("must be 1 to {MAX_FLOWS_LIMIT}"),
+            ));
+        }
+        if file.flows.idle_timeout_secs == 0 || file.flows.idle_timeout_secs > MAX_IDLE_TIMEOUT_SECS
+        {
+            return Err(invalid(
+                "flows.idle_timeout_secs",
+                format!("must be 1 to {MAX_IDLE_TIMEOUT_SECS}"),
+            ));
+        }
+
+        let base = path.parent().unwrap_or_else(|| Path::new(""));
+        let files = TlsFiles {
+            ca: resolve(base, &up.ca),
+            cert: resolve(base, &up.cert),
+            key: resolve(base, &up.key),
+        };
+        let tls = TlsIdentity::load(&files).map_err(|source| ConfigError::Tls {
+            path: path.to_owned(),
+            source,
+        })?;
+        // Build the client configuration once here so that a key that does not match its
+        // certificate, or a CA file of junk, is a configuration error and not a runtime one.
+        tls.client_config().map_err(|source| ConfigError::Tls {
+            path: path.to_owned(),
+            source,
+        })?;
+
+        Ok(Self {
+            name,
+            listen_devices: cli.listen_devices.unwrap_or(file.listen.devices),
+            listen_admin: cli.listen_admin.unwrap_or(file.listen.admin),
+            ready_file: cli.ready_file.clone(),
+            uplink: UplinkConfig {
+                core,
+                server_name: up.server_name,
+                files,
+                tls,
+                reconnect_initial: Duration::from_millis(up.reconnect_initial_ms),
+                reconnect_max: Duration::from_millis(up.reconnect_max_ms),
+                queue_frames: up.queue_frames,
+            },
+            flows: FlowsConfig {
+                max: file.flows.max,
+                idle_timeout: Duration::from_secs(file.flows.idle_timeout_secs),
+            },
+        })
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+/// `toml`'s own message spans several lines with a source excerpt; keep one line with the position.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(path: &Path) -> Cli {
+        Cli {
+            config: path.to_owned(),
+            listen_devices: None,
+            listen_admin: None,
+            core: None,
+            ready_file: None,
+        }
+    }
+
+    /// A CA, and a gateway certificate it signed, written as PEM into `dir`.
+    fn write_pki(dir: &Path) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["gateway-1".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("cert");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+        std::fs::create_dir_all(dir.join("gw")).expect("mkdir");
+        std::fs::write(dir.join("gw/cert.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("gw/key.pem"), key.serialize_pem()).expect("write");
+    }
+
+    const MINIMAL: &str = r#"
+name = "gateway-1"
+
+[uplink]
+core = "127.0.0.1:4433"
+server_name = "core.relay.local"
+ca = "../ca.pem"
+cert = "cert.pem"
+key = "key.pem"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        std::fs::write(&path, MINIMAL).expect("write");
+        let c = GatewayConfig::load(&cli(&path)).expect("valid config");
+        assert_eq!(c.name, "gateway-1");
+        assert_eq!(c.listen_devices, "0.0.0.0:5683".parse().expect("addr"));
+        assert_eq!(c.listen_admin, "127.0.0.1:9465".parse().expect("addr"));
+        assert_eq!(c.uplink.core, "127.0.0.1:4433".parse().expect("addr"));
+        assert_eq!(c.uplink.reconnect_initial, Duration::from_millis(100));
+        assert_eq!(c.uplink.reconnect_max, Duration::from_secs(10));
+        assert_eq!(c.uplink.queue_frames, 4096);
+        assert_eq!(c.flows.max, 100_000);
+        assert_eq!(c.flows.idle_timeout, Duration::from_secs(900));
+        assert_eq!(c.uplink.files.ca, dir.path().join("gw/../ca.pem"));
+        assert_eq!(c.uplink.files.cert, dir.path().join("gw/cert.pem"));
+        assert_eq!(c.uplink.files.key, dir.path().join("gw/key.pem"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        let mut cli = cli(&path);
+        cli.core = Some("10.0.0.1:1".parse().expect("addr"));
+        cli.listen_devices = Some("127.0.0.1:0".parse().expect("addr"));
+        let text = MINIMAL.replace("core = \"127.0.0.1:4433\"\n", "");
+        let c = GatewayConfig::from_toml(&text, &path, &cli).expect("valid config");
+        assert_eq!(c.uplink.core, "10.0.0.1:1".parse().expect("addr"));
+        assert_eq!(c.listen_devices, "127.0.0.1:0".parse().expect("addr"));
+    }
+
+    #[test]
+    fn refuses_unknown_keys_with_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        let text = format!("{MINIMAL}\n[flows]\nmax = 10\nmax_idle = 3\n");
+        let e = GatewayConfig::from_toml(&text, &path, &cli(&path))
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("max_idle"), "{e}");
+        assert!(e.contains("line 13, column 1"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_values_and_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        let check = |text: &str, needle: &str| {
+            let e = GatewayConfig::from_toml(text, &path, &cli(&path))
+                .expect_err(needle)
+                .to_string();
+            assert!(e.contains(needle), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        };
+        check(&format!("{MINIMAL}[flows]\nmax = 0\n"), "flows.max");
+        check(
+            &MINIMAL.replace("\"gateway-1\"", "\"\""),
+            "name: must be 1 to 64",
+        );
+        check(
+            &MINIMAL.replace("core = \"127.0.0.1:4433\"\n", ""),
+            "uplink.core",
+        );
+        check(&MINIMAL.replace("cert.pem", "nope.pem"), "nope.pem");
+        check(
+            &MINIMAL.replace("\"key.pem\"", "\"cert.pem\""),
+            "no private key",
+        );
+        check("name = \"x\"\n[uplink\n", "line 2");
+        let missing = GatewayConfig::load(&cli(&dir.path().join("absent.toml")))
+            .expect_err("missing file")
+            .to_string();
+        assert!(missing.contains("absent.toml"), "{missing}");
+    }
+
+    #[test]
+    fn key_material_stays_out_of_debug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        std::fs::write(&path, MINIMAL).expect("write");
+        let c = GatewayConfig::load(&cli(&path)).expect("valid config");
+        let key_pem = std::fs::read_to_string(dir.path().join("gw/key.pem")).expect("read");
+        let der_b64: String = key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let debug = format!("{c:?}");
+        assert!(debug.contains("redacted"), "{debug}");
+        assert!(!debug.contains(&der_b64[..16]), "{debug}");
+        let c = &c.uplink.tls;
+        assert!(!format!("{c:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn cli_help_and_env() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--config",
+            "--listen-devices",
+            "--listen-admin",
+            "--core",
+            "--ready-file",
+        ] {
+            assert!(help.contains(flag), "{help}");
+        }
+        assert!(help.contains("GATEWAY_CORE"), "{help}");
+        let parsed =
+            Cli::try_parse_from(["gateway", "--config", "g.toml", "--core", "127.0.0.1:1"])
+                .expect("parses");
+        assert_eq!(parsed.core, Some("127.0.0.1:1".parse().expect("addr")));
+    }
+}

@@ -1,0 +1,264 @@
+//! `gateway`: the untrusted relay between devices on the field network (UDP) and the core (one
+//! QUIC connection with mutual TLS).
+//!
+//! Devices hold end-to-end Noise sessions with the core; the gateway only moves their frames. It
+//! checks each frame's header (version, type, length), remembers which device address each flow
+//! id stands for, and queues frames while the core is unreachable.
+//!
+//! What it deliberately does not do: it holds no device or session key and does not link `snow`
+//! (`cargo tree -p gateway` shows it), so it cannot read, forge or replay-check a frame; it keeps
+//! no per-device state beyond an address↔flow entry; it retransmits nothing (devices do).
+//!
+//! ```text
+//!                ┌─────────────────────────── gateway ────────────────────────────┐
+//!  device ─UDP─▶ │ device_link::receive ─ DeviceFrame::decode (header only)       │
+//!                │      │ flows: addr ↔ FlowId (one mutex, bounded, idle expiry)  │
+//!                │      ├─ uplink up ───▶ Link::send ─ QUIC datagram ────────────┼─▶ core
+//!                │      │                  └ too big: control-stream message ────┼─▶
+//!                │      └─ uplink down ─▶ queue (bounded; newest dropped;         │
+//!                │                        flushed after the next HelloAck)        │
+//!  device ◀─UDP─ │ DeviceLink::deliver ◀─ uplink task ◀─ datagrams, stream ◀──────┼── core
+//!                │ metrics ─▶ admin: /metrics /live /ready (relay-ops)            │
+//!                └────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Main types: [`GatewayConfig`] (parsed once from [`Cli`] and `gateway.toml`), [`Listeners`]
+//! (bound before [`run`], port 0 allowed), [`Hooks`] / [`FrameTap`] (tests see every byte),
+//! [`GatewayError`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+mod device_link;
+pub mod flows;
+pub mod metrics;
+mod queue;
+mod tap;
+pub mod tls;
+pub mod uplink;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_ops::admin::{AdminConfig, Readiness};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Cli, ConfigError, FlowsConfig, GatewayConfig, TlsFiles, UplinkConfig};
+pub use tap::{FrameTap, Hooks, TapPoint};
+
+use device_link::DeviceLink;
+use flows::FlowTable;
+use metrics::Metrics;
+use uplink::Uplink;
+
+/// How long shutdown waits for the tasks to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the gateway could not start. Once running it only stops on the shutdown signal: a failing
+/// core or a misbehaving device ends a connection or a frame, never the process.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A listening socket could not be bound.
+    #[error("cannot bind the {what} listener on {addr}: {source}")]
+    Bind {
+        /// `devices` or `admin`.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The uplink's UDP socket could not be created.
+    #[error("cannot create the uplink endpoint: {0}")]
+    Endpoint(std::io::Error),
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The ready file could not be written.
+    #[error("cannot write the ready file {path}: {source}")]
+    ReadyFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The gateway's listening sockets, bound before [`run`] so that callers (and tests using port 0)
+/// know the addresses.
+#[derive(Debug)]
+pub struct Listeners {
+    devices: UdpSocket,
+    admin: TcpListener,
+    device_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds the device UDP socket and the admin TCP listener of `config`.
+    pub async fn bind(config: &GatewayConfig) -> Result<Self, GatewayError> {
+        let bind_err = |what, addr| move |source| GatewayError::Bind { what, addr, source };
+        let devices = UdpSocket::bind(config.listen_devices)
+            .await
+            .map_err(bind_err("devices", config.listen_devices))?;
+        let device_addr = devices
+            .local_addr()
+            .map_err(bind_err("devices", config.listen_devices))?;
+        let (admin, admin_addr) = relay_ops::admin::bind(config.listen_admin)
+            .await
+            .map_err(bind_err("admin", config.listen_admin))?;
+        Ok(Self {
+            devices,
+            admin,
+            device_addr,
+            admin_addr,
+        })
+    }
+
+    /// The bound device address (UDP).
+    pub fn device_addr(&self) -> SocketAddr {
+        self.device_addr
+    }
+
+    /// The bound admin address (TCP).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then drains within [`SHUTDOWN_GRACE`].
+pub async fn run(
+    config: GatewayConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> Result<(), GatewayError> {
+    let metrics = Metrics::new()?;
+    metrics
+        .queue_capacity
+        .set(i64::try_from(config.uplink.queue_frames).unwrap_or(i64::MAX));
+    let readiness = Readiness::new();
+    let client_config = config.uplink.tls.client_config()?;
+    let endpoint = uplink::client_endpoint(config.uplink.core).map_err(GatewayError::Endpoint)?;
+
+    let Listeners {
+        devices,
+        admin,
+        device_addr,
+        admin_addr,
+    } = listeners;
+    let device_link = Arc::new(DeviceLink {
+        socket: devices,
+        flows: FlowTable::new(config.flows.max, config.flows.idle_timeout, Instant::now()),
+        metrics: metrics.clone(),
+        hooks,
+    });
+    // Up/Down events are rare and consumed at once; a few slots suffice.
+    let (events_tx, events_rx) = mpsc::channel(4);
+    let stop = shutdown.child_token();
+    let tasks = TaskTracker::new();
+    tasks.spawn(relay_ops::admin::serve(
+        admin,
+        AdminConfig::new(metrics.registry().clone(), readiness.clone()),
+        stop.clone(),
+    ));
+    tasks.spawn(
+        device_link
+            .clone()
+            .receive(events_rx, config.uplink.queue_frames, stop.clone()),
+    );
+    tasks.spawn(
+        device_link
+            .clone()
+            .expire_idle_flows(sweep_interval(config.flows.idle_timeout), stop.clone()),
+    );
+    tasks.spawn(
+        Uplink {
+            name: config.name.clone(),
+            core: config.uplink.core,
+            server_name: config.uplink.server_name.clone(),
+            client_config,
+            reconnect_initial: config.uplink.reconnect_initial,
+            reconnect_max: config.uplink.reconnect_max,
+            device_link,
+            readiness,
+            events: events_tx,
+            shutdown: stop.clone(),
+        }
+        .run(endpoint),
+    );
+    tasks.close();
+    tracing::info!(
+        name = %config.name,
+        devices = %device_addr,
+        admin = %admin_addr,
+        core = %config.uplink.core,
+        "gateway started"
+    );
+
+    let started = match &config.ready_file {
+        Some(path) => write_ready_file(path, device_addr, admin_addr),
+        None => Ok(()),
+    };
+    if started.is_ok() {
+        notify_systemd(sd_notify::NotifyState::Ready);
+        stop.cancelled().await;
+        notify_systemd(sd_notify::NotifyState::Stopping);
+        tracing::info!("shutting down");
+    } else {
+        stop.cancel();
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "tasks still running after the shutdown grace period");
+    }
+    started
+}
+
+/// Idle flows are swept often enough that one lives at most ~25% past its timeout.
+fn sweep_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Writes `{"devices":"ADDR","admin":"ADDR"}` atomically (temporary file, then rename).
+fn write_ready_file(
+    path: &Path,
+    devices: SocketAddr,
+    admin: SocketAddr,
+) -> Result<(), GatewayError> {
+    let body = serde_json::json!({
+        "devices": devices.to_string(),
+        "admin": admin.to_string(),
+    })
+    .to_string();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, body)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| GatewayError::ReadyFile {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Tells systemd about the state when run as a `Type=notify` service (no-op without
+/// `NOTIFY_SOCKET`).
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        tracing::warn!(error = %e, "systemd notification failed");
+    }
+}

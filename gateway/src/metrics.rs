@@ -1,0 +1,276 @@
+//! Every metric of the gateway, registered in one [`prometheus::Registry`] served on `/metrics`.
+//!
+//! Names and labels are those of `docs/architecture.md`; no metric carries a per-device label.
+//! Labelled series are resolved once here so that the hot path only increments an atomic.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use relay_protocol::DecodeError;
+
+/// Why the gateway dropped a frame (`gateway_frames_dropped_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A device datagram shorter than its frame type requires.
+    Truncated,
+    /// A device datagram longer than the device link allows.
+    Oversized,
+    /// A device datagram with a version byte the gateway does not speak.
+    UnknownVersion,
+    /// A device datagram with an unknown type byte.
+    UnknownType,
+    /// A device datagram with a field outside its allowed values.
+    Invalid,
+    /// A known frame type going the wrong way (a device sending a handshake response, the core
+    /// sending a handshake initiation).
+    UnexpectedType,
+    /// A bounded buffer towards the core was full (the queue while the uplink is down, or the
+    /// control stream's send queue).
+    QueueFull,
+    /// A new device address while the flow table is full.
+    FlowTableFull,
+    /// A frame from the core for a flow the gateway does not know (expired or never seen).
+    UnknownFlow,
+    /// A datagram or control-stream frame from the core that does not parse.
+    UplinkDecode,
+    /// The UDP send to a device failed.
+    DeviceSend,
+    /// Handed to a control stream whose connection was lost before the frame was written.
+    UplinkLost,
+}
+
+impl DropReason {
+    /// Every reason, so that each series exists (at 0) from the start.
+    pub const ALL: [Self; 12] = [
+        Self::Truncated,
+        Self::Oversized,
+        Self::UnknownVersion,
+        Self::UnknownType,
+        Self::Invalid,
+        Self::UnexpectedType,
+        Self::QueueFull,
+        Self::FlowTableFull,
+        Self::UnknownFlow,
+        Self::UplinkDecode,
+        Self::DeviceSend,
+        Self::UplinkLost,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Truncated => "truncated",
+            Self::Oversized => "oversized",
+            Self::UnknownVersion => "unknown_version",
+            Self::UnknownType => "unknown_type",
+            Self::Invalid => "invalid",
+            Self::UnexpectedType => "unexpected_type",
+            Self::QueueFull => "queue_full",
+            Self::FlowTableFull => "flow_table_full",
+            Self::UnknownFlow => "unknown_flow",
+            Self::UplinkDecode => "uplink_decode",
+            Self::DeviceSend => "device_send",
+            Self::UplinkLost => "uplink_lost",
+        }
+    }
+
+    /// The reason for a device datagram that did not decode; its label is
+    /// [`DecodeError::reason`].
+    pub fn from_decode(e: &DecodeError) -> Self {
+        match e {
+            DecodeError::Truncated => Self::Truncated,
+            DecodeError::Oversized { .. } => Self::Oversized,
+            DecodeError::UnknownVersion(_) => Self::UnknownVersion,
+            DecodeError::UnknownType(_) => Self::UnknownType,
+            DecodeError::Invalid(_) => Self::Invalid,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A direction of forwarding, the `direction` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Device to core.
+    Uplink,
+    /// Core to device.
+    Downlink,
+}
+
+/// The gateway's metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `gateway_device_frames_received_total`: every datagram read from the device socket.
+    pub device_frames_received: IntCounter,
+    forwarded_uplink: IntCounter,
+    forwarded_downlink: IntCounter,
+    bytes_uplink: IntCounter,
+    bytes_downlink: IntCounter,
+    dropped: Vec<IntCounter>,
+    /// `gateway_uplink_connected`: 1 while the uplink is up (after `HelloAck`).
+    pub uplink_connected: IntGauge,
+    /// `gateway_uplink_connects_total`: uplink connections completed (after `HelloAck`).
+    pub uplink_connects: IntCounter,
+    /// `gateway_queue_frames`: frames held while the uplink is down.
+    pub queue_frames: IntGauge,
+    /// `gateway_queue_capacity_frames`: the queue's capacity.
+    pub queue_capacity: IntGauge,
+    /// `gateway_flows`: entries in the flow table.
+    pub flows: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry, `gateway_build_info` included.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        relay_ops::build_info(&registry, "gateway", env!("CARGO_PKG_VERSION"))?;
+
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter_vec =
+            |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+
+        let forwarded = counter_vec(
+            "gateway_frames_forwarded_total",
+            "Device frames forwarded, by direction (uplink: device to core, downlink: core to device).",
+            "direction",
+        )?;
+        let bytes = counter_vec(
+            "gateway_forwarded_bytes_total",
+            "Bytes of device frames forwarded, by direction.",
+            "direction",
+        )?;
+        let dropped_vec = counter_vec(
+            "gateway_frames_dropped_total",
+            "Frames dropped, by reason.",
+            "reason",
+        )?;
+        let dropped = DropReason::ALL
+            .iter()
+            .map(|r| dropped_vec.with_label_values(&[r.label()]))
+            .collect();
+
+        Ok(Self {
+            device_frames_received: counter(
+                "gateway_device_frames_received_total",
+                "Datagrams received from devices, valid or not.",
+            )?,
+            forwarded_uplink: forwarded.with_label_values(&["uplink"]),
+            forwarded_downlink: forwarded.with_label_values(&["downlink"]),
+            bytes_uplink: bytes.with_label_values(&["uplink"]),
+            bytes_downlink: bytes.with_label_values(&["downlink"]),
+            dropped,
+            uplink_connected: gauge(
+                "gateway_uplink_connected",
+                "1 while the uplink to the core is established, else 0.",
+            )?,
+            uplink_connects: counter(
+                "gateway_uplink_connects_total",
+                "Uplink connections established (HelloAck received).",
+            )?,
+            queue_frames: gauge(
+                "gateway_queue_frames",
+                "Device frames held while the uplink is down.",
+            )?,
+            queue_capacity: gauge(
+                "gateway_queue_capacity_frames",
+                "How many device frames the queue holds at most.",
+            )?,
+            flows: gauge("gateway_flows", "Device addresses in the flow table.")?,
+            registry,
+        })
+    }
+
+    /// The registry to serve.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts one dropped frame.
+    pub fn drop_frame(&self, reason: DropReason) {
+        if let Some(c) = self.dropped.get(reason.index()) {
+            c.inc();
+        }
+    }
+
+    /// Counts one forwarded frame of `len` bytes.
+    pub fn forwarded(&self, direction: Direction, len: usize) {
+        let (frames, bytes) = match direction {
+            Direction::Uplink => (&self.forwarded_uplink, &self.bytes_uplink),
+            Direction::Downlink => (&self.forwarded_downlink, &self.bytes_downlink),
+        };
+        frames.inc();
+        bytes.inc_by(len as u64);
+    }
+
+    /// The current count for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped.get(reason.index()).map_or(0, IntCounter::get)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_reasons_keep_the_protocol_labels() {
+        for e in [
+            DecodeError::Truncated,
+            DecodeError::Oversized { len: 2, max: 1 },
+            DecodeError::UnknownVersion(9),
+            DecodeError::UnknownType(9),
+            DecodeError::Invalid("x"),
+        ] {
+            assert_eq!(DropReason::from_decode(&e).label(), e.reason());
+        }
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+
+    #[test]
+    fn every_series_exists_from_the_start() {
+        let m = Metrics::new().expect("metrics");
+        let text = {
+            use prometheus::Encoder;
+            let mut out = Vec::new();
+            prometheus::TextEncoder::new()
+                .encode(&m.registry().gather(), &mut out)
+                .expect("encode");
+            String::from_utf8(out).expect("utf-8")
+        };
+        for r in DropReason::ALL {
+            let series = format!("gateway_frames_dropped_total{{reason=\"{}\"}} 0", r.label());
+            assert!(text.contains(&series), "{series} missing");
+        }
+        for name in [
+            "gateway_build_info{version=",
+            "gateway_device_frames_received_total 0",
+            "gateway_frames_forwarded_total{direction=\"uplink\"} 0",
+            "gateway_frames_forwarded_total{direction=\"downlink\"} 0",
+            "gateway_forwarded_bytes_total{direction=\"uplink\"} 0",
+            "gateway_uplink_connected 0",
+            "gateway_uplink_connects_total 0",
+            "gateway_queue_frames 0",
+            "gateway_queue_capacity_frames 0",
+            "gateway_flows 0",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! The uplink: one QUIC connection to the core, kept up by one task.
+//!
+//! The task connects (mutual TLS, ALPN `relay-uplink/1`) with exponential backoff and full jitter,
+//! opens the control stream, sends `Hello` and waits for `HelloAck`. Only then is the uplink up:
+//! `/ready` turns 200, and the device-link task is handed a `Link` through which it sends frames
+//! and flushes its queue. While up, the task forwards datagrams and control-stream `DeviceFrame`s
+//! from the core to the device link, and writes the control-stream messages the device link
+//! queued. When the connection ends, for whatever reason, the device link is told, and the task
+//! reconnects.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, Endpoint, RecvStream, SendDatagramError, SendStream, VarInt};
+use rand::Rng;
+use relay_ops::admin::Readiness;
+use relay_protocol::uplink::DATAGRAM_HEADER;
+use relay_protocol::{DecodeError, FlowId, UplinkDatagram, UplinkMessage};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::device_link::DeviceLink;
+use crate::metrics::DropReason;
+use crate::tap::TapPoint;
+
+/// Time allowed for the QUIC and TLS handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed between sending `Hello` and receiving `HelloAck`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that stayed up this long resets the reconnect backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Control-stream messages (oversized frames) waiting to be written.
+pub const CONTROL_QUEUE: usize = 256;
+/// Time allowed, at shutdown, for the close to reach the core.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Application close codes the gateway sends.
+mod close_code {
+    pub const SHUTDOWN: u32 = 0;
+    pub const PROTOCOL_ERROR: u32 = 1;
+}
+
+/// Why an uplink connection could not be set up, or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// The connection could not be started (local side).
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing the control stream failed.
+    #[error("control stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading the control stream failed.
+    #[error("control stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// The core finished the control stream.
+    #[error("control stream closed by the core")]
+    StreamClosed,
+    /// A step took too long.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The core sent control-stream bytes that do not parse (the core's fault).
+    #[error("undecodable control message: {0}")]
+    Decode(#[from] DecodeError),
+    /// The core sent a message that makes no sense here (the core's fault).
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    /// The gateway is shutting down.
+    #[error("shutdown")]
+    Shutdown,
+}
+
+/// What the uplink task tells the device-link task.
+#[derive(Debug)]
+pub(crate) enum LinkEvent {
+    /// The uplink is up (after `HelloAck`): send through this, and flush the queue.
+    Up(Link),
+    /// The uplink is down: queue.
+    Down,
+}
+
+/// The device link's handle on an established uplink connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Link {
+    conn: Connection,
+    control: mpsc::Sender<Bytes>,
+}
+
+/// How a frame left through the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// As a QUIC datagram, now.
+    Datagram,
+    /// Queued for the control stream; counted as forwarded once written.
+    Stream,
+}
+
+/// Why a frame could not be handed to the uplink.
+#[derive(Debug)]
+pub(crate) enum LinkSendError {
+    /// The connection is gone; the frame is handed back to be queued.
+    Lost(Bytes),
+    /// The control stream's send queue is full; the frame is dropped.
+    Backpressure,
+}
+
+impl Link {
+    /// Sends one encoded uplink datagram: as a QUIC datagram if it fits the path, otherwise as a
+    /// `DeviceFrame` message on the control stream. `wait`: wait for buffer space instead of
+    /// letting quinn drop older datagrams or refusing when the stream queue is full (used to flush
+    /// the queue, where frames are already old).
+    pub async fn send(
+        &self,
+        flow: FlowId,
+        datagram: Bytes,
+        wait: bool,
+        hooks: &crate::Hooks,
+    ) -> Result<Sent, LinkSendError> {
+        let fits = self
+            .conn
+            .max_datagram_size()
+            .is_some_and(|max| datagram.len() <= max);
+        if fits {
+            let sent = if wait {
+                self.conn.send_datagram_wait(datagram.clone()).await
+            } else {
+                self.conn.send_datagram(datagram.clone())
+            };
+            match sent {
+                Ok(()) => {
+                    hooks.record(TapPoint::UplinkTx, &datagram);
+                    return Ok(Sent::Datagram);
+                }
+                Err(SendDatagramError::ConnectionLost(_)) => {
+                    return Err(LinkSendError::Lost(datagram))
+                }
+                // The path shrank, or the core turned datagrams off: the stream carries it.
+                Err(
+                    SendDatagramError::TooLarge
+                    | SendDatagramError::UnsupportedByPeer
+                    | SendDatagramError::Disabled,
+                ) => {}
+            }
+        }
+        let message = UplinkMessage::DeviceFrame {
+            flow,
+            frame: datagram.slice(DATAGRAM_HEADER.min(datagram.len())..),
+        };
+        let mut encoded = BytesMut::with_capacity(datagram.len() + 4);
+        message.encode(&mut encoded);
+        let encoded = encoded.freeze();
+        let queued = if wait {
+            self.control.send(encoded).await.map_err(|_| ())
+        } else {
+            match self.control.try_send(encoded) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => return Err(LinkSendError::Backpressure),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+            }
+        };
+        queued
+            .map(|()| Sent::Stream)
+            .map_err(|()| LinkSendError::Lost(datagram))
+    }
+}
+
+/// The reconnect delay: exponential, with full jitter (a uniform draw below the current cap).
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            cap: initial,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let cap_ms = u64::try_from(self.cap.as_millis()).unwrap_or(u64::MAX);
+        let delay = Duration::from_millis(rand::thread_rng().gen_range(0..=cap_ms));
+        self.cap = (self.cap * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.cap = self.initial;
+    }
+}
+
+/// An established connection whose `Hello` was acknowledged.
+struct Session {
+    conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    /// Control-stream bytes read past the `HelloAck`.
+    buf: BytesMut,
+}
+
+/// The uplink task and what it needs.
+pub(crate) struct Uplink {
+    pub name: String,
+    pub core: SocketAddr,
+    pub server_name: String,
+    pub client_config: quinn::ClientConfig,
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+    pub device_link: Arc<DeviceLink>,
+    pub readiness: Readiness,
+    pub events: mpsc::Sender<LinkEvent>,
+    pub shutdown: CancellationToken,
+}
+
+/// A client endpoint on an ephemeral port of the core's address family.
+pub(crate) fn client_endpoint(core: SocketAddr) -> std::io::Result<Endpoint> {
+    let local: SocketAddr = if core.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    Endpoint::client(local)
+}
+
+impl Uplink {
+    /// Keeps the uplink up until shutdown.
+    pub async fn run(self, endpoint: Endpoint) {
+        let mut backoff = Backoff::new(self.reconnect_initial, self.reconnect_max);
+        let mut connection_id: u64 = 0;
+        while !self.shutdown.is_cancelled() {
+            connection_id += 1;
+            let span = tracing::info_span!("uplink", conn = connection_id, core = %self.core);
+            let attempt = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                r = self.connect(&endpoint).instrument(span.clone()) => r,
+            };
+            match attempt {
+                Ok(session) => {
+                    let started = Instant::now();
+                    let end = self.serve(session).instrument(span.clone()).await;
+                    if matches!(end, UplinkError::Shutdown) {
+                        break;
+                    }
+                    if started.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(parent: &span, error = %e, "uplink connect failed");
+                }
+            }
+            let delay = backoff.next_delay();
+            tracing::debug!(parent: &span, delay_ms = delay.as_millis() as u64, "reconnecting after");
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        endpoint.close(
+            VarInt::from_u32(close_code::SHUTDOWN),
+            b"gateway shutting down",
+        );
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    }
+
+    /// QUIC handshake, control stream, `Hello`, `HelloAck`.
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Session, UplinkError> {
+        tracing::debug!("connecting");
+        let connecting =
+            endpoint.connect_with(self.client_config.clone(), self.core, &self.server_name)?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| UplinkError::Timeout("QUIC handshake"))??;
+        match self.hello(&conn).await {
+            Ok((send, recv, buf)) => Ok(Session {
+                conn,
+                send,
+                recv,
+                buf,
+            }),
+            Err(e) => {
+                conn.close(close_code_for(&e), b"hello failed");
+                Err(e)
+            }
+        }
+    }
+
+    async fn hello(
+        &self,
+        conn: &Connection,
+    ) -> Result<(SendStream, RecvStream, BytesMut), UplinkError> {
+        let hooks = &self.device_link.hooks;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let mut hello = BytesMut::new();
+        UplinkMessage::Hello {
+            name: self.name.clone(),
+        }
+        .encode(&mut hello);
+        send.write_all(&hello).await?;
+        hooks.record(TapPoint::UplinkTx, &hello);
+        let mut buf = BytesMut::with_capacity(4096);
+        let ack = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut recv, &mut buf, hooks))
+            .await
+            .map_err(|_| UplinkError::Timeout("HelloAck"))??;
+        match ack {
+            UplinkMessage::HelloAck { max_flows } => {
+                let limit = usize::try_from(max_flows).unwrap_or(usize::MAX);
+                self.device_link.flows.set_peer_limit(limit);
+                tracing::debug!(max_flows, "core acknowledged hello");
+                Ok((send, recv, buf))
+            }
+            _ => Err(UplinkError::Protocol("expected HelloAck")),
+        }
+    }
+
+    /// Runs an established connection until it ends; returns why.
+    async fn serve(&self, session: Session) -> UplinkError {
+        let Session {
+            conn,
+            mut send,
+            mut recv,
+            mut buf,
+        } = session;
+        let metrics = &self.device_link.metrics;
+        let (control_tx, mut control_rx) = mpsc::channel::<Bytes>(CONTROL_QUEUE);
+        metrics.uplink_connects.inc();
+        metrics.uplink_connected.set(1);
+        self.readiness.set(true);
+        tracing::info!(remote = %conn.remote_address(), "uplink connected");
+        let link = Link {
+            conn: conn.clone(),
+            control: control_tx,
+        };
+        // The device link gone means shutdown is under way; the select below notices.
+        let _ = self.events.send(LinkEvent::Up(link)).await;
+
+        let end = tokio::select! {
+            e = self.downlink_datagrams(&conn) => e,
+            e = self.control_reader(&mut recv, &mut buf) => e,
+            e = self.control_writer(&mut send, &mut control_rx) => e,
+            () = self.shutdown.cancelled() => UplinkError::Shutdown,
+        };
+
+        self.readiness.set(false);
+        metrics.uplink_connected.set(0);
+        let _ = self.events.send(LinkEvent::Down).await;
+        control_rx.close();
+        while control_rx.try_recv().is_ok() {
+            metrics.drop_frame(DropReason::UplinkLost);
+        }
+        conn.close(close_code_for(&end), end.to_string().as_bytes());
+        match &end {
+            UplinkError::Shutdown => tracing::info!("uplink closed for shutdown"),
+            e => tracing::warn!(reason = %e, "uplink disconnected"),
+        }
+        end
+    }
+
+    async fn downlink_datagrams(&self, conn: &Connection) -> UplinkError {
+        let link = &self.device_link;
+        loop {
+            let datagram = match conn.read_datagram().await {
+                Ok(d) => d,
+                Err(e) => return e.into(),
+            };
+            link.hooks.record(TapPoint::UplinkRx, &datagram);
+            match UplinkDatagram::decode(&datagram) {
+                Ok(d) => link.deliver(d.flow, d.frame).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "undecodable datagram from the core");
+                    link.metrics.drop_frame(DropReason::UplinkDecode);
+                }
+            }
+        }
+    }
+
+    async fn control_reader(&self, recv: &mut RecvStream, buf: &mut BytesMut) -> UplinkError {
+        let link = &self.device_link;
+        loop {
+            match read_message(recv, buf, &link.hooks).await {
+                Ok(UplinkMessage::DeviceFrame { flow, frame }) => link.deliver(flow, &frame).await,
+                Ok(_) => return UplinkError::Protocol("unexpected control message"),
+                Err(e) => {
+                    if matches!(e, UplinkError::Decode(_)) {
+                        link.metrics.drop_frame(DropReason::UplinkDecode);
+                    }
+                    return e;
+                }
+            }
+        }
+    }
+
+    async fn control_writer(
+        &self,
+        send: &mut SendStream,
+        queue: &mut mpsc::Receiver<Bytes>,
+    ) -> UplinkError {
+        while let Some(message) = queue.recv().await {
+            if let Err(e) = send.write_all(&message).await {
+                return e.into();
+            }
+            self.device_link.hooks.record(TapPoint::UplinkTx, &message);
+            // length:u16, version, kind, flow:u32, then the device frame.
+            let len = message.len().saturating_sub(8);
+            self.device_link
+                .metrics
+                .forwarded(crate::metrics::Direction::Uplink, len);
+        }
+        // Every sender is gone only when the device link stopped, at shutdown.
+        std::future::pending().await
+    }
+}
+
+fn close_code_for(e: &UplinkError) -> VarInt {
+    match e {
+        UplinkError::Decode(_) | UplinkError::Protocol(_) => {
+            VarInt::from_u32(close_code::PROTOCOL_ERROR)
+        }
+        _ => VarInt::from_u32(close_code::SHUTDOWN),
+    }
+}
+
+/// Reads one control message, keeping any bytes past it in `buf`.
+async fn read_message(
+    recv: &mut RecvStream,
+    buf: &mut BytesMut,
+    hooks: &crate::Hooks,
+) -> Result<UplinkMessage, UplinkError> {
+    loop {
+        if let Some(message) = UplinkMessage::decode(buf)? {
+            return Ok(message);
+        }
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => {
+                hooks.record(TapPoint::UplinkRx, &chunk.bytes);
+                buf.extend_from_slice(&chunk.bytes);
+            }
+            None => return Err(UplinkError::StreamClosed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_below_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let mut caps = Vec::new();
+        for _ in 0..8 {
+            let cap = b.cap;
+            let d = b.next_delay();
+            assert!(d <= cap, "{d:?} > {cap:?}");
+            caps.push(cap.as_millis());
+        }
+        assert_eq!(caps, [100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.cap, Duration::from_millis(100));
+    }
+}
