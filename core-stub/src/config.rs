@@ -1,0 +1,549 @@
+//! `core.toml`, parsed once into validated types (`docs/architecture.md`, "Configuration files").
+//!
+//! Unknown keys are refused, every limit has a default, paths are relative to the directory of the
+//! config file, and the key material the file names is read and checked here too, so that every
+//! operator mistake surfaces before anything binds a socket. Secrets live in types whose `Debug`
+//! never prints them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_protocol::session::StaticKeypair;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+/// Why the configuration cannot be used. Always the operator's to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or has unknown keys.
+    #[error("{path}: line {line}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line of the problem (0 when unknown).
+        line: usize,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{path}: {field}: {why}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The dotted key.
+        field: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A key or certificate file is not what it should be.
+    #[error("{path}: {why}")]
+    KeyMaterial {
+        /// The key or certificate file.
+        path: PathBuf,
+        /// What is wrong with it (never its contents).
+        why: String,
+    },
+}
+
+/// The core's whole configuration, validated.
+#[derive(Debug)]
+pub struct CoreConfig {
+    /// This core's name, for logs.
+    pub name: String,
+    /// Where to listen. Tests set port 0 here; command-line flags override the file.
+    pub listen: ListenConfig,
+    /// The TLS identity and the gateway CA.
+    pub tls: TlsConfig,
+    /// The core's Noise static key.
+    pub noise: NoiseKey,
+    /// The subscription store and its write batching.
+    pub store: StoreConfig,
+    /// Session policy.
+    pub session: SessionConfig,
+    /// Caps on gateways and flows.
+    pub limits: LimitsConfig,
+    /// Where to write `{"quic":…,"direct":…,"admin":…}` once ready (command line only).
+    pub ready_file: Option<PathBuf>,
+}
+
+/// `[listen]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenConfig {
+    /// Gateways (QUIC over UDP).
+    pub quic: SocketAddr,
+    /// Devices with direct access (UDP).
+    pub direct: SocketAddr,
+    /// `/metrics`, `/live`, `/ready` (TCP).
+    pub admin: SocketAddr,
+}
+
+/// `[tls]`, loaded: the certificate chain, its private key and the CA gateways must chain to.
+pub struct TlsConfig {
+    /// Where the certificate came from (for logs).
+    pub cert_path: PathBuf,
+    /// The core's certificate chain, leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// Certificates of the CA(s) that sign gateway client certificates.
+    pub gateway_ca: Vec<CertificateDer<'static>>,
+}
+
+impl TlsConfig {
+    /// The private key (for the TLS server configuration only).
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("cert_path", &self.cert_path)
+            .field("cert_chain", &self.cert_chain.len())
+            .field("key", &"<redacted>")
+            .field("gateway_ca", &self.gateway_ca.len())
+            .finish()
+    }
+}
+
+/// The core's Noise static key pair. `Debug` prints the public key only.
+pub struct NoiseKey(StaticKeypair);
+
+impl NoiseKey {
+    /// Wraps a key pair.
+    pub fn new(keypair: StaticKeypair) -> Self {
+        Self(keypair)
+    }
+
+    /// The public half, which devices are configured with.
+    pub fn public(&self) -> &relay_protocol::session::PublicKey {
+        self.0.public()
+    }
+
+    pub(crate) fn into_keypair(self) -> StaticKeypair {
+        self.0
+    }
+}
+
+impl fmt::Debug for NoiseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NoiseKey({:?})", self.0.public())
+    }
+}
+
+/// `[store]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The SQLite database.
+    pub path: PathBuf,
+    /// Readings per commit at most.
+    pub batch_max: usize,
+    /// How long a commit waits to fill a batch.
+    pub batch_linger: Duration,
+}
+
+/// `[session]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Told to the device in the handshake response.
+    pub rekey_after_secs: u32,
+    /// The core refuses a session's frames after this.
+    pub reject_after: Duration,
+    /// Sessions held at most.
+    pub max_sessions: usize,
+}
+
+/// `[limits]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Gateway connections at once.
+    pub max_gateways: usize,
+    /// Told to each gateway in `HelloAck`.
+    pub max_flows_per_gateway: u32,
+}
+
+// The file as written. Every section and key has a default; unknown keys are errors.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    name: String,
+    listen: RawListen,
+    tls: RawTls,
+    noise: RawNoise,
+    store: RawStore,
+    session: RawSession,
+    limits: RawLimits,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            name: "core-1".into(),
+            listen: RawListen::default(),
+            tls: RawTls::default(),
+            noise: RawNoise::default(),
+            store: RawStore::default(),
+            session: RawSession::default(),
+            limits: RawLimits::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    quic: SocketAddr,
+    direct: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        Self {
+            quic: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            direct: SocketAddr::from(([127, 0, 0, 1], 5684)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    gateway_ca: PathBuf,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+            gateway_ca: "../ca.pem".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawNoise {
+    private_key_file: PathBuf,
+}
+
+impl Default for RawNoise {
+    fn default() -> Self {
+        Self {
+            private_key_file: "noise.key".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    path: PathBuf,
+    batch_max: u64,
+    batch_linger_ms: u64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            path: "subscriptions.db".into(),
+            batch_max: 512,
+            batch_linger_ms: 2,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSession {
+    rekey_after_secs: u64,
+    reject_after_secs: u64,
+    max_sessions: u64,
+}
+
+impl Default for RawSession {
+    fn default() -> Self {
+        Self {
+            rekey_after_secs: 3600,
+            reject_after_secs: 7200,
+            max_sessions: 1_000_000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_gateways: u64,
+    max_flows_per_gateway: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_gateways: 256,
+            max_flows_per_gateway: 1_000_000,
+        }
+    }
+}
+
+/// The largest batch a commit may take: beyond this a transaction only adds latency.
+pub const MAX_BATCH: u64 = 100_000;
+/// The longest linger accepted: acknowledgements wait at least this long.
+pub const MAX_LINGER_MS: u64 = 1_000;
+
+impl CoreConfig {
+    /// Reads `path`, resolves the paths in it against its directory, and loads the key material.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_toml(&text, path, base)
+    }
+
+    /// Parses `text` (named `origin` in errors) with relative paths resolved against `base`.
+    pub fn from_toml(text: &str, origin: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            line: e
+                .span()
+                .map(|s| {
+                    let upto = &text.as_bytes()[..s.start.min(text.len())];
+                    upto.iter().filter(|b| **b == b'\n').count() + 1
+                })
+                .unwrap_or(0),
+            message: e.message().replace('\n', " "),
+        })?;
+        let invalid = |field: &'static str, why: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            field,
+            why,
+        };
+
+        if raw.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+        if raw.store.batch_max == 0 || raw.store.batch_max > MAX_BATCH {
+            return Err(invalid(
+                "store.batch_max",
+                format!("must be between 1 and {MAX_BATCH}"),
+            ));
+        }
+        if raw.store.batch_linger_ms > MAX_LINGER_MS {
+            return Err(invalid(
+                "store.batch_linger_ms",
+                format!("must be at most {MAX_LINGER_MS}"),
+            ));
+        }
+        let rekey_after_secs = u32::try_from(raw.session.rekey_after_secs)
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| {
+                invalid(
+                    "session.rekey_after_secs",
+                    format!("must be between 1 and {}", u32::MAX),
+                )
+            })?;
+        if raw.session.reject_after_secs <= raw.session.rekey_after_secs {
+            return Err(invalid(
+                "session.reject_after_secs",
+                "must be greater than session.rekey_after_secs".into(),
+            ));
+        }
+        if raw.session.max_sessions == 0 {
+            return Err(invalid("session.max_sessions", "must be at least 1".into()));
+        }
+        if raw.limits.max_gateways == 0 || raw.limits.max_gateways > 65_536 {
+            return Err(invalid(
+                "limits.max_gateways",
+                "must be between 1 and 65536".into(),
+            ));
+        }
+        let max_flows_per_gateway = u32::try_from(raw.limits.max_flows_per_gateway)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                invalid(
+                    "limits.max_flows_per_gateway",
+                    format!("must be between 1 and {}", u32::MAX),
+                )
+            })?;
+
+        let cert_path = base.join(&raw.tls.cert);
+        let tls = TlsConfig {
+            cert_chain: read_certs(&cert_path)?,
+            key: read_private_key(&base.join(&raw.tls.key))?,
+            gateway_ca: read_certs(&base.join(&raw.tls.gateway_ca))?,
+            cert_path,
+        };
+        let noise = read_noise_key(&base.join(&raw.noise.private_key_file))?;
+        // The store is provisioned by `init`; a wrong path must not quietly start an empty one.
+        let store_path = base.join(&raw.store.path);
+        std::fs::metadata(&store_path).map_err(|source| ConfigError::Read {
+            path: store_path.clone(),
+            source,
+        })?;
+
+        Ok(Self {
+            name: raw.name,
+            listen: ListenConfig {
+                quic: raw.listen.quic,
+                direct: raw.listen.direct,
+                admin: raw.listen.admin,
+            },
+            tls,
+            noise,
+            store: StoreConfig {
+                path: store_path,
+                batch_max: raw.store.batch_max as usize,
+                batch_linger: Duration::from_millis(raw.store.batch_linger_ms),
+            },
+            session: SessionConfig {
+                rekey_after_secs,
+                reject_after: Duration::from_secs(raw.session.reject_after_secs),
+                max_sessions: usize::try_from(raw.session.max_sessions).unwrap_or(usize::MAX),
+            },
+            limits: LimitsConfig {
+                max_gateways: raw.limits.max_gateways as usize,
+                max_flows_per_gateway,
+            },
+            ready_file: None,
+        })
+    }
+
+    /// Moves every listener to port 0 on 127.0.0.1, as tests want.
+    pub fn listen_on_ephemeral_ports(&mut self) {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        self.listen = ListenConfig {
+            quic: any,
+            direct: any,
+            admin: any,
+        };
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let pem = read_file(path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::KeyMaterial {
+            path: path.to_owned(),
+            why: format!("not PEM certificates: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(ConfigError::KeyMaterial {
+            path: path.to_owned(),
+            why: "no certificate in the file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    let pem = read_file(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| ConfigError::KeyMaterial {
+            path: path.to_owned(),
+            why: "no PEM private key in the file".into(),
+        })
+}
+
+fn read_noise_key(path: &Path) -> Result<NoiseKey, ConfigError> {
+    let text = read_file(path)?;
+    let text = std::str::from_utf8(&text).map_err(|_| ConfigError::KeyMaterial {
+        path: path.to_owned(),
+        why: "not 64 hex digits".into(),
+    })?;
+    StaticKeypair::from_private_hex(text.trim())
+        .map(NoiseKey)
+        .map_err(|_| ConfigError::KeyMaterial {
+            path: path.to_owned(),
+            why: "not a Curve25519 private key in 64 hex digits".into(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> ConfigError {
+        let dir = tempfile::tempdir().expect("tempdir");
+        match CoreConfig::from_toml(text, Path::new("core.toml"), dir.path()) {
+            Ok(_) => panic!("config accepted: {text}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = parse_err("name = \"x\"\nbogus = 1\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = parse_err("[store]\nbatch_max = 5\nlinger = 3\n");
+        assert!(matches!(e, ConfigError::Parse { line: 3, .. }), "{e}");
+        let e = parse_err("[nope]\n");
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let e = parse_err("[store]\nbatch_max = 0\n");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "store.batch_max",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse_err("[session]\nrekey_after_secs = 10\nreject_after_secs = 10\n");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "session.reject_after_secs",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse_err("[listen]\nquic = \"not an address\"\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn missing_key_material_is_a_read_error() {
+        // Everything defaulted: the files it names do not exist in an empty directory.
+        let e = parse_err("");
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+}

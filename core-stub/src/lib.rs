@@ -1,0 +1,312 @@
+//! `core-stub`: the operator side of the relay. It accepts gateways over QUIC with mutual TLS and
+//! devices with direct access over UDP, ends every device's end-to-end Noise IK session,
+//! authenticates devices against the SQLite subscription store, and stores their readings exactly
+//! once, acknowledging each only after it is on disk.
+//!
+//! It deliberately does not provision devices at run time (the store is filled by
+//! [`init::init`] or by the [`store::Store`] API; the engine reads statuses at start), trust
+//! gateways with anything but ciphertext, or keep per-device labels in metrics.
+//!
+//! Main types: [`run`] with [`Listeners`] and [`CoreConfig`] (the daemon), [`store::Store`] (the
+//! subscriptions and readings), [`init::init`] (a whole deployment in one directory).
+//!
+//! ```text
+//!  gateways ──QUIC datagrams──▶ uplink.rs ─┐                                    ┌──▶ store.rs writer thread
+//!  (mTLS, control stream)                   ├─▶ EngineInput ─▶ engine.rs (1 task) ┤    (batch, INSERT OR IGNORE,
+//!  devices ───UDP───────────▶ direct.rs ───┘   bounded mpsc    sessions, index,   │     COMMIT, synchronous=FULL)
+//!                                                              routes             ◀──┘ Committed seqs
+//!  devices ◀── Ack / HandshakeResponse by route (UDP send_to, QUIC datagram or control stream)
+//!  Prometheus ──▶ admin (relay-ops): /metrics (metrics.rs), /live, /ready
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+mod direct;
+pub mod engine;
+pub mod init;
+pub mod metrics;
+pub mod store;
+pub mod tls;
+mod uplink;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_ops::admin::{AdminConfig, Readiness};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{ConfigError, CoreConfig};
+pub use init::{init, InitOptions, InitSummary};
+pub use store::{Store, StoreError, SubscriptionStatus};
+
+/// Device frames queued for the engine from all acceptors together.
+const ENGINE_QUEUE: usize = 8192;
+/// Commits queued back from the store writer (each one a whole batch).
+const COMMIT_QUEUE: usize = 64;
+/// How long shutdown waits for tasks to finish and the last readings to be committed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the core could not start or stopped abnormally, sorted by who must act. Misbehaving peers
+/// never produce one: their frames are dropped and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The operator's configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The operator's certificates or keys are unusable for TLS.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Local: a listener could not be bound.
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Local: the store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Local: some other I/O failed (QUIC endpoint, ready file, writer thread).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Local: the metrics could not be registered (a programming error).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl CoreError {
+    /// Whether the operator's configuration is at fault (the binary exits with code 2).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::Tls(_))
+    }
+}
+
+/// The core's three listeners, bound before [`run`] so that port 0 can be used and the bound
+/// addresses known up front.
+#[derive(Debug)]
+pub struct Listeners {
+    quic: std::net::UdpSocket,
+    direct: tokio::net::UdpSocket,
+    admin: tokio::net::TcpListener,
+    quic_addr: SocketAddr,
+    direct_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds `config.listen.{quic,direct,admin}`. Must be called inside a tokio runtime.
+    pub async fn bind(config: &CoreConfig) -> Result<Self, CoreError> {
+        let listen = config.listen;
+        let bind_err = |what, addr| move |source| CoreError::Bind { what, addr, source };
+        let quic = std::net::UdpSocket::bind(listen.quic).map_err(bind_err("quic", listen.quic))?;
+        let quic_addr = quic.local_addr().map_err(bind_err("quic", listen.quic))?;
+        let direct = tokio::net::UdpSocket::bind(listen.direct)
+            .await
+            .map_err(bind_err("direct", listen.direct))?;
+        let direct_addr = direct
+            .local_addr()
+            .map_err(bind_err("direct", listen.direct))?;
+        let (admin, admin_addr) = relay_ops::admin::bind(listen.admin)
+            .await
+            .map_err(bind_err("admin", listen.admin))?;
+        Ok(Self {
+            quic,
+            direct,
+            admin,
+            quic_addr,
+            direct_addr,
+            admin_addr,
+        })
+    }
+
+    /// The bound QUIC (gateway) address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound direct-access UDP address.
+    pub fn direct_addr(&self) -> SocketAddr {
+        self.direct_addr
+    }
+
+    /// The bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+}
+
+/// Runs the core on `listeners` until `shutdown` is cancelled, then drains: acceptors stop, the
+/// store writer commits what it holds and the engine seals those acknowledgements, within
+/// [`SHUTDOWN_GRACE`].
+pub async fn run(
+    config: CoreConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), CoreError> {
+    // Whatever way this function ends, everything it started stops.
+    let stop = shutdown.child_token();
+    let _stop_on_return = stop.clone().drop_guard();
+    let tasks = TaskTracker::new();
+
+    let metrics = metrics::Metrics::new()?;
+    let readiness = Readiness::new();
+    tasks.spawn(relay_ops::admin::serve(
+        listeners.admin,
+        AdminConfig::new(metrics.registry().clone(), readiness.clone()),
+        stop.clone(),
+    ));
+
+    let store_path = config.store.path.clone();
+    let (store, index) = tokio::task::spawn_blocking(move || {
+        let store = store::Store::open(&store_path)?;
+        let index = store.index_entries()?;
+        Ok::<_, StoreError>((store, index))
+    })
+    .await
+    .map_err(|e| CoreError::Io {
+        what: "opening the store",
+        source: std::io::Error::other(e),
+    })??;
+    tracing::info!(
+        path = %config.store.path.display(),
+        subscriptions = index.len(),
+        "store open"
+    );
+
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(tls::server_config(&config.tls)?),
+        listeners.quic,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| CoreError::Io {
+        what: "QUIC endpoint",
+        source,
+    })?;
+
+    let (input_tx, input_rx) = mpsc::channel(ENGINE_QUEUE);
+    let (store_tx, store_rx) = mpsc::channel(config.store.batch_max.saturating_mul(2));
+    let (committed_tx, committed_rx) = mpsc::channel(COMMIT_QUEUE);
+    let writer = store::spawn_writer(
+        store,
+        store_rx,
+        committed_tx,
+        config.store.batch_max,
+        config.store.batch_linger,
+        metrics.clone(),
+    )
+    .map_err(|source| CoreError::Io {
+        what: "starting the store writer",
+        source,
+    })?;
+
+    let direct_socket = Arc::new(listeners.direct);
+    let table = engine::SessionTable::new(
+        config.noise.into_keypair(),
+        config.session,
+        index,
+        metrics.clone(),
+    );
+    let engine = engine::Engine::new(
+        table,
+        direct_socket.clone(),
+        store_tx,
+        committed_rx,
+        metrics.clone(),
+    );
+    let engine_task = tokio::spawn(engine.run(input_rx, stop.clone(), SHUTDOWN_GRACE));
+    tasks.spawn(direct::serve(
+        direct_socket,
+        input_tx.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(uplink::serve(
+        endpoint.clone(),
+        input_tx,
+        metrics.clone(),
+        config.limits,
+        stop.clone(),
+        tasks.clone(),
+    ));
+
+    if let Some(path) = &config.ready_file {
+        write_ready_file(
+            path,
+            listeners.quic_addr,
+            listeners.direct_addr,
+            listeners.admin_addr,
+        )?;
+    }
+    readiness.set(true);
+    tracing::info!(
+        name = %config.name,
+        quic = %listeners.quic_addr,
+        direct = %listeners.direct_addr,
+        admin = %listeners.admin_addr,
+        "core ready"
+    );
+
+    stop.cancelled().await;
+    readiness.set(false);
+    tracing::info!("shutting down");
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks still running after the grace period");
+    }
+    // The engine closes the store channel and seals the last acknowledgements; then the writer
+    // thread, having committed everything it was handed, ends.
+    if tokio::time::timeout(SHUTDOWN_GRACE * 2, engine_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("engine still running after the grace period");
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+    let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        tracing::error!("store writer thread panicked");
+    }
+    tracing::info!("core stopped");
+    Ok(())
+}
+
+/// Writes `{"quic":…,"direct":…,"admin":…}` atomically (temporary file, then rename), so a reader
+/// never sees half a file.
+fn write_ready_file(
+    path: &Path,
+    quic: SocketAddr,
+    direct: SocketAddr,
+    admin: SocketAddr,
+) -> Result<(), CoreError> {
+    let body = serde_json::json!({
+        "quic": quic.to_string(),
+        "direct": direct.to_string(),
+        "admin": admin.to_string(),
+    })
+    .to_string();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let io = |source| CoreError::Io {
+        what: "writing the ready file",
+        source,
+    };
+    std::fs::write(&tmp, body).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

@@ -1,0 +1,160 @@
+//! Every metric the core exports (`docs/architecture.md`, "Metrics"), registered in one
+//! [`prometheus::Registry`]. No metric has a per-device label; every label value is created at 0
+//! up front so that a scrape shows the whole set before anything happened.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::engine::{DropReason, HandshakeResult};
+
+/// Which way a device frame reached the core (`access` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Through a gateway's QUIC uplink.
+    Gateway,
+    /// Straight from the device on the direct UDP port (R14).
+    Direct,
+}
+
+impl Access {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+/// The core's metrics. Cheap to clone: every field is a handle into the same registry.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    frames_received_gateway: IntCounter,
+    frames_received_direct: IntCounter,
+    frames_dropped: IntCounterVec,
+    handshakes: IntCounterVec,
+    /// `core_sessions`: sessions held by the engine.
+    pub sessions: IntGauge,
+    /// `core_gateways_connected`: gateways past `Hello`.
+    pub gateways_connected: IntGauge,
+    /// `core_readings_stored_total`.
+    pub readings_stored: IntCounter,
+    /// `core_readings_duplicate_total`: readings acknowledged again without being stored again.
+    pub readings_duplicate: IntCounter,
+    /// `core_store_commit_seconds`: one observation per store transaction.
+    pub store_commit_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Registers every metric, plus `core_build_info{version}`, in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        relay_ops::build_info(&registry, "core", env!("CARGO_PKG_VERSION"))?;
+
+        let frames_received = IntCounterVec::new(
+            Opts::new(
+                "core_frames_received_total",
+                "Device frames received, by how they reached the core.",
+            ),
+            &["access"],
+        )?;
+        let frames_dropped = IntCounterVec::new(
+            Opts::new(
+                "core_frames_dropped_total",
+                "Device frames dropped, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "core_handshakes_total",
+                "Handshake initiations that authenticated or failed, by outcome.",
+            ),
+            &["result"],
+        )?;
+        let sessions = IntGauge::new("core_sessions", "Established device sessions held.")?;
+        let gateways_connected =
+            IntGauge::new("core_gateways_connected", "Gateways with an open uplink.")?;
+        let readings_stored = IntCounter::new(
+            "core_readings_stored_total",
+            "Readings durably stored for the first time.",
+        )?;
+        let readings_duplicate = IntCounter::new(
+            "core_readings_duplicate_total",
+            "Readings received again after they were stored; acknowledged, not stored again.",
+        )?;
+        let store_commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "core_store_commit_seconds",
+                "Time to commit one batch of readings (synchronous=FULL).",
+            )
+            .buckets(vec![
+                0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5,
+            ]),
+        )?;
+
+        registry.register(Box::new(frames_received.clone()))?;
+        registry.register(Box::new(frames_dropped.clone()))?;
+        registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(gateways_connected.clone()))?;
+        registry.register(Box::new(readings_stored.clone()))?;
+        registry.register(Box::new(readings_duplicate.clone()))?;
+        registry.register(Box::new(store_commit_seconds.clone()))?;
+
+        for reason in DropReason::all_labels() {
+            frames_dropped.with_label_values(&[reason]);
+        }
+        for result in HandshakeResult::ALL {
+            handshakes.with_label_values(&[result.label()]);
+        }
+
+        Ok(Self {
+            frames_received_gateway: frames_received.with_label_values(&[Access::Gateway.label()]),
+            frames_received_direct: frames_received.with_label_values(&[Access::Direct.label()]),
+            registry,
+            frames_dropped,
+            handshakes,
+            sessions,
+            gateways_connected,
+            readings_stored,
+            readings_duplicate,
+            store_commit_seconds,
+        })
+    }
+
+    /// The registry served on `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts one device frame received.
+    pub fn frame_received(&self, access: Access) {
+        match access {
+            Access::Gateway => self.frames_received_gateway.inc(),
+            Access::Direct => self.frames_received_direct.inc(),
+        }
+    }
+
+    /// Counts one dropped frame.
+    pub fn frame_dropped(&self, reason: DropReason) {
+        self.frames_dropped
+            .with_label_values(&[reason.label()])
+            .inc();
+    }
+
+    /// Counts one handshake outcome.
+    pub fn handshake(&self, result: HandshakeResult) {
+        self.handshakes.with_label_values(&[result.label()]).inc();
+    }
+
+    /// The current value of `core_frames_dropped_total{reason}`.
+    pub fn frames_dropped_count(&self, reason: &str) -> u64 {
+        self.frames_dropped.with_label_values(&[reason]).get()
+    }
+
+    /// The current value of `core_handshakes_total{result}`.
+    pub fn handshakes_count(&self, result: HandshakeResult) -> u64 {
+        self.handshakes.with_label_values(&[result.label()]).get()
+    }
+}

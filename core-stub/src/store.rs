@@ -1,0 +1,629 @@
+//! The subscription store: which device keys may connect, and every reading stored exactly once.
+//!
+//! SQLite in WAL mode with `synchronous=FULL`, so a committed transaction survives a power cut:
+//! the core acknowledges a reading only after the transaction holding it committed. The writer
+//! runs on its own OS thread (`spawn_writer`): it takes readings off a bounded channel in
+//! batches, commits each batch in one transaction with `INSERT OR IGNORE` on
+//! `(subscription_id, seq)`, and only then hands the sequence numbers back to the engine.
+//!
+//! ```text
+//!  engine ──PendingReading (bounded)──▶ writer thread ──BEGIN; INSERT OR IGNORE ×n; COMMIT──▶ SQLite
+//!  engine ◀──Committed (seqs to ack)── writer thread
+//! ```
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use relay_protocol::payload::ReadingSeq;
+use relay_protocol::session::{PublicKey, KEY_LEN};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// The schema this code writes, kept in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE subscriptions (
+    id INTEGER PRIMARY KEY,
+    serial TEXT NOT NULL UNIQUE,
+    public_key BLOB NOT NULL UNIQUE,
+    status TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked')),
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE readings (
+    subscription_id INTEGER NOT NULL REFERENCES subscriptions(id),
+    seq INTEGER NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (subscription_id, seq)
+) WITHOUT ROWID;
+";
+
+/// Why a store operation failed. Everything here is the local side's fault (disk, database file,
+/// or a caller naming a subscription that does not exist).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database was written by a newer version of this program.
+    #[error("database schema version {found} is newer than {SCHEMA_VERSION}")]
+    SchemaTooNew {
+        /// `PRAGMA user_version` found.
+        found: i64,
+    },
+    /// The database holds a row this code cannot read.
+    #[error("corrupt row in {table}: {why}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// No subscription has that serial.
+    #[error("no subscription with serial {0:?}")]
+    UnknownSerial(String),
+    /// The journal mode could not be switched to WAL (for example on a read-only medium).
+    #[error("journal mode is {0}, not wal")]
+    NotWal(String),
+}
+
+/// A subscription's row id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionId(pub i64);
+
+/// Whether a subscription's device may connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SubscriptionStatus {
+    /// The device may open sessions.
+    Active,
+    /// Temporarily refused.
+    Suspended,
+    /// Refused for good.
+    Revoked,
+}
+
+impl SubscriptionStatus {
+    /// The value in the `status` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for SubscriptionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SubscriptionStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(Self::Active),
+            "suspended" => Ok(Self::Suspended),
+            "revoked" => Ok(Self::Revoked),
+            other => Err(format!("unknown status {other:?}")),
+        }
+    }
+}
+
+/// One row of `subscriptions`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// Row id.
+    pub id: SubscriptionId,
+    /// The device's serial number.
+    pub serial: String,
+    /// The device's Noise static public key.
+    pub public_key: PublicKey,
+    /// Whether it may connect.
+    pub status: SubscriptionStatus,
+    /// When it was provisioned, ms since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+/// What the engine's subscription index needs from a row (no serial: the index stays small).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IndexEntry {
+    pub id: SubscriptionId,
+    pub public_key: PublicKey,
+    pub status: SubscriptionStatus,
+}
+
+/// A reading on its way to disk.
+#[derive(Debug)]
+pub(crate) struct PendingReading {
+    /// The engine's handle for the subscription, handed back with the acknowledgement.
+    pub slot: u32,
+    pub subscription: SubscriptionId,
+    pub seq: ReadingSeq,
+    pub received_at_ms: i64,
+    pub data: Vec<u8>,
+}
+
+/// Readings now durable (stored now or before): `(slot, seq)`, to be acknowledged.
+#[derive(Debug)]
+pub(crate) struct Committed {
+    pub durable: Vec<(u32, ReadingSeq)>,
+}
+
+/// An open store.
+pub struct Store {
+    conn: Connection,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.conn.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn key_from_blob(blob: &[u8]) -> Result<PublicKey, StoreError> {
+    <[u8; KEY_LEN]>::try_from(blob)
+        .map(PublicKey)
+        .map_err(|_| StoreError::Corrupt {
+            table: "subscriptions",
+            why: format!("public_key of {} bytes", blob.len()),
+        })
+}
+
+fn status_from_text(s: &str) -> Result<SubscriptionStatus, StoreError> {
+    s.parse().map_err(|why| StoreError::Corrupt {
+        table: "subscriptions",
+        why,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`: WAL, `synchronous=FULL`, foreign keys
+    /// on, schema created or checked.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NotWal(mode));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        let mut store = Self { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        match version {
+            0 => {
+                tx.execute_batch(SCHEMA)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            }
+            SCHEMA_VERSION => {}
+            found => return Err(StoreError::SchemaTooNew { found }),
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// `PRAGMA user_version`.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Provisions one device.
+    pub fn add_subscription(
+        &self,
+        serial: &str,
+        public_key: &PublicKey,
+        status: SubscriptionStatus,
+    ) -> Result<SubscriptionId, StoreError> {
+        self.conn.execute(
+            "INSERT INTO subscriptions (serial, public_key, status, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![serial, &public_key.0[..], status.as_str(), now_ms()],
+        )?;
+        Ok(SubscriptionId(self.conn.last_insert_rowid()))
+    }
+
+    /// Provisions many devices in one transaction (`init` with a large fleet).
+    pub fn add_subscriptions<'a>(
+        &mut self,
+        subscriptions: impl IntoIterator<Item = (&'a str, &'a PublicKey, SubscriptionStatus)>,
+    ) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO subscriptions (serial, public_key, status, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (serial, key, status) in subscriptions {
+                stmt.execute(params![serial, &key.0[..], status.as_str(), now])?;
+                n += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Changes a subscription's status. A running core reads statuses at start.
+    pub fn set_status(&self, serial: &str, status: SubscriptionStatus) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE subscriptions SET status = ?1 WHERE serial = ?2",
+            params![status.as_str(), serial],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownSerial(serial.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Every subscription, by id.
+    pub fn subscriptions(&self) -> Result<Vec<Subscription>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, serial, public_key, status, created_at_ms FROM subscriptions ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(Subscription {
+                id: SubscriptionId(row.get(0)?),
+                serial: row.get(1)?,
+                public_key: key_from_blob(&row.get::<_, Vec<u8>>(2)?)?,
+                status: status_from_text(&row.get::<_, String>(3)?)?,
+                created_at_ms: row.get(4)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// What the engine's in-memory index needs, without serials.
+    pub(crate) fn index_entries(&self) -> Result<Vec<IndexEntry>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, public_key, status FROM subscriptions ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(IndexEntry {
+                id: SubscriptionId(row.get(0)?),
+                public_key: key_from_blob(&row.get::<_, Vec<u8>>(1)?)?,
+                status: status_from_text(&row.get::<_, String>(2)?)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many readings are stored.
+    pub fn count_readings(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The readings of one device, by sequence number.
+    pub fn readings_of(&self, serial: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let id: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT id FROM subscriptions WHERE serial = ?1",
+                [serial],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let id = id.ok_or_else(|| StoreError::UnknownSerial(serial.to_owned()))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, data FROM readings WHERE subscription_id = ?1")?;
+        let mut out = stmt
+            .query_map([id], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+            .collect::<Result<Vec<(u64, Vec<u8>)>, _>>()?;
+        out.sort_unstable_by_key(|(seq, _)| *seq);
+        Ok(out)
+    }
+
+    /// Stores a batch in one transaction. Returns how many rows were new; the rest were already
+    /// stored (`INSERT OR IGNORE`). When this returns `Ok`, every reading in `batch` is durable.
+    pub(crate) fn insert_readings(
+        &mut self,
+        batch: &[PendingReading],
+    ) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut stored = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO readings (subscription_id, seq, received_at_ms, data) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for r in batch {
+                // seq is a u64; SQLite stores its i64 bit pattern.
+                stored += stmt.execute(params![
+                    r.subscription.0,
+                    r.seq.0 as i64,
+                    r.received_at_ms,
+                    r.data
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(stored)
+    }
+}
+
+/// Starts the writer thread. It ends when `readings` is closed and drained, after its last commit.
+pub(crate) fn spawn_writer(
+    store: Store,
+    readings: mpsc::Receiver<PendingReading>,
+    committed: mpsc::Sender<Committed>,
+    batch_max: usize,
+    linger: Duration,
+    metrics: Metrics,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || {
+            // A runtime of its own, for `recv` with a deadline; the commits block this thread only.
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "store writer could not start");
+                    return;
+                }
+            };
+            rt.block_on(write_loop(
+                store, readings, committed, batch_max, linger, metrics,
+            ));
+        })
+}
+
+async fn write_loop(
+    mut store: Store,
+    mut readings: mpsc::Receiver<PendingReading>,
+    committed: mpsc::Sender<Committed>,
+    batch_max: usize,
+    linger: Duration,
+    metrics: Metrics,
+) {
+    let mut batch = Vec::with_capacity(batch_max);
+    while let Some(first) = readings.recv().await {
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < batch_max {
+            // Whatever is already queued joins without waiting.
+            match readings.try_recv() {
+                Ok(r) => {
+                    batch.push(r);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match tokio::time::timeout_at(deadline, readings.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) | Err(_) => break,
+            }
+        }
+
+        let started = Instant::now();
+        let result = store.insert_readings(&batch);
+        metrics
+            .store_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(stored) => {
+                metrics.readings_stored.inc_by(stored as u64);
+                metrics
+                    .readings_duplicate
+                    .inc_by((batch.len() - stored) as u64);
+                let durable = batch.drain(..).map(|r| (r.slot, r.seq)).collect();
+                if committed.send(Committed { durable }).await.is_err() {
+                    // The engine is gone (shutdown): the readings are stored, the devices will
+                    // resend them and get their acknowledgements from the next run.
+                    tracing::debug!("engine gone; acknowledgements dropped");
+                }
+            }
+            Err(e) => {
+                // Nothing is acknowledged: the devices retransmit and the readings come back.
+                tracing::error!(error = %e, readings = batch.len(), "store commit failed");
+                batch.clear();
+            }
+        }
+    }
+    tracing::debug!("store writer done");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> PublicKey {
+        PublicKey([n; KEY_LEN])
+    }
+
+    fn reading(sub: SubscriptionId, seq: u64, data: &[u8]) -> PendingReading {
+        PendingReading {
+            slot: 0,
+            subscription: sub,
+            seq: ReadingSeq(seq),
+            received_at_ms: now_ms(),
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn opens_with_wal_full_and_foreign_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).expect("open");
+        let mode: String = store
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .expect("journal_mode");
+        assert_eq!(mode.to_lowercase(), "wal");
+        let sync: i64 = store
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .expect("synchronous");
+        assert_eq!(sync, 2, "synchronous=FULL");
+        let fk: i64 = store
+            .conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .expect("foreign_keys");
+        assert_eq!(fk, 1);
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        drop(store);
+        // Reopening an existing database keeps it.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).expect("open");
+        conn.pragma_update(None, "user_version", 99).expect("set");
+        drop(conn);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::SchemaTooNew { found: 99 })
+        ));
+    }
+
+    #[test]
+    fn insert_or_ignore_stores_each_reading_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("s.db")).expect("open");
+        let a = store
+            .add_subscription("meter-a", &key(1), SubscriptionStatus::Active)
+            .expect("add");
+        let b = store
+            .add_subscription("meter-b", &key(2), SubscriptionStatus::Active)
+            .expect("add");
+        let stored = store
+            .insert_readings(&[
+                reading(a, 1, b"one"),
+                reading(a, 2, b"two"),
+                reading(b, 1, b"b-one"),
+                reading(a, 1, b"one again, in the same batch"),
+            ])
+            .expect("insert");
+        assert_eq!(stored, 3);
+        let stored = store
+            .insert_readings(&[reading(a, 2, b"dup"), reading(a, u64::MAX, b"max")])
+            .expect("insert");
+        assert_eq!(stored, 1);
+        assert_eq!(store.count_readings().expect("count"), 4);
+        assert_eq!(
+            store.readings_of("meter-a").expect("readings"),
+            vec![
+                (1, b"one".to_vec()),
+                (2, b"two".to_vec()),
+                (u64::MAX, b"max".to_vec())
+            ]
+        );
+        assert!(matches!(
+            store.readings_of("nobody"),
+            Err(StoreError::UnknownSerial(_))
+        ));
+        // A reading for a subscription that does not exist violates the foreign key.
+        assert!(store
+            .insert_readings(&[reading(SubscriptionId(999), 1, b"x")])
+            .is_err());
+    }
+
+    #[test]
+    fn subscriptions_and_status() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("s.db")).expect("open");
+        let keys = [key(1), key(2)];
+        store
+            .add_subscriptions([
+                ("m1", &keys[0], SubscriptionStatus::Active),
+                ("m2", &keys[1], SubscriptionStatus::Active),
+            ])
+            .expect("add");
+        // Serial and key are unique.
+        assert!(store
+            .add_subscription("m1", &key(3), SubscriptionStatus::Active)
+            .is_err());
+        assert!(store
+            .add_subscription("m3", &key(1), SubscriptionStatus::Active)
+            .is_err());
+        store
+            .set_status("m2", SubscriptionStatus::Revoked)
+            .expect("set");
+        assert!(matches!(
+            store.set_status("zz", SubscriptionStatus::Active),
+            Err(StoreError::UnknownSerial(_))
+        ));
+        let subs = store.subscriptions().expect("list");
+        assert_eq!(subs.len(), 2);
+        assert_eq!(subs[0].serial, "m1");
+        assert_eq!(subs[0].public_key, keys[0]);
+        assert_eq!(subs[0].status, SubscriptionStatus::Active);
+        assert_eq!(subs[1].status, SubscriptionStatus::Revoked);
+        let index = store.index_entries().expect("index");
+        assert_eq!(index[1].status, SubscriptionStatus::Revoked);
+    }
+
+    #[test]
+    fn writer_acknowledges_only_after_commit_and_counts_duplicates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).expect("open");
+        let a = store
+            .add_subscription("meter-a", &key(1), SubscriptionStatus::Active)
+            .expect("add");
+        let metrics = Metrics::new().expect("metrics");
+        let (tx, rx) = mpsc::channel(16);
+        let (ctx, mut crx) = mpsc::channel(16);
+        let handle = spawn_writer(store, rx, ctx, 4, Duration::from_millis(1), metrics.clone())
+            .expect("spawn");
+        for seq in [1, 2, 3, 2, 1, 4, 5] {
+            tx.blocking_send(reading(a, seq, b"d")).expect("send");
+        }
+        drop(tx);
+        let mut acked = Vec::new();
+        while let Some(c) = crx.blocking_recv() {
+            // Whatever was acknowledged is already readable from another connection.
+            let reader = Store::open(&path).expect("reader");
+            assert!(reader.count_readings().expect("count") >= 1);
+            acked.extend(c.durable.into_iter().map(|(_, s)| s.0));
+        }
+        handle.join().expect("writer thread");
+        acked.sort_unstable();
+        assert_eq!(acked, vec![1, 1, 2, 2, 3, 4, 5]);
+        assert_eq!(metrics.readings_stored.get(), 5);
+        assert_eq!(metrics.readings_duplicate.get(), 2);
+        assert!(metrics.store_commit_seconds.get_sample_count() >= 2);
+    }
+}

@@ -1,0 +1,325 @@
+//! The uplink acceptor: gateways connect over QUIC with mutual TLS, say `Hello` on a control
+//! stream they open, and then carry device frames in QUIC datagrams (or, for a frame too large for
+//! a datagram, as `DeviceFrame` messages on the control stream).
+//!
+//! ```text
+//!  gateway ──QUIC handshake (client cert ⟶ gateway CA)──▶ accept (≤ max_gateways)
+//!          ──control stream: Hello{name}──────────────▶ HelloAck{max_flows}, GatewayUp ─▶ engine
+//!          ──datagram: flow | device frame──────────────▶ EngineInput::Frame (Route::Gateway)
+//!          ◀─datagram / control DeviceFrame──────────────  engine (by route)
+//!  connection closed ─────────────────────────────────▶ GatewayDown ─▶ engine
+//! ```
+//!
+//! A gateway is untrusted beyond its certificate: anything malformed it sends is counted and
+//! dropped, and a broken control stream ends its own connection, never the process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use relay_protocol::uplink::DATAGRAM_HEADER;
+use relay_protocol::{DecodeError, UplinkDatagram, UplinkMessage};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::LimitsConfig;
+use crate::engine::{DropReason, EngineInput, GatewayConnId, GatewayLink, Route};
+use crate::metrics::{Access, Metrics};
+
+/// How long a gateway has, after the QUIC handshake, to open its control stream and say `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Control-stream messages queued for one gateway (the rare frames too large for a datagram).
+const CONTROL_QUEUE: usize = 256;
+
+/// QUIC application error codes the core closes a connection with.
+mod close_code {
+    pub const SHUTDOWN: u32 = 0;
+    pub const PROTOCOL: u32 = 1;
+}
+
+/// Why a gateway connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum UplinkError {
+    /// The gateway broke the uplink protocol.
+    #[error("protocol: {0}")]
+    Protocol(&'static str),
+    /// The gateway sent a control message that did not parse.
+    #[error("control stream: {0}")]
+    Decode(#[from] DecodeError),
+    /// The gateway was too slow to say `Hello`.
+    #[error("no Hello within {HELLO_TIMEOUT:?}")]
+    HelloTimeout,
+    /// The connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Reading the control stream failed.
+    #[error("control stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Writing the control stream failed.
+    #[error("control stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// Accepts gateway connections until `shutdown`, then closes the endpoint.
+pub(crate) async fn serve(
+    endpoint: quinn::Endpoint,
+    engine: mpsc::Sender<EngineInput>,
+    metrics: Metrics,
+    limits: LimitsConfig,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_gateways));
+    let mut next_id = 0u64;
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "gateway refused: max_gateways reached");
+            incoming.refuse();
+            continue;
+        };
+        next_id += 1;
+        let conn_id = GatewayConnId(next_id);
+        let span = tracing::info_span!(
+            "gateway",
+            conn = %conn_id,
+            remote = %incoming.remote_address(),
+            name = tracing::field::Empty,
+        );
+        let engine = engine.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        let inner_tasks = tasks.clone();
+        tasks.spawn(
+            async move {
+                let _permit = permit;
+                let connection = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    c = incoming => c,
+                };
+                let connection = match connection {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Most often: no client certificate, or one the CA did not sign.
+                        tracing::info!(error = %e, "gateway handshake failed");
+                        return;
+                    }
+                };
+                let gateway = Gateway {
+                    id: conn_id,
+                    connection,
+                    engine,
+                    metrics,
+                    max_flows: limits.max_flows_per_gateway,
+                    shutdown,
+                    tasks: inner_tasks,
+                };
+                gateway.serve().await;
+            }
+            .instrument(span),
+        );
+    }
+    endpoint.close(close_code::SHUTDOWN.into(), b"core shutting down");
+    tracing::debug!("uplink acceptor stopped");
+}
+
+struct Gateway {
+    id: GatewayConnId,
+    connection: quinn::Connection,
+    engine: mpsc::Sender<EngineInput>,
+    metrics: Metrics,
+    max_flows: u32,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Gateway {
+    async fn serve(self) {
+        let (send, mut recv, mut buf) = match self.hello().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(error = %e, "gateway refused");
+                self.connection
+                    .close(close_code::PROTOCOL.into(), b"expected Hello");
+                return;
+            }
+        };
+
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        self.tasks
+            .spawn(write_control(send, control_rx).in_current_span());
+        let link = GatewayLink {
+            connection: self.connection.clone(),
+            control: control_tx,
+        };
+        if self
+            .engine
+            .send(EngineInput::GatewayUp {
+                conn: self.id,
+                link,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        self.metrics.gateways_connected.inc();
+        tracing::info!("gateway connected");
+
+        let result = self.forward(&mut recv, &mut buf).await;
+
+        self.metrics.gateways_connected.dec();
+        // The engine drops its link (and so the control writer) and keeps the sessions.
+        let _ = self
+            .engine
+            .send(EngineInput::GatewayDown { conn: self.id })
+            .await;
+        match result {
+            Ok(()) => {
+                self.connection
+                    .close(close_code::SHUTDOWN.into(), b"core shutting down");
+                tracing::info!("gateway disconnected (shutdown)");
+            }
+            Err(UplinkError::Connection(e)) => tracing::info!(reason = %e, "gateway disconnected"),
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway connection closed");
+                self.connection
+                    .close(close_code::PROTOCOL.into(), b"protocol error");
+            }
+        }
+    }
+
+    /// Accepts the control stream, reads `Hello`, answers `HelloAck`.
+    async fn hello(&self) -> Result<(quinn::SendStream, quinn::RecvStream, BytesMut), UplinkError> {
+        let exchange = async {
+            let (mut send, mut recv) = self.connection.accept_bi().await?;
+            let mut buf = BytesMut::with_capacity(4096);
+            let name = match read_message(&mut recv, &mut buf).await? {
+                Some(UplinkMessage::Hello { name }) => name,
+                Some(_) => return Err(UplinkError::Protocol("first message is not Hello")),
+                None => return Err(UplinkError::Protocol("control stream ended before Hello")),
+            };
+            tracing::Span::current().record("name", name.as_str());
+            let mut ack = BytesMut::with_capacity(8);
+            UplinkMessage::HelloAck {
+                max_flows: self.max_flows,
+            }
+            .encode(&mut ack);
+            send.write_all(&ack).await?;
+            Ok((send, recv, buf))
+        };
+        tokio::select! {
+            r = tokio::time::timeout(HELLO_TIMEOUT, exchange) => r.map_err(|_| UplinkError::HelloTimeout)?,
+            () = self.shutdown.cancelled() => Err(UplinkError::Protocol("core shutting down")),
+        }
+    }
+
+    /// Forwards device frames to the engine until the connection ends or the core shuts down.
+    async fn forward(
+        &self,
+        recv: &mut quinn::RecvStream,
+        buf: &mut BytesMut,
+    ) -> Result<(), UplinkError> {
+        let mut chunk = [0u8; 4096];
+        // Messages that arrived together with Hello.
+        self.drain_control(buf).await?;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Ok(()),
+                dg = self.connection.read_datagram() => {
+                    let dg = dg?;
+                    self.on_datagram(dg).await;
+                }
+                n = recv.read(&mut chunk) => {
+                    match n? {
+                        Some(n) => {
+                            buf.extend_from_slice(&chunk[..n]);
+                            self.drain_control(buf).await?;
+                        }
+                        None => return Err(UplinkError::Protocol("control stream finished")),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_datagram(&self, dg: Bytes) {
+        self.metrics.frame_received(Access::Gateway);
+        match UplinkDatagram::decode(&dg) {
+            Ok(d) => {
+                let route = Route::Gateway {
+                    conn: self.id,
+                    flow: d.flow,
+                };
+                let bytes = dg.slice(DATAGRAM_HEADER..);
+                let _ = self.engine.send(EngineInput::Frame { bytes, route }).await;
+            }
+            Err(e) => self.metrics.frame_dropped(DropReason::Uplink(e)),
+        }
+    }
+
+    async fn drain_control(&self, buf: &mut BytesMut) -> Result<(), UplinkError> {
+        while let Some(msg) = UplinkMessage::decode(buf).inspect_err(|e| {
+            self.metrics.frame_dropped(DropReason::Uplink(*e));
+        })? {
+            match msg {
+                UplinkMessage::DeviceFrame { flow, frame } => {
+                    self.metrics.frame_received(Access::Gateway);
+                    let route = Route::Gateway {
+                        conn: self.id,
+                        flow,
+                    };
+                    let _ = self
+                        .engine
+                        .send(EngineInput::Frame {
+                            bytes: frame,
+                            route,
+                        })
+                        .await;
+                }
+                UplinkMessage::Hello { .. } => return Err(UplinkError::Protocol("second Hello")),
+                UplinkMessage::HelloAck { .. } => {
+                    return Err(UplinkError::Protocol("HelloAck from a gateway"))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads until one whole control message is buffered. `None`: the stream ended first.
+async fn read_message(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<Option<UplinkMessage>, UplinkError> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(msg) = UplinkMessage::decode(buf)? {
+            return Ok(Some(msg));
+        }
+        match recv.read(&mut chunk).await? {
+            Some(n) => buf.extend_from_slice(&chunk[..n]),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Owns the control stream's sending half: writes what the engine queues for this gateway.
+async fn write_control(mut send: quinn::SendStream, mut queue: mpsc::Receiver<Bytes>) {
+    while let Some(msg) = queue.recv().await {
+        if let Err(e) = send.write_all(&msg).await {
+            tracing::debug!(error = %e, "control stream write failed");
+            return;
+        }
+    }
+    let _ = send.finish();
+}

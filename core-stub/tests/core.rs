@@ -1,0 +1,497 @@
+//! The real core, in process, on port 0: a device over direct UDP and a gateway over QUIC.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use core_stub::{CoreConfig, InitOptions, Listeners, Store, SubscriptionStatus};
+use relay_protocol::payload::{Message, ReadingSeq};
+use relay_protocol::session::{DeviceEvent, DeviceSession, PublicKey, StaticKeypair};
+use relay_protocol::{FlowId, SessionId, UplinkDatagram, UplinkMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Core {
+    dir: tempfile::TempDir,
+    quic: SocketAddr,
+    direct: SocketAddr,
+    admin: SocketAddr,
+    core_public: PublicKey,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), core_stub::CoreError>>,
+}
+
+impl Core {
+    async fn start(devices: u32) -> Result<Self> {
+        Self::start_with(devices, |_| Ok(())).await
+    }
+
+    /// Starts a core on a fresh deployment, after `prepare` has had its way with the directory.
+    async fn start_with(devices: u32, prepare: impl FnOnce(&Path) -> Result<()>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        core_stub::init(
+            dir.path(),
+            &InitOptions {
+                devices,
+                gateways: 1,
+                force: false,
+            },
+        )?;
+        prepare(dir.path())?;
+        let mut config = CoreConfig::load(&dir.path().join("core/core.toml"))?;
+        config.listen_on_ephemeral_ports();
+        let ready_file = dir.path().join("ready.json");
+        config.ready_file = Some(ready_file.clone());
+        let core_public = *config.noise.public();
+        let listeners = Listeners::bind(&config).await?;
+        let (quic, direct, admin) = (
+            listeners.quic_addr(),
+            listeners.direct_addr(),
+            listeners.admin_addr(),
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(core_stub::run(config, listeners, shutdown.clone()));
+
+        let deadline = Instant::now() + WAIT;
+        while !ready_file.exists() {
+            if Instant::now() > deadline {
+                bail!("no ready file");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ready: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&ready_file)?)?;
+        assert_eq!(ready["quic"].as_str(), Some(quic.to_string().as_str()));
+        assert_eq!(ready["direct"].as_str(), Some(direct.to_string().as_str()));
+        assert_eq!(ready["admin"].as_str(), Some(admin.to_string().as_str()));
+        Ok(Self {
+            dir,
+            quic,
+            direct,
+            admin,
+            core_public,
+            shutdown,
+            task,
+        })
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn device_key(&self, i: usize) -> Result<(String, StaticKeypair)> {
+        let fleet = std::fs::read_to_string(self.path("devices/fleet.keys"))?;
+        let line = fleet
+            .lines()
+            .nth(i)
+            .ok_or_else(|| anyhow!("no device {i}"))?;
+        let (serial, key) = line.split_once(' ').ok_or_else(|| anyhow!("bad line"))?;
+        Ok((serial.to_owned(), StaticKeypair::from_private_hex(key)?))
+    }
+
+    fn store(&self) -> Result<Store> {
+        Ok(Store::open(&self.path("core/subscriptions.db"))?)
+    }
+
+    async fn http(&self, path: &str) -> Result<String> {
+        let mut s = tokio::net::TcpStream::connect(self.admin).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    async fn metric(&self, series: &str) -> Result<f64> {
+        let body = self.http("/metrics").await?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .ok_or_else(|| anyhow!("{series} not in /metrics"))?
+            .trim()
+            .parse()
+            .context("metric value")
+    }
+
+    /// Polls until the series reaches `want` (metrics are updated after the frame is handled).
+    async fn wait_metric(&self, series: &str, want: f64) -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series).await?;
+            if v == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{series} = {v}, want {want}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task).await???;
+        Ok(())
+    }
+}
+
+/// A device talking to the core's direct-access port.
+struct DirectDevice {
+    session: DeviceSession,
+    socket: UdpSocket,
+    core: SocketAddr,
+}
+
+impl DirectDevice {
+    async fn new(key: StaticKeypair, core_public: PublicKey, core: SocketAddr) -> Result<Self> {
+        Ok(Self {
+            session: DeviceSession::new(key, core_public),
+            socket: UdpSocket::bind("127.0.0.1:0").await?,
+            core,
+        })
+    }
+
+    async fn send(&self, frame: &[u8]) -> Result<()> {
+        self.socket.send_to(frame, self.core).await?;
+        Ok(())
+    }
+
+    async fn recv(&self, within: Duration) -> Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; 2048];
+        match tokio::time::timeout(within, self.socket.recv_from(&mut buf)).await {
+            Ok(r) => {
+                let (n, _) = r?;
+                buf.truncate(n);
+                Ok(Some(buf))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn handshake(&mut self, timestamp: u64) -> Result<Vec<u8>> {
+        let init =
+            self.session
+                .start_handshake(SessionId(timestamp as u32), timestamp, Instant::now())?;
+        self.send(&init).await?;
+        let response = self
+            .recv(WAIT)
+            .await?
+            .ok_or_else(|| anyhow!("no response"))?;
+        let mut pt = Vec::new();
+        match self
+            .session
+            .handle_datagram(&response, Instant::now(), &mut pt)?
+        {
+            DeviceEvent::Established { .. } => Ok(init),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+
+    fn reading(&mut self, seq: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let mut frame = Vec::new();
+        self.session.seal(
+            &Message::Reading {
+                seq: ReadingSeq(seq),
+                data,
+            }
+            .to_vec(),
+            &mut frame,
+        )?;
+        Ok(frame)
+    }
+
+    fn open_ack(&mut self, frame: &[u8]) -> Result<Vec<u64>> {
+        let mut pt = Vec::new();
+        self.session
+            .handle_datagram(frame, Instant::now(), &mut pt)?;
+        match Message::decode(&pt)? {
+            Message::Ack { seqs } => Ok(seqs.into_iter().map(|s| s.0).collect()),
+            other => bail!("expected an ack, got {other:?}"),
+        }
+    }
+
+    async fn expect_ack(&mut self) -> Result<Vec<u64>> {
+        let frame = self.recv(WAIT).await?.ok_or_else(|| anyhow!("no ack"))?;
+        self.open_ack(&frame)
+    }
+}
+
+#[tokio::test]
+async fn direct_device_end_to_end() -> Result<()> {
+    let core = Core::start(5).await?;
+    assert!(core.http("/ready").await?.starts_with("HTTP/1.1 200"));
+    assert!(core
+        .http("/metrics")
+        .await?
+        .contains("core_build_info{version="));
+
+    let (serial, key) = core.device_key(0)?;
+    let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+    let init = dev.handshake(1_000).await?;
+    core.wait_metric("core_handshakes_total{result=\"accepted\"}", 1.0)
+        .await?;
+    core.wait_metric("core_sessions", 1.0).await?;
+
+    // A reading is acknowledged once durable.
+    let frame = dev.reading(1, b"first")?;
+    dev.send(&frame).await?;
+    assert_eq!(dev.expect_ack().await?, vec![1]);
+    assert_eq!(core.store()?.count_readings()?, 1);
+
+    // The same reading again (a retransmission: new frame, same seq) is acknowledged, not stored.
+    let again = dev.reading(1, b"first")?;
+    dev.send(&again).await?;
+    assert_eq!(dev.expect_ack().await?, vec![1]);
+    assert_eq!(core.store()?.count_readings()?, 1);
+    core.wait_metric("core_readings_stored_total", 1.0).await?;
+    core.wait_metric("core_readings_duplicate_total", 1.0)
+        .await?;
+
+    // A replayed HandshakeInit gets nothing and is counted.
+    dev.send(&init).await?;
+    assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+    core.wait_metric("core_handshakes_total{result=\"replayed\"}", 1.0)
+        .await?;
+
+    // A tampered transport frame is dropped and counted; the session still works after it.
+    let good = dev.reading(2, b"second")?;
+    let mut bad = good.clone();
+    let i = bad.len() - 20;
+    bad[i] ^= 0x01;
+    dev.send(&bad).await?;
+    core.wait_metric("core_frames_dropped_total{reason=\"authentication\"}", 1.0)
+        .await?;
+    dev.send(&good).await?;
+    assert_eq!(dev.expect_ack().await?, vec![2]);
+
+    // An unknown key gets no response, and is counted.
+    let stranger = StaticKeypair::generate()?;
+    let mut other = DirectDevice::new(stranger, core.core_public, core.direct).await?;
+    let init = other
+        .session
+        .start_handshake(SessionId(7), 1, Instant::now())?;
+    other.send(&init).await?;
+    assert!(other.recv(Duration::from_millis(300)).await?.is_none());
+    core.wait_metric("core_handshakes_total{result=\"unknown_key\"}", 1.0)
+        .await?;
+
+    // Junk on the direct port is counted by reason and harms nobody.
+    other.send(&[1, 3, 0]).await?;
+    other.send(&[7; 40]).await?;
+    core.wait_metric("core_frames_dropped_total{reason=\"truncated\"}", 1.0)
+        .await?;
+    core.wait_metric("core_frames_dropped_total{reason=\"unknown_version\"}", 1.0)
+        .await?;
+    let frame = dev.reading(3, b"third")?;
+    dev.send(&frame).await?;
+    assert_eq!(dev.expect_ack().await?, vec![3]);
+
+    assert_eq!(
+        core.store()?.readings_of(&serial)?,
+        vec![
+            (1, b"first".to_vec()),
+            (2, b"second".to_vec()),
+            (3, b"third".to_vec())
+        ]
+    );
+    assert!(
+        core.metric("core_frames_received_total{access=\"direct\"}")
+            .await?
+            >= 9.0
+    );
+    core.stop().await
+}
+
+#[tokio::test]
+async fn suspended_and_revoked_devices_are_refused() -> Result<()> {
+    let core = Core::start_with(3, |dir| {
+        let store = Store::open(&dir.join("core/subscriptions.db"))?;
+        store.set_status("meter-00002", SubscriptionStatus::Suspended)?;
+        store.set_status("meter-00003", SubscriptionStatus::Revoked)?;
+        Ok(())
+    })
+    .await?;
+    for (i, result) in [(1, "suspended"), (2, "revoked")] {
+        let (_, key) = core.device_key(i)?;
+        let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+        let init = dev
+            .session
+            .start_handshake(SessionId(1), 1, Instant::now())?;
+        dev.send(&init).await?;
+        assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+        core.wait_metric(
+            &format!("core_handshakes_total{{result=\"{result}\"}}"),
+            1.0,
+        )
+        .await?;
+    }
+    // The active one still gets in.
+    let (_, key) = core.device_key(0)?;
+    let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+    dev.handshake(5).await?;
+    core.stop().await
+}
+
+fn client_config(dir: &Path, with_cert: bool) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut std::fs::read(dir.join("ca.pem"))?.as_slice()) {
+        roots.add(c?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut crypto = if with_cert {
+        let chain =
+            rustls_pemfile::certs(&mut std::fs::read(dir.join("gateway-1/cert.pem"))?.as_slice())
+                .collect::<Result<Vec<_>, _>>()?;
+        let key = rustls_pemfile::private_key(
+            &mut std::fs::read(dir.join("gateway-1/key.pem"))?.as_slice(),
+        )?
+        .ok_or_else(|| anyhow!("no key"))?;
+        builder.with_client_auth_cert(chain, key)?
+    } else {
+        builder.with_no_client_auth()
+    };
+    crypto.alpn_protocols = vec![b"relay-uplink/1".to_vec()];
+    Ok(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
+    )))
+}
+
+async fn hello(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream, u32)> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut buf = BytesMut::new();
+    UplinkMessage::Hello {
+        name: "gateway-1".into(),
+    }
+    .encode(&mut buf);
+    send.write_all(&buf).await?;
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        if let Some(msg) = UplinkMessage::decode(&mut buf)? {
+            match msg {
+                UplinkMessage::HelloAck { max_flows } => return Ok((send, recv, max_flows)),
+                other => bail!("expected HelloAck, got {other:?}"),
+            }
+        }
+        let n = recv
+            .read(&mut chunk)
+            .await?
+            .ok_or_else(|| anyhow!("stream ended"))?;
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn gateway_over_quic_end_to_end() -> Result<()> {
+    let core = Core::start(3).await?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+
+    // Without a client certificate, no uplink.
+    endpoint.set_default_client_config(client_config(core.dir.path(), false)?);
+    let refused = async {
+        let conn = endpoint.connect(core.quic, "core.relay.local")?.await?;
+        hello(&conn).await
+    };
+    assert!(
+        tokio::time::timeout(WAIT, refused).await?.is_err(),
+        "a gateway without a certificate got through"
+    );
+
+    endpoint.set_default_client_config(client_config(core.dir.path(), true)?);
+    let conn = endpoint.connect(core.quic, "core.relay.local")?.await?;
+    let (mut control, _recv, max_flows) = hello(&conn).await?;
+    assert_eq!(max_flows, 1_000_000);
+    core.wait_metric("core_gateways_connected", 1.0).await?;
+
+    let (_, key) = core.device_key(2)?;
+    let mut dev = DeviceSession::new(key, core.core_public);
+    let flow = FlowId(42);
+    let send = |frame: &[u8]| -> Result<()> {
+        let mut buf = BytesMut::new();
+        UplinkDatagram { flow, frame }.encode(&mut buf);
+        conn.send_datagram(buf.freeze())?;
+        Ok(())
+    };
+    let recv = || async {
+        let dg = tokio::time::timeout(WAIT, conn.read_datagram()).await??;
+        let d = UplinkDatagram::decode(&dg)?;
+        assert_eq!(d.flow, flow);
+        Ok::<_, anyhow::Error>(d.frame.to_vec())
+    };
+
+    send(&dev.start_handshake(SessionId(5), 1, Instant::now())?)?;
+    let mut pt = Vec::new();
+    let ev = dev.handle_datagram(&recv().await?, Instant::now(), &mut pt)?;
+    assert!(matches!(ev, DeviceEvent::Established { .. }));
+
+    let mut frame = Vec::new();
+    dev.seal(
+        &Message::Reading {
+            seq: ReadingSeq(77),
+            data: b"via gateway",
+        }
+        .to_vec(),
+        &mut frame,
+    )?;
+    send(&frame)?;
+    dev.handle_datagram(&recv().await?, Instant::now(), &mut pt)?;
+    assert_eq!(
+        Message::decode(&pt)?,
+        Message::Ack {
+            seqs: vec![ReadingSeq(77)]
+        }
+    );
+
+    // A frame too large for a QUIC datagram comes on the control stream instead.
+    let big = vec![0xA5; relay_protocol::payload::MAX_READING];
+    let mut frame = Vec::new();
+    dev.seal(
+        &Message::Reading {
+            seq: ReadingSeq(78),
+            data: &big,
+        }
+        .to_vec(),
+        &mut frame,
+    )?;
+    let mut buf = BytesMut::new();
+    UplinkMessage::DeviceFrame {
+        flow,
+        frame: frame.into(),
+    }
+    .encode(&mut buf);
+    control.write_all(&buf).await?;
+    dev.handle_datagram(&recv().await?, Instant::now(), &mut pt)?;
+    assert_eq!(
+        Message::decode(&pt)?,
+        Message::Ack {
+            seqs: vec![ReadingSeq(78)]
+        }
+    );
+    let (serial, _) = core.device_key(2)?;
+    assert_eq!(core.store()?.readings_of(&serial)?[1], (78, big));
+
+    // A malformed uplink datagram is counted and the connection carries on.
+    conn.send_datagram(bytes::Bytes::from_static(&[9, 1, 0, 0, 0, 1, 1]))?;
+    core.wait_metric(
+        "core_frames_dropped_total{reason=\"uplink_unknown_version\"}",
+        1.0,
+    )
+    .await?;
+    assert!(
+        core.metric("core_frames_received_total{access=\"gateway\"}")
+            .await?
+            >= 3.0
+    );
+
+    conn.close(0u32.into(), b"bye");
+    core.wait_metric("core_gateways_connected", 0.0).await?;
+    core.stop().await
+}
