@@ -1,0 +1,99 @@
+//! Running the real binaries as child processes, for the tests that kill them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::process::{Child, Command};
+
+/// A daemon running as a child process; killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    /// The addresses it reported in its ready file.
+    pub ready: serde_json::Value,
+}
+
+impl Daemon {
+    /// Starts `program args… --ready-file F` and waits until F appears (at most `limit`).
+    pub async fn start(program: &Path, args: &[String], limit: Duration) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ready_file: PathBuf = dir.path().join("ready.json");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", program.display()))?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready_file) {
+                if let Ok(ready) = serde_json::from_str(&text) {
+                    return Ok(Self { child, ready });
+                }
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("{} exited before it was ready: {status}", program.display());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready within {limit:?}", program.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// An address from the ready file.
+    pub fn addr(&self, key: &str) -> Result<SocketAddr> {
+        self.ready[key]
+            .as_str()
+            .with_context(|| format!("no {key} in ready file"))?
+            .parse()
+            .context("bad address in ready file")
+    }
+
+    /// SIGKILL, no chance to clean up: what a crash or power loss looks like.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
+/// The path of one of the workspace's binaries (`core-stub`, `gateway`, `device-sim`), built if
+/// needed: `cargo test --workspace` builds them next to the test executables, and a test run of this
+/// package alone brings them up to date with one `cargo build` per binary.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    use std::sync::{Mutex, OnceLock};
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable has no target directory")?;
+    let path = dir.join(name);
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", name, "--bin", name])
+            .status()
+            .context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build -p {name} failed");
+        }
+        built.push(name.to_owned());
+    }
+    if !path.exists() {
+        bail!("{} does not exist after cargo build", path.display());
+    }
+    Ok(path)
+}
