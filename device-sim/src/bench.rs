@@ -57,7 +57,7 @@ const RAW_HANDSHAKES: usize = 2000;
 const RAW_MIN_TIME: Duration = Duration::from_secs(2);
 /// Sockets sending HandshakeInits to the core, and how many each keeps unanswered at most.
 const HANDSHAKE_SOCKETS: usize = 4;
-const HANDSHAKE_OUTSTANDING: usize = 128;
+const HANDSHAKE_OUTSTANDING: usize = 32;
 /// Idle-session handshakes in flight at once, and each one's limits.
 const IDLE_CONCURRENCY: usize = 512;
 /// How long the daemons get to start.
@@ -793,6 +793,122 @@ mod tests {
         let q = opts(true).plan();
         assert_eq!(q.idle_milestones, [10_000]);
         assert_eq!(q.fleet_devices(), 400 + 5_000 + 10_000);
+    }
+
+    fn summary(acked: u64) -> FleetSummary {
+        FleetSummary {
+            devices: 200,
+            queued: acked,
+            sent: acked,
+            acknowledged: acked,
+            retransmitted: 0,
+            lost: 0,
+            refused: 0,
+            handshakes: 200,
+            handshake_attempts: 200,
+            bad_datagrams: 0,
+            socket_errors: 0,
+            latency_p50_ms: Some(1.0),
+            latency_p99_ms: Some(2.0),
+            latency_max_ms: Some(3.0),
+            elapsed_secs: 10.0,
+            acknowledged_per_sec: acked as f64 / 10.0,
+            interrupted: false,
+            per_device: Vec::new(),
+        }
+    }
+
+    fn run(per_sec: f64) -> PathRun {
+        PathRun {
+            acked_per_sec: per_sec,
+            acked_in_window: (per_sec * 9.0) as u64,
+            window_secs: 9.0,
+            summary: summary((per_sec * 10.0) as u64),
+            drops: Drops::default(),
+        }
+    }
+
+    #[test]
+    fn renders_every_figure_with_its_verdict() {
+        let throughput = Throughput {
+            meters: 200,
+            window: WINDOW,
+            payload_bytes: PAYLOAD_BYTES,
+            measured: "what".into(),
+            relay: run(45_000.0),
+            direct: run(50_000.0),
+            ratio: 0.9,
+        };
+        let handshakes = Handshakes {
+            raw_per_sec: 4000.0,
+            raw_count: 8000,
+            core_per_sec: 3000.0,
+            core_sent: 100,
+            core_responses: 100,
+            core_unanswered: 0,
+            core_elapsed_secs: 1.0,
+            core_accepted_metric: Some(100.0),
+            core_drops: Drops::default(),
+            ratio: 0.75,
+        };
+        let rss = Rss {
+            gateway: 1 << 20,
+            core: 1 << 21,
+        };
+        let point = |devices, g, c| MemoryPoint {
+            devices,
+            rss,
+            gateway_bytes_per_device: g,
+            core_bytes_per_device: c,
+            gateway_marginal_bytes_per_device: None,
+            core_marginal_bytes_per_device: None,
+            gateway_flows: Some(devices as f64),
+            core_sessions: None,
+            failed: 0,
+            timeouts: 0,
+            ports_skipped: 0,
+        };
+        let memory = Memory {
+            startup: rss,
+            baseline: rss,
+            points: vec![point(10_000, 120.0, 900.0), point(100_000, 300.0, 800.0)],
+        };
+        let targets = targets(&throughput, &handshakes, &memory);
+        let report = BenchReport {
+            command_line: vec!["device-sim".into(), "bench".into()],
+            machine: daemons::machine(),
+            quick: false,
+            fleet_devices: 120_400,
+            all_targets_met: targets.iter().all(|t| t.pass),
+            targets,
+            throughput,
+            handshakes,
+            memory,
+        };
+        let t = render_table(&report);
+        let line = |start: &str| {
+            t.lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no {start:?} in\n{t}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(line("relay / direct"), "relay / direct 90.0 % >= 80 % pass");
+        assert_eq!(line("core / raw"), "core / raw 75.0 % >= 80 % FAIL");
+        assert_eq!(
+            line("gateway RSS per idle device, 100k"),
+            "gateway RSS per idle device, 100k 300 B <= 256 B FAIL"
+        );
+        assert_eq!(
+            line("core RSS per idle device, 10k"),
+            "core RSS per idle device, 10k 900 B <= 1024 B pass"
+        );
+        assert!(t.contains("some targets missed"), "{t}");
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&report).expect("json")).expect("parses");
+        assert_eq!(json["targets"].as_array().map(Vec::len), Some(6));
+        assert_eq!(json["all_targets_met"], false);
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //!   [`fleet::FleetProgress`]).
 //! - [`config`]: `device-sim.toml` and `fleet.keys`, validated at the edge.
 //! - [`report`] and [`cli`]: the progress line, the summary table and the `device-sim` command.
-//! - [`bench`]: `device-sim bench`, which starts the real `core-stub` and `gateway` and measures
+//! - [`mod@bench`]: `device-sim bench`, which starts the real `core-stub` and `gateway` and measures
 //!   relay against direct throughput, the core's handshake rate against snow's, and memory per
 //!   idle device ([`bench::run_bench`] → [`bench::BenchReport`]).
 //!

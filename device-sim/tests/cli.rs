@@ -254,10 +254,19 @@ fn bad_config_is_one_error_line_and_exit_two() {
         "{stderr}"
     );
 
+    // The bench itself is a command to run by hand, never a test: here only its refusal to
+    // start without the daemons' executables.
     let out = device_sim()
-        .args(["bench", "--quick"])
+        .args(["bench", "--quick", "--bin-dir"])
+        .arg(dir.path())
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet implemented"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ")
+            && stderr.contains("cargo build --release -p core-stub -p gateway"),
+        "{stderr}"
+    );
 }

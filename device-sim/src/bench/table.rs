@@ -127,6 +127,18 @@ pub fn render_table(r: &BenchReport) -> String {
         ms(t.direct.summary.latency_p50_ms),
         ms(t.direct.summary.latency_p99_ms),
     );
+    for (name, run) in [("relay", &t.relay), ("direct", &t.direct)] {
+        let _ = writeln!(out, "  {name} drops: {}", drops(&run.drops));
+    }
+    let kernel = t.relay.drops.kernel_total + t.direct.drops.kernel_total;
+    let acked = t.relay.summary.acknowledged + t.direct.summary.acknowledged;
+    if kernel * 100 > acked {
+        let _ = writeln!(
+            out,
+            "  note: the kernel dropped datagrams at full UDP receive buffers; the readings/s then \
+             reflect loss recovery (retransmission after 500 ms) as much as forwarding speed"
+        );
+    }
     let _ = writeln!(
         out,
         "handshakes: raw {} timed; core {} sent from distinct devices, {} answered, {} unanswered, in {:.2} s{}",
