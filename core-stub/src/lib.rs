@@ -111,10 +111,11 @@ impl Listeners {
     pub async fn bind(config: &CoreConfig) -> Result<Self, CoreError> {
         let listen = config.listen;
         let bind_err = |what, addr| move |source| CoreError::Bind { what, addr, source };
-        let quic = std::net::UdpSocket::bind(listen.quic).map_err(bind_err("quic", listen.quic))?;
+        let buffer = relay_ops::udp::DEFAULT_BUFFER_BYTES;
+        let quic = relay_ops::udp::bind(listen.quic, buffer).map_err(bind_err("quic", listen.quic))?;
         let quic_addr = quic.local_addr().map_err(bind_err("quic", listen.quic))?;
-        let direct = tokio::net::UdpSocket::bind(listen.direct)
-            .await
+        let direct = relay_ops::udp::bind(listen.direct, buffer)
+            .and_then(tokio::net::UdpSocket::from_std)
             .map_err(bind_err("direct", listen.direct))?;
         let direct_addr = direct
             .local_addr()

@@ -4,6 +4,7 @@
 //!   `/ready`, plus optional extra routes a daemon adds (bounded requests, one per connection).
 //! - [`telemetry`]: tracing set-up with the filter from `RUST_LOG` and the format (`plain` or
 //!   `json`) from `LOG_FORMAT`.
+//! - [`udp`]: UDP sockets bound with burst-sized kernel buffers.
 //! - [`build_info`]: the `*_build_info` gauge every daemon exports.
 //!
 //! It deliberately knows nothing about devices, sessions or keys.
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod telemetry;
+pub mod udp;
 
 use prometheus::{IntGaugeVec, Opts, Registry};
 
