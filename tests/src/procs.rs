@@ -19,6 +19,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `program args… --ready-file F` and waits until F appears (at most `limit`).
     pub async fn start(program: &Path, args: &[String], limit: Duration) -> Result<Self> {
+        Self::start_logged(program, args, None, limit).await
+    }
+
+    /// As [`Daemon::start`], with the log filter `RUST_LOG=filter` and standard error written to
+    /// `log` when given.
+    pub async fn start_logged(
+        program: &Path,
+        args: &[String],
+        log: Option<(&str, &Path)>,
+        limit: Duration,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ready_file: PathBuf = dir.path().join("ready.json");
         let mut cmd = Command::new(program);
@@ -31,6 +42,10 @@ impl Daemon {
             )
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if let Some((filter, path)) = log {
+            cmd.env("RUST_LOG", filter)
+                .stderr(std::fs::File::create(path).context("creating the log file")?);
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", program.display()))?;
