@@ -28,6 +28,8 @@ pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     #[test]
     fn binds_with_a_larger_buffer() {
         let s = super::bind("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();

@@ -84,7 +84,7 @@ pub async fn start(
                 () = shutdown.cancelled() => return,
                 r = front.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
             };
-            if !flows.contains_key(&device) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(device) {
                 let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else {
                     continue;
                 };
@@ -115,13 +115,10 @@ pub async fn start(
                         }
                     }
                 });
-                flows.insert(
-                    device,
-                    Flow {
-                        upstream: up,
-                        state: Arc::new(Mutex::new(Direction::default())),
-                    },
-                );
+                slot.insert(Flow {
+                    upstream: up,
+                    state: Arc::new(Mutex::new(Direction::default())),
+                });
             }
             let Some(flow) = flows.get(&device) else {
                 continue;
