@@ -258,10 +258,28 @@ impl Meter {
         timebase: Timebase,
         seed: u64,
     ) -> Self {
+        Self::with_session(
+            serial,
+            DeviceSession::new(keypair, core),
+            config,
+            timebase,
+            seed,
+        )
+    }
+
+    /// The same, with a session made by the caller: for a key held in a secure element,
+    /// [`DeviceSession::with_key_store`].
+    pub fn with_session(
+        serial: impl Into<String>,
+        session: DeviceSession,
+        config: MeterConfig,
+        timebase: Timebase,
+        seed: u64,
+    ) -> Self {
         let next_handshake_backoff = config.handshake_retry_initial;
         Self {
             serial: serial.into(),
-            session: DeviceSession::new(keypair, core),
+            session,
             config,
             timebase,
             rng: StdRng::seed_from_u64(seed),

@@ -231,8 +231,14 @@ mod tests {
     #[test]
     fn rejects_by_reason() {
         assert_eq!(DeviceFrame::decode(&[]), Err(DecodeError::Truncated));
-        assert_eq!(DeviceFrame::decode(&[2, 3]), Err(DecodeError::UnknownVersion(2)));
-        assert_eq!(DeviceFrame::decode(&[1, 9]), Err(DecodeError::UnknownType(9)));
+        assert_eq!(
+            DeviceFrame::decode(&[2, 3]),
+            Err(DecodeError::UnknownVersion(2))
+        );
+        assert_eq!(
+            DeviceFrame::decode(&[1, 9]),
+            Err(DecodeError::UnknownType(9))
+        );
         assert_eq!(
             DeviceFrame::decode(&[1, 3, 0, 0, 0, 1]),
             Err(DecodeError::Truncated)

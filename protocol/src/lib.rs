@@ -11,7 +11,8 @@
 //!   [`replay`] (the sliding window). The gateway links only these: it parses headers to drop junk
 //!   and route replies, and can never decrypt.
 //! - feature `session` (on by default, off for the gateway): [`session`] (Noise IK handshake and
-//!   transport, via snow) and [`payload`] (the plaintexts inside).
+//!   transport, via snow), [`payload`] (the plaintexts inside) and [`secure_element`] (the
+//!   device's key store, whose keys the handshake uses without reading them).
 //!
 //! ```text
 //!  device                         gateway (untrusted)                   core
@@ -21,6 +22,8 @@
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// In tests a panic is the failure report; the lint guards the library code.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod frame;
 pub mod replay;
@@ -28,6 +31,8 @@ pub mod uplink;
 
 #[cfg(feature = "session")]
 pub mod payload;
+#[cfg(feature = "session")]
+pub mod secure_element;
 #[cfg(feature = "session")]
 pub mod session;
 

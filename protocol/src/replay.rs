@@ -85,9 +85,7 @@ impl ReplayWindow {
         let bits = (by % 64) as u32;
         for i in (0..WORDS).rev() {
             let hi = i.checked_sub(words).map_or(0, |j| self.bitmap[j]);
-            let lo = i
-                .checked_sub(words + 1)
-                .map_or(0, |j| self.bitmap[j]);
+            let lo = i.checked_sub(words + 1).map_or(0, |j| self.bitmap[j]);
             self.bitmap[i] = if bits == 0 {
                 hi
             } else {

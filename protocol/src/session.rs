@@ -12,9 +12,13 @@
 //! ```
 //!
 //! Nothing here touches a socket or a clock: time comes in as `now: Instant`, randomness for
-//! session ids from the caller. Ephemeral keys come from snow's resolver.
+//! session ids from the caller. Ephemeral keys come from snow's resolver. The device's static key
+//! is either a [`StaticKeypair`] in memory or a slot of a [`SecureElement`] that the handshake
+//! uses without reading the key ([`DeviceSession::with_key_store`]; design in
+//! [`crate::secure_element`]).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use snow::params::NoiseParams;
@@ -23,6 +27,7 @@ use snow::{Builder, HandshakeState, StatelessTransportState};
 
 use crate::frame::{DeviceFrame, SessionId, MAX_TRANSPORT_PLAINTEXT, TAG_LEN, TRANSPORT_HEADER};
 use crate::payload::{InitPayload, ResponsePayload, INIT_PAYLOAD_LEN, RESPONSE_PAYLOAD_LEN};
+use crate::secure_element::{KeyHandle, KeySlot, KeyStoreError, SecureElement};
 use crate::DecodeError;
 
 /// The Noise protocol name.
@@ -42,7 +47,9 @@ pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 
 fn params() -> NoiseParams {
     // The constant parses; a failure here is a programming error caught by every test.
-    NOISE_PATTERN.parse().expect("NOISE_PATTERN is a valid Noise protocol name")
+    NOISE_PATTERN
+        .parse()
+        .expect("NOISE_PATTERN is a valid Noise protocol name")
 }
 
 /// Why a session operation failed, sorted by who is at fault.
@@ -75,6 +82,19 @@ pub enum SessionError {
     /// Local: snow refused an operation for another reason (key material, state).
     #[error("noise: {0}")]
     Noise(snow::Error),
+    /// Local: the device's secure element refused or failed (an empty slot, its storage).
+    #[error("key store: {0}")]
+    KeyStore(#[from] KeyStoreError),
+}
+
+impl SessionError {
+    /// Maps a snow error, blaming the secure element (not the peer) when it caused the failure.
+    fn from_noise(e: snow::Error, key: Option<&KeyHandle>) -> Self {
+        match key.and_then(KeyHandle::take_failure) {
+            Some(failure) => Self::KeyStore(failure),
+            None => e.into(),
+        }
+    }
 }
 
 impl From<snow::Error> for SessionError {
@@ -157,6 +177,10 @@ impl StaticKeypair {
     pub fn private_hex_for_storage(&self) -> String {
         to_hex(&self.private)
     }
+
+    pub(crate) fn private(&self) -> &[u8; KEY_LEN] {
+        &self.private
+    }
 }
 
 impl fmt::Debug for StaticKeypair {
@@ -195,7 +219,12 @@ impl fmt::Debug for Transport {
 }
 
 impl Transport {
-    fn new(local: SessionId, remote: SessionId, hs: HandshakeState, now: Instant) -> Result<Self, SessionError> {
+    fn new(
+        local: SessionId,
+        remote: SessionId,
+        hs: HandshakeState,
+        now: Instant,
+    ) -> Result<Self, SessionError> {
         Ok(Self {
             local,
             remote,
@@ -243,7 +272,10 @@ impl Transport {
         out.extend_from_slice(&counter.to_be_bytes());
         let body = out.len();
         out.resize(body + plaintext.len() + TAG_LEN, 0);
-        match self.cipher.write_message(counter, plaintext, &mut out[body..]) {
+        match self
+            .cipher
+            .write_message(counter, plaintext, &mut out[body..])
+        {
             Ok(_) => {
                 self.next_counter += 1;
                 Ok(())
@@ -257,7 +289,12 @@ impl Transport {
 
     /// Opens a transport frame's ciphertext (already parsed off the frame) into `out`, which is
     /// cleared first. The counter enters the replay window only once the frame authenticated.
-    pub fn open(&mut self, counter: u64, ciphertext: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
+    pub fn open(
+        &mut self,
+        counter: u64,
+        ciphertext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), SessionError> {
         if counter >= REJECT_AFTER_MESSAGES {
             return Err(SessionError::Exhausted);
         }
@@ -294,12 +331,26 @@ struct PendingHandshake {
     hs: HandshakeState,
     local: SessionId,
     started: Instant,
+    /// The secure element's binding, to tell its failures from the peer's.
+    key: Option<Arc<KeyHandle>>,
+}
+
+/// Where a device's static private key is.
+enum DeviceKey {
+    /// In process memory.
+    Keypair(StaticKeypair),
+    /// In a secure element's slot, never read out.
+    Element {
+        store: Arc<dyn SecureElement>,
+        slot: KeySlot,
+        public: PublicKey,
+    },
 }
 
 /// The device's side: initiates handshakes, holds the current session and the one before it
 /// (so acknowledgements still in flight across a rekey are not lost).
 pub struct DeviceSession {
-    keypair: StaticKeypair,
+    key: DeviceKey,
     core: PublicKey,
     pending: Option<PendingHandshake>,
     current: Option<Transport>,
@@ -320,8 +371,31 @@ impl fmt::Debug for DeviceSession {
 impl DeviceSession {
     /// A device with its static key pair and the core's static public key.
     pub fn new(keypair: StaticKeypair, core: PublicKey) -> Self {
+        Self::with_key(DeviceKey::Keypair(keypair), core)
+    }
+
+    /// A device whose static key is the one in `slot` of its secure element, and the core's static
+    /// public key. Handshakes ask `store` for Diffie-Hellman results; the private key never leaves
+    /// it. Fails if the slot is empty.
+    pub fn with_key_store(
+        store: Arc<dyn SecureElement>,
+        slot: KeySlot,
+        core: PublicKey,
+    ) -> Result<Self, SessionError> {
+        let public = store.public(slot)?;
+        Ok(Self::with_key(
+            DeviceKey::Element {
+                store,
+                slot,
+                public,
+            },
+            core,
+        ))
+    }
+
+    fn with_key(key: DeviceKey, core: PublicKey) -> Self {
         Self {
-            keypair,
+            key,
             core,
             pending: None,
             current: None,
@@ -332,12 +406,20 @@ impl DeviceSession {
 
     /// The device's static public key.
     pub fn public(&self) -> &PublicKey {
-        self.keypair.public()
+        match &self.key {
+            DeviceKey::Keypair(keypair) => keypair.public(),
+            DeviceKey::Element { public, .. } => public,
+        }
     }
 
     /// Starts a handshake and returns the `HandshakeInit` datagram. `local` is a fresh random id;
     /// `timestamp` must exceed every earlier handshake's. A handshake already pending is dropped.
-    pub fn start_handshake(&mut self, local: SessionId, timestamp: u64, now: Instant) -> Result<Vec<u8>, SessionError> {
+    pub fn start_handshake(
+        &mut self,
+        local: SessionId,
+        timestamp: u64,
+        now: Instant,
+    ) -> Result<Vec<u8>, SessionError> {
         self.start_handshake_with(local, timestamp, now, None)
     }
 
@@ -348,8 +430,23 @@ impl DeviceSession {
         now: Instant,
         fixed_ephemeral: Option<&[u8]>,
     ) -> Result<Vec<u8>, SessionError> {
-        let mut builder = Builder::new(params())
-            .local_private_key(&self.keypair.private)?
+        // An element's key goes into snow as a handle its resolver maps back to the slot.
+        let mut key = None;
+        let builder = match &self.key {
+            DeviceKey::Keypair(keypair) => {
+                Builder::new(params()).local_private_key(&keypair.private)?
+            }
+            DeviceKey::Element {
+                store,
+                slot,
+                public,
+            } => {
+                let handle = key.insert(KeyHandle::new(Arc::clone(store), *slot, *public)?);
+                Builder::with_resolver(params(), handle.resolver())
+                    .local_private_key(handle.handle())?
+            }
+        };
+        let mut builder = builder
             .remote_public_key(&self.core.0)?
             .prologue(PROLOGUE)?;
         if let Some(e) = fixed_ephemeral {
@@ -359,11 +456,14 @@ impl DeviceSession {
         let mut payload = Vec::with_capacity(INIT_PAYLOAD_LEN);
         InitPayload { timestamp }.encode(&mut payload);
         let mut noise = [0u8; 256];
-        let n = hs.write_message(&payload, &mut noise)?;
+        let n = hs
+            .write_message(&payload, &mut noise)
+            .map_err(|e| SessionError::from_noise(e, key.as_deref()))?;
         self.pending = Some(PendingHandshake {
             hs,
             local,
             started: now,
+            key,
         });
         Ok(DeviceFrame::HandshakeInit {
             sender: local,
@@ -415,7 +515,12 @@ impl DeviceSession {
 
     /// Handles one datagram from the core (through any path). On `Plaintext` the opened message is
     /// in `out`. A bad datagram leaves the established sessions as they were.
-    pub fn handle_datagram(&mut self, datagram: &[u8], now: Instant, out: &mut Vec<u8>) -> Result<DeviceEvent, SessionError> {
+    pub fn handle_datagram(
+        &mut self,
+        datagram: &[u8],
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<DeviceEvent, SessionError> {
         match DeviceFrame::decode(datagram)? {
             DeviceFrame::HandshakeResponse {
                 receiver,
@@ -426,9 +531,15 @@ impl DeviceSession {
                 if local != Some(receiver) {
                     return Err(SessionError::UnknownSession(receiver));
                 }
-                let mut pending = self.pending.take().ok_or(SessionError::UnknownSession(receiver))?;
+                let mut pending = self
+                    .pending
+                    .take()
+                    .ok_or(SessionError::UnknownSession(receiver))?;
                 let mut payload = [0u8; 64];
-                let n = pending.hs.read_message(noise, &mut payload)?;
+                let n = pending
+                    .hs
+                    .read_message(noise, &mut payload)
+                    .map_err(|e| SessionError::from_noise(e, pending.key.as_deref()))?;
                 let policy = ResponsePayload::decode(&payload[..n])?;
                 let transport = Transport::new(receiver, sender, pending.hs, now)?;
                 self.previous = self.current.replace(transport);
@@ -450,7 +561,9 @@ impl DeviceSession {
                 session.open(counter, ciphertext, out)?;
                 Ok(DeviceEvent::Plaintext)
             }
-            other @ DeviceFrame::HandshakeInit { .. } => Err(SessionError::UnexpectedFrame(other.frame_type())),
+            other @ DeviceFrame::HandshakeInit { .. } => {
+                Err(SessionError::UnexpectedFrame(other.frame_type()))
+            }
         }
     }
 }
@@ -486,7 +599,11 @@ impl Responder {
 
     /// Reads a `HandshakeInit`'s Noise message. On success the device's static key is known and
     /// authenticated; the caller decides whether to [`IncomingHandshake::accept`] it.
-    pub fn read_init(&self, sender: SessionId, noise: &[u8]) -> Result<IncomingHandshake, SessionError> {
+    pub fn read_init(
+        &self,
+        sender: SessionId,
+        noise: &[u8],
+    ) -> Result<IncomingHandshake, SessionError> {
         self.read_init_with(sender, noise, None)
     }
 

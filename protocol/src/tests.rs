@@ -1,11 +1,16 @@
 //! In-memory paired tests: a device and a core driven against each other with virtual time, and
 //! the checked-in test vectors of `docs/protocol.md` §9.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::frame::{DeviceFrame, SessionId};
 use crate::payload::{Message, ReadingSeq, ResponsePayload};
-use crate::session::{DeviceEvent, DeviceSession, PublicKey, Responder, SessionError, StaticKeypair, Transport};
+use crate::secure_element::{KeySlot, KeyStoreError, MemoryKeyStore, SecureElement};
+use crate::session::{
+    DeviceEvent, DeviceSession, PublicKey, Responder, SessionError, StaticKeypair, Transport,
+};
 
 const POLICY: ResponsePayload = ResponsePayload {
     rekey_after_secs: 60,
@@ -21,8 +26,13 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
+        Self::with_device(|core| DeviceSession::new(StaticKeypair::generate().unwrap(), core))
+    }
+
+    /// A pair whose device `make` builds, given the core's public key.
+    fn with_device(make: impl FnOnce(PublicKey) -> DeviceSession) -> Self {
         let core = Responder::new(StaticKeypair::generate().unwrap());
-        let device = DeviceSession::new(StaticKeypair::generate().unwrap(), *core.public());
+        let device = make(*core.public());
         Self {
             device,
             core,
@@ -39,17 +49,23 @@ impl Pair {
             .device
             .start_handshake(SessionId(device_id), self.next_ts, self.now)
             .unwrap();
-        let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap() else {
+        let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap()
+        else {
             panic!("not an init")
         };
         let incoming = self.core.read_init(sender, noise).unwrap();
         let seen = *incoming.device();
         assert_eq!(incoming.timestamp(), self.next_ts);
         let mut resp = Vec::new();
-        let t = incoming.accept(SessionId(core_id), POLICY, self.now, &mut resp).unwrap();
+        let t = incoming
+            .accept(SessionId(core_id), POLICY, self.now, &mut resp)
+            .unwrap();
         self.core_session = Some(t);
         let mut out = Vec::new();
-        let ev = self.device.handle_datagram(&resp, self.now, &mut out).unwrap();
+        let ev = self
+            .device
+            .handle_datagram(&resp, self.now, &mut out)
+            .unwrap();
         assert_eq!(
             ev,
             DeviceEvent::Established {
@@ -131,7 +147,9 @@ fn wrong_core_key_never_establishes() {
     let core = Responder::new(StaticKeypair::generate().unwrap());
     let impostor = StaticKeypair::generate().unwrap();
     let mut device = DeviceSession::new(StaticKeypair::generate().unwrap(), *impostor.public());
-    let init = device.start_handshake(SessionId(1), 1, Instant::now()).unwrap();
+    let init = device
+        .start_handshake(SessionId(1), 1, Instant::now())
+        .unwrap();
     let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap() else {
         panic!()
     };
@@ -170,12 +188,18 @@ fn tampered_frame_fails_and_the_session_survives() {
         let mut bad = good.clone();
         let byte = 14 + bit / 8 % (bad.len() - 14);
         bad[byte] ^= 1 << (bit % 8);
-        assert!(matches!(p.core_open(&bad), Err(SessionError::Authentication)));
+        assert!(matches!(
+            p.core_open(&bad),
+            Err(SessionError::Authentication)
+        ));
     }
     // A changed counter changes the nonce: also refused, and it does not move the window.
     let mut bad = good.clone();
     bad[13] ^= 0x40;
-    assert!(matches!(p.core_open(&bad), Err(SessionError::Authentication)));
+    assert!(matches!(
+        p.core_open(&bad),
+        Err(SessionError::Authentication)
+    ));
     assert!(p.core_open(&good).is_ok());
 }
 
@@ -227,7 +251,9 @@ fn rekey_after_time_and_old_session_still_delivers_acks() {
     // ...and the device still opens it after the switch.
     let mut out = Vec::new();
     assert_eq!(
-        p.device.handle_datagram(&late_ack, p.now, &mut out).unwrap(),
+        p.device
+            .handle_datagram(&late_ack, p.now, &mut out)
+            .unwrap(),
         DeviceEvent::Plaintext
     );
     // New frames go on the new session only.
@@ -248,7 +274,8 @@ mod vectors {
 
     const DEVICE_STATIC: &str = "e8a9b3f0c8b8f5c0d1b2a39485766778899aabbccddeeff00112233445566778";
     const CORE_STATIC: &str = "48c1d2e3f405162738495a6b7c8d9eafb0c1d2e3f405162738495a6b7c8d9e6f";
-    const DEVICE_EPHEMERAL: &str = "70e1c2d3e4f5061728394a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d8e5f";
+    const DEVICE_EPHEMERAL: &str =
+        "70e1c2d3e4f5061728394a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d8e5f";
     const CORE_EPHEMERAL: &str = "d8f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e4f";
 
     fn key(s: &str) -> Vec<u8> {
@@ -257,23 +284,43 @@ mod vectors {
 
     /// Produces every vector from the fixed inputs, as `name = hex` lines.
     fn compute() -> String {
+        compute_with(DeviceSession::new)
+    }
+
+    /// The same, with the device's session made by `make` from its key pair and the core's key.
+    fn compute_with(make: impl FnOnce(StaticKeypair, PublicKey) -> DeviceSession) -> String {
         let now = Instant::now();
         let device_kp = StaticKeypair::from_private_hex(DEVICE_STATIC).unwrap();
         let core_kp = StaticKeypair::from_private_hex(CORE_STATIC).unwrap();
         let core_pub = *core_kp.public();
         let device_pub = *device_kp.public();
-        let mut device = DeviceSession::new(device_kp, core_pub);
+        let mut device = make(device_kp, core_pub);
         let core = Responder::new(core_kp);
         let init = device
-            .start_handshake_with(SessionId(0x0000_0007), 1_700_000_000_000, now, Some(&key(DEVICE_EPHEMERAL)))
+            .start_handshake_with(
+                SessionId(0x0000_0007),
+                1_700_000_000_000,
+                now,
+                Some(&key(DEVICE_EPHEMERAL)),
+            )
             .unwrap();
-        let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap() else {
+        let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap()
+        else {
             panic!()
         };
-        let incoming = core.read_init_with(sender, noise, Some(&key(CORE_EPHEMERAL))).unwrap();
+        let incoming = core
+            .read_init_with(sender, noise, Some(&key(CORE_EPHEMERAL)))
+            .unwrap();
         let mut resp = Vec::new();
         let mut core_t = incoming
-            .accept(SessionId(0x0100_0001), ResponsePayload { rekey_after_secs: 3600 }, now, &mut resp)
+            .accept(
+                SessionId(0x0100_0001),
+                ResponsePayload {
+                    rekey_after_secs: 3600,
+                },
+                now,
+                &mut resp,
+            )
             .unwrap();
         let mut out = Vec::new();
         device.handle_datagram(&resp, now, &mut out).unwrap();
@@ -290,11 +337,22 @@ mod vectors {
             .unwrap();
         let mut ack = Vec::new();
         core_t
-            .seal(&Message::Ack { seqs: vec![ReadingSeq(1)] }.to_vec(), &mut ack)
+            .seal(
+                &Message::Ack {
+                    seqs: vec![ReadingSeq(1)],
+                }
+                .to_vec(),
+                &mut ack,
+            )
             .unwrap();
         // The device side must open what the core sealed, and vice versa.
         device.handle_datagram(&ack, now, &mut out).unwrap();
-        let DeviceFrame::Transport { counter, ciphertext, .. } = DeviceFrame::decode(&reading).unwrap() else {
+        let DeviceFrame::Transport {
+            counter,
+            ciphertext,
+            ..
+        } = DeviceFrame::decode(&reading).unwrap()
+        else {
             panic!()
         };
         core_t.open(counter, ciphertext, &mut out).unwrap();
@@ -319,9 +377,178 @@ mod vectors {
     fn match_checked_in_vectors() {
         let got = compute();
         if std::env::var_os("RELAY_WRITE_VECTORS").is_some() {
-            std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/vectors.txt"), &got).unwrap();
+            std::fs::write(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/vectors.txt"),
+                &got,
+            )
+            .unwrap();
         }
         let want = include_str!("../testdata/vectors.txt");
-        assert_eq!(got, want, "the wire format changed: update docs/protocol.md §9 on purpose");
+        assert_eq!(
+            got, want,
+            "the wire format changed: update docs/protocol.md §9 on purpose"
+        );
     }
+
+    /// The static key used through the secure element gives byte-identical handshakes: snow's
+    /// static DH goes to the element, the (fixed) ephemeral stays snow's own.
+    #[test]
+    fn key_store_handshake_matches_checked_in_vectors() {
+        let got = compute_with(|keypair, core| {
+            let store = MemoryKeyStore::new();
+            store.import(KeySlot::Factory, keypair).unwrap();
+            DeviceSession::with_key_store(Arc::new(store), KeySlot::Factory, core).unwrap()
+        });
+        assert_eq!(got, include_str!("../testdata/vectors.txt"));
+    }
+}
+
+/// A secure element that counts DH calls and can be told to fail them.
+struct CountingStore {
+    inner: MemoryKeyStore,
+    dh_calls: AtomicUsize,
+    fail_from_call: usize,
+}
+
+impl CountingStore {
+    fn new(fail_from_call: usize) -> Arc<Self> {
+        let store = Arc::new(Self {
+            inner: MemoryKeyStore::new(),
+            dh_calls: AtomicUsize::new(0),
+            fail_from_call,
+        });
+        store.generate(KeySlot::Factory).unwrap();
+        store
+    }
+}
+
+impl SecureElement for CountingStore {
+    fn slots(&self) -> Vec<KeySlot> {
+        self.inner.slots()
+    }
+    fn public(&self, slot: KeySlot) -> Result<PublicKey, KeyStoreError> {
+        self.inner.public(slot)
+    }
+    fn generate(&self, slot: KeySlot) -> Result<PublicKey, KeyStoreError> {
+        self.inner.generate(slot)
+    }
+    fn dh(&self, slot: KeySlot, peer: &[u8; 32], out: &mut [u8; 32]) -> Result<(), KeyStoreError> {
+        if self.dh_calls.fetch_add(1, Ordering::SeqCst) + 1 >= self.fail_from_call {
+            return Err(KeyStoreError::Backend("element unplugged".into()));
+        }
+        self.inner.dh(slot, peer, out)
+    }
+}
+
+#[test]
+fn key_generated_inside_the_element_handshakes_and_rekeys() {
+    let store = CountingStore::new(usize::MAX);
+    let public = store.public(KeySlot::Factory).unwrap();
+    let element: Arc<dyn SecureElement> = store.clone();
+    let mut p = Pair::with_device(|core| {
+        DeviceSession::with_key_store(element, KeySlot::Factory, core).unwrap()
+    });
+    assert_eq!(p.device.public(), &public);
+    assert_eq!(
+        p.handshake(1, 2),
+        public,
+        "the core authenticated the element's key"
+    );
+    // IK's two static-key DHs of the initiator (`ss` in message 1, `se` in message 2) ran inside.
+    assert_eq!(store.dh_calls.load(Ordering::SeqCst), 2);
+    let f = p.device_send(&Message::Keepalive);
+    assert!(p.core_open(&f).is_ok());
+    p.now += Duration::from_secs(61);
+    assert!(p.device.needs_handshake(p.now));
+    assert_eq!(p.handshake(3, 4), public);
+    assert_eq!(store.dh_calls.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn element_failures_are_reported_as_local_not_blamed_on_the_peer() {
+    // Fails the first DH: the HandshakeInit cannot be written.
+    let store = CountingStore::new(1);
+    let mut device = DeviceSession::with_key_store(
+        store,
+        KeySlot::Factory,
+        *StaticKeypair::generate().unwrap().public(),
+    )
+    .unwrap();
+    assert!(matches!(
+        device.start_handshake(SessionId(1), 1, Instant::now()),
+        Err(SessionError::KeyStore(KeyStoreError::Backend(_)))
+    ));
+
+    // Fails the second: the core's genuine response cannot be read.
+    let store = CountingStore::new(2);
+    let mut p = Pair::with_device(|core| {
+        DeviceSession::with_key_store(store, KeySlot::Factory, core).unwrap()
+    });
+    let init = p.device.start_handshake(SessionId(1), 1, p.now).unwrap();
+    let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap() else {
+        panic!()
+    };
+    let mut resp = Vec::new();
+    let incoming = p.core.read_init(sender, noise).unwrap();
+    incoming
+        .accept(SessionId(2), POLICY, p.now, &mut resp)
+        .unwrap();
+    let mut out = Vec::new();
+    assert!(matches!(
+        p.device.handle_datagram(&resp, p.now, &mut out),
+        Err(SessionError::KeyStore(_))
+    ));
+    assert!(!p.device.is_established());
+}
+
+#[test]
+fn memory_store_slots_are_generated_once_and_never_printed() {
+    let store = MemoryKeyStore::new();
+    assert!(store.slots().is_empty());
+    assert!(matches!(
+        DeviceSession::with_key_store(
+            Arc::new(MemoryKeyStore::new()),
+            KeySlot::Factory,
+            PublicKey([9; 32])
+        ),
+        Err(SessionError::KeyStore(KeyStoreError::Empty(
+            KeySlot::Factory
+        )))
+    ));
+    let factory = store.generate(KeySlot::Factory).unwrap();
+    assert!(matches!(
+        store.generate(KeySlot::Factory),
+        Err(KeyStoreError::Occupied(KeySlot::Factory))
+    ));
+    assert_eq!(store.public(KeySlot::Factory).unwrap(), factory);
+    assert!(matches!(
+        store.public(KeySlot::Subscription),
+        Err(KeyStoreError::Empty(KeySlot::Subscription))
+    ));
+    let known = StaticKeypair::generate().unwrap();
+    let private_hex = known.private_hex_for_storage();
+    let subscription = store.import(KeySlot::Subscription, known).unwrap();
+    assert_ne!(factory, subscription);
+    assert_eq!(store.slots(), vec![KeySlot::Factory, KeySlot::Subscription]);
+    let debug = format!("{store:?}");
+    assert!(
+        debug.contains("Subscription") && !debug.contains(&private_hex),
+        "{debug}"
+    );
+
+    // DH through the store agrees with the peer's side of the exchange.
+    let peer = StaticKeypair::generate().unwrap();
+    let mut ours = [0; 32];
+    store
+        .dh(KeySlot::Subscription, &peer.public().0, &mut ours)
+        .unwrap();
+    let other = MemoryKeyStore::new();
+    other.import(KeySlot::Factory, peer).unwrap();
+    let mut theirs = [0; 32];
+    other
+        .dh(KeySlot::Factory, &subscription.0, &mut theirs)
+        .unwrap();
+    assert_eq!(ours, theirs);
+    assert!(store.remove(KeySlot::Subscription));
+    assert_eq!(store.slots(), vec![KeySlot::Factory]);
 }
