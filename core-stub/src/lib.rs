@@ -112,7 +112,8 @@ impl Listeners {
         let listen = config.listen;
         let bind_err = |what, addr| move |source| CoreError::Bind { what, addr, source };
         let buffer = relay_ops::udp::DEFAULT_BUFFER_BYTES;
-        let quic = relay_ops::udp::bind(listen.quic, buffer).map_err(bind_err("quic", listen.quic))?;
+        let quic =
+            relay_ops::udp::bind(listen.quic, buffer).map_err(bind_err("quic", listen.quic))?;
         let quic_addr = quic.local_addr().map_err(bind_err("quic", listen.quic))?;
         let direct = relay_ops::udp::bind(listen.direct, buffer)
             .and_then(tokio::net::UdpSocket::from_std)

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use core_stub::{CoreConfig, InitOptions, Listeners};
@@ -22,6 +23,35 @@ enum Command {
     Init(InitArgs),
     /// Run the core.
     Run(RunArgs),
+    /// Print what the store holds: subscriptions, readings, per device the count and the time of
+    /// the last one (safe while the core runs).
+    Stats(StatsArgs),
+    /// Ask a running core's admin endpoint for /ready (or --path): exit 0 on 200, 1 otherwise
+    /// (the container healthcheck; a scratch image has no shell or curl).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// core.toml (its `store.path` is read).
+    #[arg(long, env = "CORE_CONFIG")]
+    config: PathBuf,
+    /// One JSON object with every subscription, instead of the totals as text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// The core's admin address; an unspecified IP (0.0.0.0) means this host's loopback.
+    #[arg(long, env = "CORE_LISTEN_ADMIN", default_value = "127.0.0.1:9464")]
+    admin: SocketAddr,
+    /// `/ready` or `/live`.
+    #[arg(long, default_value = "/ready")]
+    path: String,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +105,43 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => run(args),
+        Command::Stats(args) => stats(&args),
+        Command::Health(args) => health(&args),
+    }
+}
+
+fn stats(args: &StatsArgs) -> ExitCode {
+    let config = match CoreConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, true),
+    };
+    let stats = match core_stub::Store::open_existing(&config.store.path).and_then(|s| s.stats()) {
+        Ok(s) => s,
+        Err(e) => return fail(&e, false),
+    };
+    if args.json {
+        match serde_json::to_string(&stats) {
+            Ok(line) => println!("{line}"),
+            Err(e) => return fail(&e, false),
+        }
+    } else {
+        println!("store          {}", config.store.path.display());
+        println!(
+            "subscriptions  {} ({} active)",
+            stats.subscriptions, stats.active
+        );
+        println!("with readings  {}", stats.with_readings);
+        println!("readings       {}", stats.readings);
+    }
+    ExitCode::SUCCESS
+}
+
+fn health(args: &HealthArgs) -> ExitCode {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    if relay_ops::admin::health_command(args.admin, &args.path, timeout) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -157,6 +157,46 @@ pub(crate) struct Committed {
     pub durable: Vec<(u32, ReadingSeq)>,
 }
 
+/// What the store holds now (`core-stub stats`): for an operator, and for the deployment smoke
+/// test, which needs to know that every meter's readings arrived without a per-device metric.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StoreStats {
+    /// When the figures were read, milliseconds since the Unix epoch (the clock of
+    /// `last_reading_ms`).
+    pub now_ms: i64,
+    /// Subscriptions provisioned.
+    pub subscriptions: u64,
+    /// Of which active.
+    pub active: u64,
+    /// Subscriptions with at least one reading stored.
+    pub with_readings: u64,
+    /// Readings stored.
+    pub readings: u64,
+    /// Per subscription, by id.
+    pub devices: Vec<SubscriptionReadings>,
+}
+
+/// One subscription's readings, in [`StoreStats`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SubscriptionReadings {
+    /// The device's serial number.
+    pub serial: String,
+    /// Its status.
+    #[serde(serialize_with = "serialize_status")]
+    pub status: SubscriptionStatus,
+    /// Readings stored.
+    pub readings: u64,
+    /// When the newest one was stored, milliseconds since the Unix epoch.
+    pub last_reading_ms: Option<i64>,
+}
+
+fn serialize_status<S: serde::Serializer>(
+    status: &SubscriptionStatus,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(status.as_str())
+}
+
 /// An open store.
 pub struct Store {
     conn: Connection,
@@ -346,6 +386,59 @@ impl Store {
             .collect::<Result<Vec<(u64, Vec<u8>)>, _>>()?;
         out.sort_unstable_by_key(|(seq, _)| *seq);
         Ok(out)
+    }
+
+    /// Opens an existing store to look at it while a core may be running (`core-stub stats`):
+    /// never creates or migrates it, and the connection is query-only. (It is not opened
+    /// read-only: a reader of a WAL database takes part in the shared-memory index.)
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "query_only", true)?;
+        // A scratch container has no /tmp for SQLite's temporary files.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        let store = Self { conn };
+        match store.schema_version()? {
+            SCHEMA_VERSION => Ok(store),
+            found if found > SCHEMA_VERSION => Err(StoreError::SchemaTooNew { found }),
+            found => Err(StoreError::Corrupt {
+                table: "user_version",
+                why: format!("schema version {found}: not a store written by core-stub"),
+            }),
+        }
+    }
+
+    /// Totals and, per subscription, how many readings arrived and when the last one did.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT s.serial, s.status, COUNT(r.seq), MAX(r.received_at_ms)
+             FROM subscriptions s LEFT JOIN readings r ON r.subscription_id = s.id
+             GROUP BY s.id ORDER BY s.id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut devices = Vec::new();
+        while let Some(row) = rows.next()? {
+            devices.push(SubscriptionReadings {
+                serial: row.get(0)?,
+                status: status_from_text(&row.get::<_, String>(1)?)?,
+                readings: row.get::<_, i64>(2)?.max(0) as u64,
+                last_reading_ms: row.get(3)?,
+            });
+        }
+        Ok(StoreStats {
+            now_ms: now_ms(),
+            subscriptions: devices.len() as u64,
+            active: devices
+                .iter()
+                .filter(|d| d.status == SubscriptionStatus::Active)
+                .count() as u64,
+            with_readings: devices.iter().filter(|d| d.readings > 0).count() as u64,
+            readings: devices.iter().map(|d| d.readings).sum(),
+            devices,
+        })
     }
 
     /// Stores a batch in one transaction. Returns how many rows were new; the rest were already
@@ -558,6 +651,64 @@ mod tests {
         assert!(store
             .insert_readings(&[reading(SubscriptionId(999), 1, b"x")])
             .is_err());
+    }
+
+    #[test]
+    fn stats_count_readings_per_subscription_beside_a_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let mut writer = Store::open(&path).expect("open");
+        let a = writer
+            .add_subscription("meter-00001", &key(1), SubscriptionStatus::Active)
+            .expect("add");
+        writer
+            .add_subscription("meter-00002", &key(2), SubscriptionStatus::Active)
+            .expect("add");
+        writer
+            .add_subscription("meter-00003", &key(3), SubscriptionStatus::Suspended)
+            .expect("add");
+        let before = now_ms();
+        writer
+            .insert_readings(&[reading(a, 1, b"x"), reading(a, 2, b"y")])
+            .expect("insert");
+
+        // A second connection, as `core-stub stats` is while the core runs.
+        let reader = Store::open_existing(&path).expect("open existing");
+        let stats = reader.stats().expect("stats");
+        assert_eq!(
+            (
+                stats.subscriptions,
+                stats.active,
+                stats.with_readings,
+                stats.readings
+            ),
+            (3, 2, 1, 2)
+        );
+        assert_eq!(stats.devices[0].serial, "meter-00001");
+        assert_eq!(stats.devices[0].readings, 2);
+        assert!(stats.devices[0]
+            .last_reading_ms
+            .is_some_and(|t| t >= before));
+        assert_eq!(
+            (stats.devices[1].readings, stats.devices[1].last_reading_ms),
+            (0, None)
+        );
+        let json = serde_json::to_value(&stats).expect("json");
+        assert_eq!(json["devices"][2]["status"], "suspended");
+        assert_eq!(json["with_readings"], 1);
+
+        // Query-only: it cannot write.
+        assert!(reader
+            .add_subscription("meter-00009", &key(9), SubscriptionStatus::Active)
+            .is_err());
+        // Writes made after it opened are seen.
+        writer
+            .insert_readings(&[reading(a, 3, b"z")])
+            .expect("insert");
+        assert_eq!(reader.stats().expect("stats").readings, 3);
+
+        // It never creates a store.
+        assert!(Store::open_existing(&dir.path().join("absent.db")).is_err());
     }
 
     #[test]

@@ -76,3 +76,81 @@ fn init_prints_a_summary_without_secrets_and_refuses_to_overwrite() {
         .expect("init");
     assert!(forced.status.success());
 }
+
+#[test]
+fn stats_and_health_beside_a_running_core() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let init = core_stub()
+        .arg("init")
+        .arg(dir.path())
+        .args(["--devices", "3"])
+        .output()
+        .expect("init");
+    assert!(init.status.success(), "{init:?}");
+    let config = dir.path().join("core/core.toml");
+    let stats = |json: bool| {
+        let mut c = core_stub();
+        c.arg("stats").arg("--config").arg(&config);
+        if json {
+            c.arg("--json");
+        }
+        let out = c.env_remove("CORE_CONFIG").output().expect("stats");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let text = stats(false);
+    assert!(text.contains("subscriptions  3 (3 active)"), "{text}");
+    assert!(text.contains("with readings  0"), "{text}");
+
+    let ready_file = dir.path().join("ready.json");
+    let any = "127.0.0.1:0";
+    let mut core = core_stub()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--listen-quic",
+            any,
+            "--listen-direct",
+            any,
+            "--listen-admin",
+            any,
+        ])
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("core");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready_file.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ready: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ready_file).expect("ready file")).expect("json");
+    let admin = ready["admin"].as_str().expect("admin").to_owned();
+    let health = |path: &str| {
+        core_stub()
+            .args(["health", "--admin", &admin, "--path", path])
+            .env_remove("CORE_LISTEN_ADMIN")
+            .output()
+            .expect("health")
+    };
+    let ok = health("/ready");
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).ends_with(": 200\n"),
+        "{ok:?}"
+    );
+    assert_eq!(health("/nowhere").status.code(), Some(1));
+
+    // The store is readable while the core holds it open.
+    let json: serde_json::Value = serde_json::from_str(&stats(true)).expect("json");
+    assert_eq!(json["subscriptions"], 3);
+    assert_eq!(json["readings"], 0);
+    assert_eq!(json["devices"][0]["serial"], "meter-00001");
+    assert!(json["devices"][0]["last_reading_ms"].is_null());
+
+    core.kill().expect("kill");
+    core.wait().expect("wait");
+    assert_eq!(health("/live").status.code(), Some(1));
+}

@@ -8,11 +8,11 @@
 //! when the core's policy says so, retries handshakes with backoff and jitter, and starts a new
 //! handshake when the core goes silent (after a core restart lost the session, say).
 //!
-//! What it does not do: there is no secure element yet: device private keys are read from
-//! `fleet.keys` and live in process memory (never logged or printed) until a later issue moves
-//! them. It keeps no state between runs; reading sequence numbers stay unique across runs because
-//! they start from the run's start time ([`meter::seq_base`]). It does not measure the gateway or
-//! the core from the inside: it reports what the devices saw.
+//! What it does not do: the fleet does not use a secure element yet: device private keys are read
+//! from `fleet.keys` and live in process memory (never logged or printed); [`secure_element`] is
+//! the key store they will move to. It keeps no state between runs; reading sequence numbers stay
+//! unique across runs because they start from the run's start time ([`meter::seq_base`]). It does
+//! not measure the gateway or the core from the inside: it reports what the devices saw.
 //!
 //! Main types:
 //!
@@ -25,6 +25,11 @@
 //!   [`fleet::FleetProgress`]).
 //! - [`config`]: `device-sim.toml` and `fleet.keys`, validated at the edge.
 //! - [`report`] and [`cli`]: the progress line, the summary table and the `device-sim` command.
+//! - [`secure_element::SealedKeyStore`]: the device's secure element in software (factory and
+//!   subscription keys generated inside, sealed at rest, used by the handshake through
+//!   `relay_protocol::secure_element::SecureElement`, never read out).
+//! - [`probe`]: `device-sim probe`, whether the core answers a device directly (field-network
+//!   isolation checks).
 //! - [`mod@bench`]: `device-sim bench`, which starts the real `core-stub` and `gateway` and measures
 //!   relay against direct throughput, the core's handshake rate against snow's, and memory per
 //!   idle device ([`bench::run_bench`] → [`bench::BenchReport`]).
@@ -45,7 +50,9 @@ pub mod cli;
 pub mod config;
 pub mod fleet;
 pub mod meter;
+pub mod probe;
 pub mod report;
+pub mod secure_element;
 
 #[cfg(test)]
 mod test_core;

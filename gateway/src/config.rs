@@ -4,8 +4,10 @@
 //! unknown keys, out-of-range limits, unreadable or unusable certificates. Paths in the file are
 //! relative to the file's directory; a flag overrides the file.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -23,7 +25,9 @@ use crate::tls::{TlsError, TlsIdentity};
     after_help = "Flags override the config file; paths inside the file are relative to it.\n\
                   Logging: RUST_LOG (default info), LOG_FORMAT=plain|json.\n\
                   Exit status: 0 after SIGINT/SIGTERM, 1 on a runtime failure, 2 on a bad \
-                  configuration or command line."
+                  configuration or command line.\n\
+                  `gateway health [--admin ADDR] [--path /ready]` asks a running gateway instead \
+                  (container healthchecks): exit 0 on HTTP 200, 1 otherwise."
 )]
 pub struct Cli {
     /// The configuration file (`gateway.toml`).
@@ -38,9 +42,10 @@ pub struct Cli {
     #[arg(long, env = "GATEWAY_LISTEN_ADMIN", value_name = "ADDR")]
     pub listen_admin: Option<SocketAddr>,
 
-    /// The core's QUIC address; overrides `uplink.core`.
+    /// The core's QUIC address, `IP:PORT` or `HOST:PORT` (looked up at every connection
+    /// attempt); overrides `uplink.core`.
     #[arg(long, env = "GATEWAY_CORE", value_name = "ADDR")]
-    pub core: Option<SocketAddr>,
+    pub core: Option<CoreAddr>,
 
     /// Once the listeners are bound, write `{"devices":"ADDR","admin":"ADDR"}` to this file.
     #[arg(long, env = "GATEWAY_READY_FILE", value_name = "PATH")]
@@ -67,8 +72,8 @@ pub struct GatewayConfig {
 /// The `[uplink]` section, validated.
 #[derive(Clone, Debug)]
 pub struct UplinkConfig {
-    /// The core's QUIC address.
-    pub core: SocketAddr,
+    /// The core's QUIC address (an IP address or a host name, and a port).
+    pub core: CoreAddr,
     /// The name the core's certificate must carry.
     pub server_name: String,
     /// The files the TLS material was read from (resolved), for messages.
@@ -81,6 +86,116 @@ pub struct UplinkConfig {
     pub reconnect_max: Duration,
     /// Frames held while the core is unreachable; past it, the newest are dropped.
     pub queue_frames: usize,
+}
+
+/// Where the core is: an IP address or a host name, and a port (`10.0.0.1:4433`,
+/// `[2001:db8::1]:4433`, `core.example.net:4433`). A name is looked up at every connection
+/// attempt, not once at start, so a core that comes back on another address (a container
+/// restarted, a DNS change) is found again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoreAddr {
+    host: CoreHost,
+    port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum CoreHost {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// The longest host name (RFC 1035: 253 characters in text form).
+pub const MAX_HOST_NAME_LEN: usize = 253;
+
+impl CoreAddr {
+    /// The address when it is an IP literal (no lookup needed).
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match &self.host {
+            CoreHost::Ip(ip) => Some(SocketAddr::new(*ip, self.port)),
+            CoreHost::Name(_) => None,
+        }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Every address the core has now: the literal, or what the system resolver returns for the
+    /// name (`/etc/hosts`, DNS).
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        match &self.host {
+            CoreHost::Ip(ip) => Ok(vec![SocketAddr::new(*ip, self.port)]),
+            CoreHost::Name(name) => {
+                let found: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), self.port))
+                    .await?
+                    .collect();
+                if found.is_empty() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{name} has no address"),
+                    ));
+                }
+                Ok(found)
+            }
+        }
+    }
+}
+
+impl From<SocketAddr> for CoreAddr {
+    fn from(a: SocketAddr) -> Self {
+        Self {
+            host: CoreHost::Ip(a.ip()),
+            port: a.port(),
+        }
+    }
+}
+
+impl FromStr for CoreAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a.into());
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: the port must be a number from 0 to 65535"))?;
+        let valid_name = !host.is_empty()
+            && host.len() <= MAX_HOST_NAME_LEN
+            && !host.starts_with(['.', '-'])
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !valid_name {
+            return Err(format!(
+                "{s:?}: {host:?} is neither an IP address nor a host name"
+            ));
+        }
+        Ok(Self {
+            host: CoreHost::Name(host.to_owned()),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for CoreAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            CoreHost::Ip(ip) => SocketAddr::new(*ip, self.port).fmt(f),
+            CoreHost::Name(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CoreAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Where the uplink's TLS material came from, resolved against the config file's directory.
@@ -199,7 +314,7 @@ impl Default for FileListen {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileUplink {
-    core: Option<SocketAddr>,
+    core: Option<CoreAddr>,
     server_name: String,
     ca: PathBuf,
     cert: PathBuf,
@@ -292,7 +407,7 @@ impl GatewayConfig {
         }
 
         let up = file.uplink;
-        let core = cli.core.or(up.core).ok_or_else(|| {
+        let core = cli.core.clone().or(up.core).ok_or_else(|| {
             invalid(
                 "uplink.core",
                 "missing (set it in the file or with --core)".into(),
@@ -481,6 +596,77 @@ key = "key.pem"
         let c = GatewayConfig::from_toml(&text, &path, &cli).expect("valid config");
         assert_eq!(c.uplink.core, "10.0.0.1:1".parse().expect("addr"));
         assert_eq!(c.listen_devices, "127.0.0.1:0".parse().expect("addr"));
+    }
+
+    #[test]
+    fn the_core_may_be_a_host_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        let text = MINIMAL.replace("127.0.0.1:4433", "core:4433");
+        let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
+        assert_eq!(c.uplink.core.to_string(), "core:4433");
+        assert_eq!(c.uplink.core.ip(), None);
+        assert_eq!(c.uplink.core.port(), 4433);
+
+        for (text, shown) in [
+            ("core.relay.local:4433", "core.relay.local:4433"),
+            ("relay_core-1:1", "relay_core-1:1"),
+            ("10.1.2.3:4433", "10.1.2.3:4433"),
+            ("[2001:db8::1]:4433", "[2001:db8::1]:4433"),
+        ] {
+            let a: CoreAddr = text.parse().expect(text);
+            assert_eq!(a.to_string(), shown);
+        }
+        let ip: CoreAddr = "10.1.2.3:4433".parse().expect("addr");
+        assert_eq!(ip.ip(), Some("10.1.2.3:4433".parse().expect("addr")));
+        for bad in [
+            "core",
+            "core:",
+            ":4433",
+            "core:99999",
+            "two words:1",
+            "2001:db8::1:4433x",
+            "-core:1",
+            "c/ore:1",
+        ] {
+            assert!(bad.parse::<CoreAddr>().is_err(), "{bad} accepted");
+        }
+        let e = GatewayConfig::from_toml(
+            &MINIMAL.replace("127.0.0.1:4433", "core:http"),
+            &path,
+            &cli(&path),
+        )
+        .expect_err("bad port")
+        .to_string();
+        assert!(e.contains("line 5") && e.contains("port"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+
+        let parsed = Cli::try_parse_from(["gateway", "--config", "g.toml", "--core", "core:4433"])
+            .expect("parses");
+        assert_eq!(
+            parsed.core.map(|c| c.to_string()).as_deref(),
+            Some("core:4433")
+        );
+    }
+
+    #[tokio::test]
+    async fn names_resolve_at_each_lookup() {
+        let name: CoreAddr = "localhost:4433".parse().expect("addr");
+        let found = name.resolve().await.expect("localhost resolves");
+        assert!(
+            found
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 4433),
+            "{found:?}"
+        );
+        let literal: CoreAddr = "10.1.2.3:9".parse().expect("addr");
+        assert_eq!(
+            literal.resolve().await.expect("no lookup"),
+            ["10.1.2.3:9".parse::<SocketAddr>().expect("addr")]
+        );
+        let unknown: CoreAddr = "no-such-host.invalid:1".parse().expect("addr");
+        assert!(unknown.resolve().await.is_err());
     }
 
     #[test]

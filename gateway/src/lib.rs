@@ -48,7 +48,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Cli, ConfigError, FlowsConfig, GatewayConfig, TlsFiles, UplinkConfig};
+pub use config::{Cli, ConfigError, CoreAddr, FlowsConfig, GatewayConfig, TlsFiles, UplinkConfig};
 pub use tap::{FrameTap, Hooks, TapPoint};
 
 use device_link::DeviceLink;
@@ -106,9 +106,10 @@ impl Listeners {
     /// Binds the device UDP socket and the admin TCP listener of `config`.
     pub async fn bind(config: &GatewayConfig) -> Result<Self, GatewayError> {
         let bind_err = |what, addr| move |source| GatewayError::Bind { what, addr, source };
-        let devices = UdpSocket::bind(config.listen_devices)
-            .await
-            .map_err(bind_err("devices", config.listen_devices))?;
+        let devices =
+            relay_ops::udp::bind(config.listen_devices, relay_ops::udp::DEFAULT_BUFFER_BYTES)
+                .and_then(UdpSocket::from_std)
+                .map_err(bind_err("devices", config.listen_devices))?;
         let device_addr = devices
             .local_addr()
             .map_err(bind_err("devices", config.listen_devices))?;
@@ -147,7 +148,7 @@ pub async fn run(
         .set(i64::try_from(config.uplink.queue_frames).unwrap_or(i64::MAX));
     let readiness = Readiness::new();
     let client_config = config.uplink.tls.client_config()?;
-    let endpoint = uplink::client_endpoint(config.uplink.core).map_err(GatewayError::Endpoint)?;
+    let endpoint = uplink::client_endpoint(&config.uplink.core).map_err(GatewayError::Endpoint)?;
 
     let Listeners {
         devices,
@@ -183,7 +184,7 @@ pub async fn run(
     tasks.spawn(
         Uplink {
             name: config.name.clone(),
-            core: config.uplink.core,
+            core: config.uplink.core.clone(),
             server_name: config.uplink.server_name.clone(),
             client_config,
             reconnect_initial: config.uplink.reconnect_initial,

@@ -1,12 +1,13 @@
 //! The uplink: one QUIC connection to the core, kept up by one task.
 //!
-//! The task connects (mutual TLS, ALPN `relay-uplink/1`) with exponential backoff and full jitter,
-//! opens the control stream, sends `Hello` and waits for `HelloAck`. Only then is the uplink up:
-//! `/ready` turns 200, and the device-link task is handed a `Link` through which it sends frames
-//! and flushes its queue. While up, the task forwards datagrams and control-stream `DeviceFrame`s
-//! from the core to the device link, and writes the control-stream messages the device link
-//! queued. When the connection ends, for whatever reason, the device link is told, and the task
-//! reconnects.
+//! The task looks the core's address up (a host name at every attempt, so a core that came back
+//! on a new address is found), connects (mutual TLS, ALPN `relay-uplink/1`) with exponential
+//! backoff and full jitter, opens the control stream, sends `Hello` and waits for `HelloAck`.
+//! Only then is the uplink up: `/ready` turns 200, and the device-link task is handed a `Link`
+//! through which it sends frames and flushes its queue. While up, the task forwards datagrams and
+//! control-stream `DeviceFrame`s from the core to the device link, and writes the control-stream
+//! messages the device link queued. When the connection ends, for whatever reason, the device link
+//! is told, and the task reconnects.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -22,10 +23,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::CoreAddr;
 use crate::device_link::DeviceLink;
 use crate::metrics::DropReason;
 use crate::tap::TapPoint;
 
+/// Time allowed for looking up the core's host name.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the QUIC and TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed between sending `Hello` and receiving `HelloAck`.
@@ -46,6 +50,17 @@ mod close_code {
 /// Why an uplink connection could not be set up, or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
+    /// The core's host name could not be looked up (local side or DNS).
+    #[error("cannot resolve {core}: {source}")]
+    Resolve {
+        /// The configured address.
+        core: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A client endpoint for the core's address family could not be created (local side).
+    #[error("cannot create the uplink endpoint: {0}")]
+    Endpoint(std::io::Error),
     /// The connection could not be started (local side).
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
@@ -210,7 +225,7 @@ struct Session {
 /// The uplink task and what it needs.
 pub(crate) struct Uplink {
     pub name: String,
-    pub core: SocketAddr,
+    pub core: CoreAddr,
     pub server_name: String,
     pub client_config: quinn::ClientConfig,
     pub reconnect_initial: Duration,
@@ -221,9 +236,14 @@ pub(crate) struct Uplink {
     pub shutdown: CancellationToken,
 }
 
-/// A client endpoint on an ephemeral port of the core's address family.
-pub(crate) fn client_endpoint(core: SocketAddr) -> std::io::Result<Endpoint> {
-    let local: SocketAddr = if core.is_ipv6() {
+/// A client endpoint on an ephemeral port of the core's address family: that of an IP literal,
+/// IPv4 for a host name until a lookup returns IPv6 addresses only.
+pub(crate) fn client_endpoint(core: &CoreAddr) -> std::io::Result<Endpoint> {
+    endpoint_for(core.ip().is_some_and(|a| a.is_ipv6()))
+}
+
+fn endpoint_for(ipv6: bool) -> std::io::Result<Endpoint> {
+    let local: SocketAddr = if ipv6 {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -233,7 +253,7 @@ pub(crate) fn client_endpoint(core: SocketAddr) -> std::io::Result<Endpoint> {
 
 impl Uplink {
     /// Keeps the uplink up until shutdown.
-    pub async fn run(self, endpoint: Endpoint) {
+    pub async fn run(self, mut endpoint: Endpoint) {
         let mut backoff = Backoff::new(self.reconnect_initial, self.reconnect_max);
         let mut connection_id: u64 = 0;
         while !self.shutdown.is_cancelled() {
@@ -241,7 +261,7 @@ impl Uplink {
             let span = tracing::info_span!("uplink", conn = connection_id, core = %self.core);
             let attempt = tokio::select! {
                 () = self.shutdown.cancelled() => break,
-                r = self.connect(&endpoint).instrument(span.clone()) => r,
+                r = self.connect(&mut endpoint).instrument(span.clone()) => r,
             };
             match attempt {
                 Ok(session) => {
@@ -272,11 +292,12 @@ impl Uplink {
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     }
 
-    /// QUIC handshake, control stream, `Hello`, `HelloAck`.
-    async fn connect(&self, endpoint: &Endpoint) -> Result<Session, UplinkError> {
-        tracing::debug!("connecting");
+    /// Address lookup, QUIC handshake, control stream, `Hello`, `HelloAck`.
+    async fn connect(&self, endpoint: &mut Endpoint) -> Result<Session, UplinkError> {
+        let remote = self.target(endpoint).await?;
+        tracing::debug!(%remote, "connecting");
         let connecting =
-            endpoint.connect_with(self.client_config.clone(), self.core, &self.server_name)?;
+            endpoint.connect_with(self.client_config.clone(), remote, &self.server_name)?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| UplinkError::Timeout("QUIC handshake"))??;
@@ -292,6 +313,35 @@ impl Uplink {
                 Err(e)
             }
         }
+    }
+
+    /// Looks the core up now and picks an address of the endpoint's family if there is one;
+    /// otherwise the endpoint is replaced by one of the other family.
+    async fn target(&self, endpoint: &mut Endpoint) -> Result<SocketAddr, UplinkError> {
+        let resolve_err = |source| UplinkError::Resolve {
+            core: self.core.to_string(),
+            source,
+        };
+        let found = tokio::time::timeout(RESOLVE_TIMEOUT, self.core.resolve())
+            .await
+            .map_err(|_| UplinkError::Timeout("looking up the core's address"))?
+            .map_err(resolve_err)?;
+        let ipv6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
+        if let Some(same) = found.iter().find(|a| a.is_ipv6() == ipv6) {
+            return Ok(*same);
+        }
+        let other = *found.first().ok_or_else(|| {
+            resolve_err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no address",
+            ))
+        })?;
+        let fresh = endpoint_for(other.is_ipv6()).map_err(UplinkError::Endpoint)?;
+        std::mem::replace(endpoint, fresh).close(
+            VarInt::from_u32(close_code::SHUTDOWN),
+            b"address family changed",
+        );
+        Ok(other)
     }
 
     async fn hello(

@@ -756,3 +756,89 @@ fn binary_stops_cleanly_on_sigterm() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[tokio::test]
+async fn finds_the_core_by_host_name_and_reports_health() -> Result<()> {
+    let pki = Pki::new()?;
+    let core_socket = local_udp()?;
+    let core_addr = core_socket.local_addr()?;
+    let mut core = FakeCore::start(core_socket, &pki)?;
+    let mut config = pki.gateway_config(core_addr, 16)?;
+    // The name is looked up at each connection attempt, as `core:4433` is in a compose network.
+    config.uplink.core = format!("localhost:{}", core_addr.port())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let gw = start_gateway(config, Hooks::default()).await?;
+
+    let _session = core.session().await?;
+    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
+    let ready = health(gw.admin_addr, "/ready").await?;
+    assert!(ready.status.success(), "{ready:?}");
+    assert!(
+        String::from_utf8_lossy(&ready.stdout).contains(": 200"),
+        "{ready:?}"
+    );
+
+    let device = UdpSocket::bind("127.0.0.1:0").await?;
+    let f = transport(0x5555, 1, 32);
+    device.send_to(&f, gw.device_addr).await?;
+    let (_, got, _) = core.frame().await?;
+    assert_eq!(got, f);
+
+    let admin = gw.admin_addr;
+    gw.stop().await?;
+    let down = health(admin, "/live").await?;
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    Ok(())
+}
+
+/// `gateway health` (the container healthcheck) against `admin`.
+async fn health(admin: SocketAddr, path: &str) -> Result<std::process::Output> {
+    Ok(tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["health", "--admin", &admin.to_string(), "--path", path])
+        .env_remove("GATEWAY_LISTEN_ADMIN")
+        .output()
+        .await?)
+}
+
+/// `Type=notify` in deploy/systemd/relay-gateway.service: the binary reports READY=1 on
+/// `$NOTIFY_SOCKET` once it listens, and STOPPING=1 on SIGTERM, then exits 0.
+#[tokio::test]
+async fn tells_systemd_when_ready_and_stopping() -> Result<()> {
+    let pki = Pki::new()?;
+    let core_socket = local_udp()?;
+    let core_addr = core_socket.local_addr()?;
+    let _core = FakeCore::start(core_socket, &pki)?;
+    pki.gateway_config(core_addr, 16)?;
+    let notify_path = pki.dir.path().join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path)?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(pki.dir.path().join("gateway-1/gateway.toml"))
+        .args([
+            "--listen-devices",
+            "127.0.0.1:0",
+            "--listen-admin",
+            "127.0.0.1:0",
+        ])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("GATEWAY_CORE")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(WAIT, notify.recv(&mut buf)).await??;
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+
+    let pid = child.id().context("pid")?.to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await?;
+    assert!(killed.success());
+    let n = tokio::time::timeout(WAIT, notify.recv(&mut buf)).await??;
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let status = tokio::time::timeout(WAIT, child.wait()).await??;
+    assert_eq!(status.code(), Some(0));
+    Ok(())
+}

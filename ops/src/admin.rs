@@ -154,6 +154,78 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     Ok((l, local))
 }
 
+/// The time a health check allows for connecting, asking and reading the status line.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Asks a running daemon's admin endpoint for `path` (`/live`, `/ready`) and returns the HTTP
+/// status. This is what `gateway health` and `core-stub health` run as a container healthcheck:
+/// a scratch image has no shell and no curl.
+pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        // The status line is all that matters, and it fits in the first read of a small response.
+        let mut head = Vec::with_capacity(256);
+        let mut chunk = [0u8; 256];
+        while !head.contains(&b'\n') && head.len() < MAX_HEAD {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&head);
+        line.strip_prefix("HTTP/1.1 ")
+            .or_else(|| line.strip_prefix("HTTP/1.0 "))
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP status line")
+            })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+}
+
+/// The `health` subcommand of both daemons (their container healthcheck): asks the admin endpoint
+/// bound to `listen` (see [`local_admin_addr`]) for `path`, prints one line such as
+/// `http://127.0.0.1:9465/ready: 200`, and tells whether the answer was 200.
+pub fn health_command(listen: SocketAddr, path: &str, timeout: Duration) -> bool {
+    let addr = local_admin_addr(listen);
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| rt.block_on(check(addr, path, timeout)));
+    match outcome {
+        Ok(status) => {
+            println!("http://{addr}{path}: {status}");
+            status == 200
+        }
+        Err(e) => {
+            println!("http://{addr}{path}: {e}");
+            false
+        }
+    }
+}
+
+/// The address a health check on this host should use for an admin endpoint bound to `listen`:
+/// the loopback address in place of an unspecified one (`0.0.0.0:9465` → `127.0.0.1:9465`).
+pub fn local_admin_addr(listen: SocketAddr) -> SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
 #[derive(Debug, thiserror::Error)]
 enum AdminError {
     #[error("io: {0}")]
@@ -165,9 +237,12 @@ enum AdminError {
 }
 
 async fn handle(mut stream: TcpStream, config: &AdminConfig) -> Result<(), AdminError> {
-    let request = tokio::time::timeout(config.read_timeout, read_request(&mut stream, config.max_body))
-        .await
-        .map_err(|_| AdminError::Timeout)?;
+    let request = tokio::time::timeout(
+        config.read_timeout,
+        read_request(&mut stream, config.max_body),
+    )
+    .await
+    .map_err(|_| AdminError::Timeout)?;
     let response = match request {
         Ok(req) => route(&req, config),
         Err(AdminError::Bad(why)) => Response::text(400, format!("bad request: {why}\n")),
@@ -233,16 +308,26 @@ async fn read_request(stream: &mut TcpStream, max_body: usize) -> Result<Request
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| AdminError::Bad("head is not UTF-8"))?;
+    let head =
+        std::str::from_utf8(&buf[..head_end]).map_err(|_| AdminError::Bad("head is not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let mut request_line = lines.next().unwrap_or("").split(' ');
-    let method = request_line.next().filter(|m| !m.is_empty()).ok_or(AdminError::Bad("no method"))?;
-    let path = request_line.next().filter(|p| p.starts_with('/')).ok_or(AdminError::Bad("no path"))?;
+    let method = request_line
+        .next()
+        .filter(|m| !m.is_empty())
+        .ok_or(AdminError::Bad("no method"))?;
+    let path = request_line
+        .next()
+        .filter(|p| p.starts_with('/'))
+        .ok_or(AdminError::Bad("no path"))?;
     let mut content_length = 0usize;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             if name.trim().eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().map_err(|_| AdminError::Bad("content-length"))?;
+                content_length = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| AdminError::Bad("content-length"))?;
             }
         }
     }
@@ -285,34 +370,91 @@ mod tests {
     use super::*;
 
     async fn get(addr: SocketAddr, raw: &[u8]) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(raw).await.unwrap();
+        let mut s = TcpStream::connect(addr).await.expect("test");
+        s.write_all(raw).await.expect("test");
         let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        s.read_to_string(&mut out).await.expect("test");
         out
     }
 
     #[tokio::test]
     async fn serves_metrics_live_ready_and_refuses_junk() {
         let registry = Registry::new();
-        crate::build_info(&registry, "test", "1.2.3").unwrap();
+        crate::build_info(&registry, "test", "1.2.3").expect("test");
         let ready = Readiness::new();
-        let (l, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (l, addr) = bind("127.0.0.1:0".parse().expect("test"))
+            .await
+            .expect("test");
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(l, AdminConfig::new(registry, ready.clone()), stop.clone()));
+        let task = tokio::spawn(serve(
+            l,
+            AdminConfig::new(registry, ready.clone()),
+            stop.clone(),
+        ));
 
         let m = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
         assert!(m.contains("test_build_info{version=\"1.2.3\"} 1"), "{m}");
-        assert!(get(addr, b"GET /live HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
-        assert!(get(addr, b"GET /ready HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 503"));
+        assert!(get(addr, b"GET /live HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        assert!(get(addr, b"GET /ready HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 503"));
         ready.set(true);
-        assert!(get(addr, b"GET /ready HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
-        assert!(get(addr, b"GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
-        assert!(get(addr, b"\x00\x01garbage\r\n\r\n").await.starts_with("HTTP/1.1 400"));
+        assert!(get(addr, b"GET /ready HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        assert!(get(addr, b"GET /nope HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        assert!(get(addr, b"\x00\x01garbage\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 400"));
         let huge = vec![b'a'; MAX_HEAD * 2];
         assert!(get(addr, &huge).await.starts_with("HTTP/1.1 400"));
         stop.cancel();
-        task.await.unwrap();
+        task.await.expect("test");
+    }
+
+    #[tokio::test]
+    async fn health_check_reports_the_status() {
+        let ready = Readiness::new();
+        let (l, addr) = bind("127.0.0.1:0".parse().expect("test"))
+            .await
+            .expect("test");
+        let stop = CancellationToken::new();
+        let config = AdminConfig::new(Registry::new(), ready.clone());
+        let task = tokio::spawn(serve(l, config, stop.clone()));
+        let wait = Duration::from_secs(5);
+        assert_eq!(check(addr, "/live", wait).await.expect("test"), 200);
+        assert_eq!(check(addr, "/ready", wait).await.expect("test"), 503);
+        ready.set(true);
+        assert_eq!(check(addr, "/ready", wait).await.expect("test"), 200);
+        stop.cancel();
+        task.await.expect("test");
+        // Nobody listening any more: an error, not a status.
+        assert!(check(addr, "/live", wait).await.is_err());
+
+        // A listener that accepts and never answers: the time limit.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("test");
+        let silent_addr = silent.local_addr().expect("test");
+        let e = check(silent_addr, "/live", Duration::from_millis(200))
+            .await
+            .expect_err("timed out");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+
+        assert_eq!(
+            local_admin_addr("0.0.0.0:9465".parse().expect("test")),
+            "127.0.0.1:9465".parse().expect("test")
+        );
+        assert_eq!(
+            local_admin_addr("[::]:9464".parse().expect("test")),
+            "[::1]:9464".parse().expect("test")
+        );
+        assert_eq!(
+            local_admin_addr("10.0.0.5:9464".parse().expect("test")),
+            "10.0.0.5:9464".parse().expect("test")
+        );
     }
 }

@@ -165,7 +165,7 @@ pub async fn start_gateway(
         config: dep.gateway_config(k),
         listen_devices: Some(any),
         listen_admin: Some(any),
-        core: Some(core),
+        core: Some(core.into()),
         ready_file: None,
     };
     let config = gateway::GatewayConfig::load(&cli)?;
