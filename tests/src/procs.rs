@@ -82,9 +82,13 @@ impl Daemon {
     }
 }
 
-/// The path of one of the workspace's binaries (`core-stub`, `gateway`, `device-sim`), built if
-/// needed: `cargo test --workspace` builds them next to the test executables, and a test run of this
-/// package alone brings them up to date with one `cargo build` per binary.
+/// The path of one of the workspace's binaries (`core-stub`, `gateway`, `device-sim`).
+///
+/// `cargo test --workspace` builds them next to the test executables. When a binary is missing or
+/// older than any source file of the workspace's crates (a run of this package alone after an
+/// edit), one `cargo build` brings it up to date. An up-to-date binary is used as it is: a nested
+/// `cargo build -p NAME` resolves features differently from the workspace's test build and would
+/// relink it for nothing.
 pub fn binary(name: &str) -> Result<PathBuf> {
     use std::sync::{Mutex, OnceLock};
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
@@ -97,13 +101,15 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     if !built.iter().any(|b| b == name) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", name, "--bin", name])
-            .status()
-            .context("running cargo build")?;
-        if !status.success() {
-            bail!("cargo build -p {name} failed");
+        if is_stale(&path) {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--quiet", "-p", name, "--bin", name])
+                .status()
+                .context("running cargo build")?;
+            if !status.success() {
+                bail!("cargo build -p {name} failed");
+            }
         }
         built.push(name.to_owned());
     }
@@ -111,4 +117,39 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         bail!("{} does not exist after cargo build", path.display());
     }
     Ok(path)
+}
+
+/// Whether `binary` is missing or older than a source file of the crates it is built from.
+fn is_stale(binary: &Path) -> bool {
+    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
+        return true;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs: Vec<PathBuf> = [
+        "protocol/src",
+        "ops/src",
+        "core-stub/src",
+        "gateway/src",
+        "device-sim/src",
+    ]
+    .iter()
+    .map(|d| root.join(d))
+    .collect();
+    let mut newest = std::fs::metadata(root.join("Cargo.lock"))
+        .and_then(|m| m.modified())
+        .ok();
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if let Ok(t) = entry.metadata().and_then(|m| m.modified()) {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    newest.is_some_and(|n| n > built)
 }
