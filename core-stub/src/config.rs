@@ -14,6 +14,8 @@ use relay_protocol::session::StaticKeypair;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use crate::tokens::{TokenFileError, TokenSet};
+
 /// Why the configuration cannot be used. Always the operator's to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,6 +55,9 @@ pub enum ConfigError {
         /// What is wrong with it (never its contents).
         why: String,
     },
+    /// The admin tokens file is unusable.
+    #[error(transparent)]
+    Tokens(#[from] TokenFileError),
 }
 
 /// The core's whole configuration, validated.
@@ -72,6 +77,8 @@ pub struct CoreConfig {
     pub session: SessionConfig,
     /// Caps on gateways and flows.
     pub limits: LimitsConfig,
+    /// The admin API's tokens.
+    pub admin: AdminApiConfig,
     /// Where to write `{"quic":…,"direct":…,"admin":…}` once ready (command line only).
     pub ready_file: Option<PathBuf>,
 }
@@ -172,6 +179,16 @@ pub struct LimitsConfig {
     pub max_flows_per_gateway: u32,
 }
 
+/// `[admin]`: the admin API (`/v1/…` on the admin listener). Without a tokens file no token is
+/// valid, so every API request is refused (and audited).
+#[derive(Clone, Debug, Default)]
+pub struct AdminApiConfig {
+    /// Where the tokens came from.
+    pub tokens_file: Option<PathBuf>,
+    /// The tokens accepted.
+    pub tokens: TokenSet,
+}
+
 // The file as written. Every section and key has a default; unknown keys are errors.
 
 #[derive(Deserialize)]
@@ -184,6 +201,13 @@ struct RawConfig {
     store: RawStore,
     session: RawSession,
     limits: RawLimits,
+    admin: RawAdmin,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    tokens_file: Option<PathBuf>,
 }
 
 impl Default for RawConfig {
@@ -196,6 +220,7 @@ impl Default for RawConfig {
             store: RawStore::default(),
             session: RawSession::default(),
             limits: RawLimits::default(),
+            admin: RawAdmin::default(),
         }
     }
 }
@@ -400,6 +425,16 @@ impl CoreConfig {
             path: store_path.clone(),
             source,
         })?;
+        let admin = match raw.admin.tokens_file {
+            Some(rel) => {
+                let path = base.join(rel);
+                AdminApiConfig {
+                    tokens: TokenSet::load(&path)?,
+                    tokens_file: Some(path),
+                }
+            }
+            None => AdminApiConfig::default(),
+        };
 
         Ok(Self {
             name: raw.name,
@@ -424,6 +459,7 @@ impl CoreConfig {
                 max_gateways: raw.limits.max_gateways as usize,
                 max_flows_per_gateway,
             },
+            admin,
             ready_file: None,
         })
     }
@@ -507,6 +543,8 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = parse_err("[store]\nbatch_max = 5\nlinger = 3\n");
         assert!(matches!(e, ConfigError::Parse { line: 3, .. }), "{e}");
+        let e = parse_err("[admin]\ntokens = \"x\"\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
         let e = parse_err("[nope]\n");
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
         assert!(!e.to_string().contains('\n'));

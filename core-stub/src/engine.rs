@@ -187,6 +187,24 @@ pub(crate) enum EngineInput {
     GatewayDown { conn: GatewayConnId },
 }
 
+/// What the admin API asks of the engine, on its own bounded channel, served before frames so a
+/// suspension takes effect ahead of any queued traffic.
+#[derive(Debug)]
+pub(crate) enum EngineControl {
+    /// The subscription's status changed in the store: apply it, drop its sessions unless it is
+    /// active, and reply with how many were dropped.
+    SetStatus {
+        subscription: SubscriptionId,
+        status: SubscriptionStatus,
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
+    /// How many sessions the subscription holds.
+    LiveSessions {
+        subscription: SubscriptionId,
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
+}
+
 /// The engine's way back to a gateway: datagrams on the connection, and the control stream (via
 /// its writer task) for a frame too large for a datagram.
 #[derive(Debug)]
@@ -278,6 +296,39 @@ impl SessionTable {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The slot of a subscription (`subs` is in id order, as the store lists it).
+    fn slot_of(&self, id: SubscriptionId) -> Option<usize> {
+        self.subs.binary_search_by_key(&id, |e| e.id).ok()
+    }
+
+    /// Applies a status change made in the store. A subscription that is no longer active loses
+    /// its sessions at once: frames on them are then `unknown_session`, its handshakes
+    /// `suspended` or `revoked`. Returns how many sessions were dropped (0 for a subscription the
+    /// engine does not index).
+    pub fn set_status(&mut self, id: SubscriptionId, status: SubscriptionStatus) -> usize {
+        let Some(slot) = self.slot_of(id) else {
+            return 0;
+        };
+        let entry = &mut self.subs[slot];
+        entry.status = status;
+        if status == SubscriptionStatus::Active {
+            return 0;
+        }
+        let live: Vec<SessionId> = entry.sessions.iter().flatten().copied().collect();
+        for session in &live {
+            self.remove_session(*session);
+        }
+        tracing::debug!(subscription = id.0, %status, dropped = live.len(), "status applied");
+        live.len()
+    }
+
+    /// How many sessions a subscription holds.
+    pub fn live_sessions(&self, id: SubscriptionId) -> usize {
+        self.slot_of(id)
+            .map(|slot| self.subs[slot].sessions.iter().flatten().count())
+            .unwrap_or(0)
     }
 
     /// Handles one device frame. Nothing it contains can make this panic or touch another session.
@@ -562,6 +613,7 @@ impl Engine {
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<EngineInput>,
+        mut control: mpsc::Receiver<EngineControl>,
         shutdown: CancellationToken,
         grace: Duration,
     ) {
@@ -571,6 +623,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                Some(c) = control.recv() => self.on_control(c),
                 Some(c) = self.committed.recv() => self.on_committed(c),
                 msg = input.recv() => match msg {
                     Some(msg) => self.on_input(msg).await,
@@ -603,6 +656,25 @@ impl Engine {
             }
             EngineInput::GatewayDown { conn } => {
                 self.gateways.remove(&conn);
+            }
+        }
+    }
+
+    fn on_control(&mut self, c: EngineControl) {
+        match c {
+            EngineControl::SetStatus {
+                subscription,
+                status,
+                reply,
+            } => {
+                let dropped = self.table.set_status(subscription, status);
+                let _ = reply.send(dropped);
+            }
+            EngineControl::LiveSessions {
+                subscription,
+                reply,
+            } => {
+                let _ = reply.send(self.table.live_sessions(subscription));
             }
         }
     }
@@ -985,6 +1057,47 @@ mod tests {
         rig.table.sweep(late);
         assert_eq!(rig.table.session_count(), 0);
         assert_eq!(rig.metrics.sessions.get(), 0);
+    }
+
+    #[test]
+    fn suspension_drops_live_sessions_and_resume_allows_handshakes() {
+        let mut rig = rig(
+            &[SubscriptionStatus::Active, SubscriptionStatus::Active],
+            policy(),
+        );
+        let now = Instant::now();
+        let mut dev = device(&rig, 0);
+        establish(&mut rig, &mut dev, 1, A, now);
+        let mut other = device(&rig, 1);
+        establish(&mut rig, &mut other, 1, A, now);
+        assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 1);
+        assert_eq!(
+            rig.table
+                .set_status(SubscriptionId(1), SubscriptionStatus::Suspended),
+            1
+        );
+        assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 0);
+        let mut out = Outputs::default();
+        rig.table
+            .handle_frame(&reading(&mut dev, 1), A, now, &mut out);
+        assert!(out.readings.is_empty());
+        assert_eq!(dropped(&rig.metrics, "unknown_session"), 1);
+        let init = dev.start_handshake(SessionId(3), 2, now).expect("init");
+        rig.table.handle_frame(&init, A, now, &mut out);
+        assert_eq!(handshakes(&rig.metrics, HandshakeResult::Suspended), 1);
+        // The other device is untouched.
+        rig.table
+            .handle_frame(&reading(&mut other, 1), A, now, &mut out);
+        assert_eq!(out.readings.len(), 1);
+
+        rig.table
+            .set_status(SubscriptionId(1), SubscriptionStatus::Active);
+        establish(&mut rig, &mut dev, 3, A, now);
+        assert_eq!(
+            rig.table
+                .set_status(SubscriptionId(9), SubscriptionStatus::Revoked),
+            0
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use rcgen::{
 use relay_protocol::session::{PublicKey, SessionError, StaticKeypair};
 
 use crate::store::{Store, StoreError, SubscriptionStatus};
+use crate::tokens::{PlainToken, Role, TokenSet};
 
 /// The most devices `init` provisions.
 pub const MAX_DEVICES: u32 = 10_000_000;
@@ -75,7 +76,7 @@ pub enum InitError {
     Store(#[from] StoreError),
 }
 
-/// What `init` wrote, for the operator. Holds no secret.
+/// What `init` wrote, for the operator. Its `Display` holds no secret.
 #[derive(Clone, Debug)]
 pub struct InitSummary {
     /// The deployment directory.
@@ -88,6 +89,9 @@ pub struct InitSummary {
     pub core_public_key: PublicKey,
     /// Every file written, relative to `dir`.
     pub files: Vec<PathBuf>,
+    /// The admin API tokens generated (role, secret), for the caller to show once. Not part of
+    /// the `Display` output, and redacted in `Debug`; also in `admin-<role>.token` (0600).
+    pub admin_tokens: Vec<(Role, PlainToken)>,
 }
 
 impl fmt::Display for InitSummary {
@@ -221,6 +225,24 @@ pub fn init(dir: &Path, options: &InitOptions) -> Result<InitSummary, InitError>
     )?;
     drop(noise);
     w.write("core/core.toml", core_toml().as_bytes(), Mode::Public)?;
+    let operator = PlainToken::generate();
+    let technician = PlainToken::generate();
+    w.write(
+        "core/admin-tokens.toml",
+        TokenSet::file_text(&[
+            ("operator", Role::Operator, &operator),
+            ("technician", Role::Technician, &technician),
+        ])
+        .as_bytes(),
+        Mode::Secret,
+    )?;
+    for (role, token) in [(Role::Operator, &operator), (Role::Technician, &technician)] {
+        w.write(
+            &format!("admin-{}.token", role.as_str()),
+            format!("{}\n", token.expose()).as_bytes(),
+            Mode::Secret,
+        )?;
+    }
 
     for k in 1..=options.gateways {
         let name = format!("gateway-{k}");
@@ -275,6 +297,7 @@ pub fn init(dir: &Path, options: &InitOptions) -> Result<InitSummary, InitError>
         gateways: options.gateways,
         core_public_key,
         files: w.files,
+        admin_tokens: vec![(Role::Operator, operator), (Role::Technician, technician)],
     })
 }
 
@@ -367,6 +390,9 @@ max_sessions = 1000000
 [limits]
 max_gateways = 256
 max_flows_per_gateway = 1000000
+
+[admin]
+tokens_file = "admin-tokens.toml"   # admin API tokens: name, role, SHA-256 of the secret
 "#
     .to_owned()
 }
@@ -503,6 +529,9 @@ mod tests {
                 "gateway-1/key.pem",
                 "gateway-2/key.pem",
                 "devices/fleet.keys",
+                "core/admin-tokens.toml",
+                "admin-operator.token",
+                "admin-technician.token",
             ] {
                 let mode = std::fs::metadata(dir.join(f))
                     .expect("meta")
@@ -517,6 +546,24 @@ mod tests {
         assert_eq!(config.noise.public(), &summary.core_public_key);
         assert_eq!(config.store.path, dir.join("core").join("subscriptions.db"));
         assert_eq!(config.tls.gateway_ca.len(), 1);
+        // The admin tokens: the files hold the secrets, the config only their hashes.
+        assert_eq!(config.admin.tokens.len(), 2);
+        for (role, token) in &summary.admin_tokens {
+            let file = std::fs::read_to_string(dir.join(format!("admin-{}.token", role.as_str())))
+                .expect("token file");
+            assert_eq!(file.trim(), token.expose());
+            let entry = config
+                .admin
+                .tokens
+                .authenticate(file.trim())
+                .expect("valid");
+            assert_eq!(entry.role, *role);
+        }
+        let hashes = std::fs::read_to_string(dir.join("core/admin-tokens.toml")).expect("read");
+        assert!(!summary
+            .admin_tokens
+            .iter()
+            .any(|(_, t)| hashes.contains(t.expose())));
 
         // Gateway configs: the documented keys and per-gateway ports.
         let gw: toml::Table = toml::from_str(

@@ -21,6 +21,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin_api;
+pub mod admin_client;
 pub mod config;
 mod direct;
 pub mod engine;
@@ -28,6 +30,7 @@ pub mod init;
 pub mod metrics;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 mod uplink;
 
 use std::net::SocketAddr;
@@ -46,6 +49,8 @@ pub use store::{Store, StoreError, SubscriptionStatus};
 
 /// Device frames queued for the engine from all acceptors together.
 const ENGINE_QUEUE: usize = 8192;
+/// Admin requests queued for the engine (status changes, session counts).
+const CONTROL_QUEUE: usize = 64;
 /// Commits queued back from the store writer (each one a whole batch).
 const COMMIT_QUEUE: usize = 64;
 /// How long shutdown waits for tasks to finish and the last readings to be committed.
@@ -165,17 +170,14 @@ pub async fn run(
 
     let metrics = metrics::Metrics::new()?;
     let readiness = Readiness::new();
-    tasks.spawn(relay_ops::admin::serve(
-        listeners.admin,
-        AdminConfig::new(metrics.registry().clone(), readiness.clone()),
-        stop.clone(),
-    ));
 
     let store_path = config.store.path.clone();
-    let (store, index) = tokio::task::spawn_blocking(move || {
+    let (store, api_store, index) = tokio::task::spawn_blocking(move || {
         let store = store::Store::open(&store_path)?;
         let index = store.index_entries()?;
-        Ok::<_, StoreError>((store, index))
+        // The admin API's own connection (WAL: it reads beside the writer thread).
+        let api_store = store::Store::open(&store_path)?;
+        Ok::<_, StoreError>((store, api_store, index))
     })
     .await
     .map_err(|e| CoreError::Io {
@@ -198,6 +200,23 @@ pub async fn run(
         what: "QUIC endpoint",
         source,
     })?;
+
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let mut admin = AdminConfig::new(metrics.registry().clone(), readiness.clone());
+    admin.handler = Some(
+        admin_api::AdminApi::new(
+            config.admin.tokens.clone(),
+            api_store,
+            control_tx,
+            metrics.clone(),
+        )
+        .into_handler(),
+    );
+    tasks.spawn(relay_ops::admin::serve(
+        listeners.admin,
+        admin,
+        stop.clone(),
+    ));
 
     let (input_tx, input_rx) = mpsc::channel(ENGINE_QUEUE);
     let (store_tx, store_rx) = mpsc::channel(config.store.batch_max.saturating_mul(2));
@@ -229,7 +248,7 @@ pub async fn run(
         committed_rx,
         metrics.clone(),
     );
-    let engine_task = tokio::spawn(engine.run(input_rx, stop.clone(), SHUTDOWN_GRACE));
+    let engine_task = tokio::spawn(engine.run(input_rx, control_rx, stop.clone(), SHUTDOWN_GRACE));
     tasks.spawn(direct::serve(
         direct_socket,
         input_tx.clone(),

@@ -42,7 +42,24 @@ pub struct Metrics {
     pub readings_duplicate: IntCounter,
     /// `core_store_commit_seconds`: one observation per store transaction.
     pub store_commit_seconds: Histogram,
+    admin_requests: IntCounterVec,
+    lifecycle_events: IntCounterVec,
 }
+
+/// Every `result` of `core_admin_requests_total`.
+pub const ADMIN_RESULTS: [&str; 8] = [
+    "ok",
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "unavailable",
+    "error",
+];
+
+/// Every `event` of `core_lifecycle_events_total`.
+pub const LIFECYCLE_EVENTS: [&str; 3] = ["suspend", "resume", "revoke"];
 
 impl Metrics {
     /// Registers every metric, plus `core_build_info{version}`, in a fresh registry.
@@ -93,6 +110,28 @@ impl Metrics {
             ]),
         )?;
 
+        let admin_requests = IntCounterVec::new(
+            Opts::new(
+                "core_admin_requests_total",
+                "Admin API requests (/v1/…), by result.",
+            ),
+            &["result"],
+        )?;
+        let lifecycle_events = IntCounterVec::new(
+            Opts::new(
+                "core_lifecycle_events_total",
+                "Subscription status changes made through the admin API, by event.",
+            ),
+            &["event"],
+        )?;
+        registry.register(Box::new(admin_requests.clone()))?;
+        registry.register(Box::new(lifecycle_events.clone()))?;
+        for result in ADMIN_RESULTS {
+            admin_requests.with_label_values(&[result]);
+        }
+        for event in LIFECYCLE_EVENTS {
+            lifecycle_events.with_label_values(&[event]);
+        }
         registry.register(Box::new(frames_received.clone()))?;
         registry.register(Box::new(frames_dropped.clone()))?;
         registry.register(Box::new(handshakes.clone()))?;
@@ -120,7 +159,19 @@ impl Metrics {
             readings_stored,
             readings_duplicate,
             store_commit_seconds,
+            admin_requests,
+            lifecycle_events,
         })
+    }
+
+    /// Counts one admin API request by result (one of [`ADMIN_RESULTS`]).
+    pub fn admin_request(&self, result: &'static str) {
+        self.admin_requests.with_label_values(&[result]).inc();
+    }
+
+    /// Counts one status change (one of [`LIFECYCLE_EVENTS`]).
+    pub fn lifecycle_event(&self, event: &'static str) {
+        self.lifecycle_events.with_label_values(&[event]).inc();
     }
 
     /// The registry served on `/metrics`.

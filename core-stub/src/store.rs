@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
-/// The schema this code writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this code writes, kept in `PRAGMA user_version`. Version 1 had no audit log.
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE subscriptions (
@@ -42,6 +42,28 @@ CREATE TABLE readings (
     PRIMARY KEY (subscription_id, seq)
 ) WITHOUT ROWID;
 ";
+
+/// The audit log (schema version 2): append-only. The triggers make that a property of the
+/// database, not only of this code: an UPDATE or DELETE on `audit` aborts.
+const AUDIT_SCHEMA: &str = "
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT,
+    action TEXT NOT NULL,
+    target TEXT,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+";
+
+/// The most rows one page of a listing returns.
+pub const MAX_PAGE: u32 = 1000;
 
 /// Why a store operation failed. Everything here is the local side's fault (disk, database file,
 /// or a caller naming a subscription that does not exist).
@@ -67,6 +89,9 @@ pub enum StoreError {
     /// No subscription has that serial.
     #[error("no subscription with serial {0:?}")]
     UnknownSerial(String),
+    /// The subscription is revoked, which is final.
+    #[error("subscription {0:?} is revoked; revocation is final")]
+    RevokedForGood(String),
     /// The journal mode could not be switched to WAL (for example on a read-only medium).
     #[error("journal mode is {0}, not wal")]
     NotWal(String),
@@ -130,6 +155,78 @@ pub struct Subscription {
     pub status: SubscriptionStatus,
     /// When it was provisioned, ms since the Unix epoch.
     pub created_at_ms: i64,
+}
+
+/// One subscription as the admin API lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceSummary {
+    /// The device's serial number.
+    pub serial: String,
+    /// Whether it may connect.
+    #[serde(serialize_with = "serialize_status")]
+    pub status: SubscriptionStatus,
+    /// When it was provisioned, ms since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+/// One page of subscriptions, by id.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DevicePage {
+    /// Subscriptions in the store.
+    pub total: u64,
+    /// The page asked for.
+    pub limit: u32,
+    /// Rows skipped.
+    pub offset: u64,
+    /// The page.
+    pub devices: Vec<DeviceSummary>,
+}
+
+/// A status change as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The subscription changed.
+    pub id: SubscriptionId,
+    /// Its status before.
+    pub previous: SubscriptionStatus,
+}
+
+/// One lifecycle or refusal event, to be appended to the audit log.
+#[derive(Clone, Debug)]
+pub struct AuditEvent<'a> {
+    /// Who: the token's name, or `anonymous`.
+    pub actor: &'a str,
+    /// The token's role, when one was presented and valid.
+    pub role: Option<&'a str>,
+    /// What was asked (`suspend`, `list_devices`, …).
+    pub action: &'a str,
+    /// The device concerned.
+    pub target: Option<&'a str>,
+    /// `ok`, `unchanged`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `bad_request`, …
+    pub outcome: &'a str,
+    /// Free text (never a secret).
+    pub detail: &'a str,
+}
+
+/// One row of the audit log.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRecord {
+    /// Its position in the log.
+    pub id: i64,
+    /// When, ms since the Unix epoch.
+    pub at_ms: i64,
+    /// Who.
+    pub actor: String,
+    /// With which role.
+    pub role: Option<String>,
+    /// What.
+    pub action: String,
+    /// On which device.
+    pub target: Option<String>,
+    /// How it ended.
+    pub outcome: String,
+    /// Details.
+    pub detail: String,
 }
 
 /// What the engine's subscription index needs from a row (no serial: the index stays small).
@@ -260,6 +357,11 @@ impl Store {
         match version {
             0 => {
                 tx.execute_batch(SCHEMA)?;
+                tx.execute_batch(AUDIT_SCHEMA)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            }
+            1 => {
+                tx.execute_batch(AUDIT_SCHEMA)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             }
             SCHEMA_VERSION => {}
@@ -321,6 +423,152 @@ impl Store {
             return Err(StoreError::UnknownSerial(serial.to_owned()));
         }
         Ok(())
+    }
+
+    /// Changes a subscription's status for the admin API, in one transaction: revocation is
+    /// final, so a revoked subscription can only be "revoked" again. Returns the previous status.
+    ///
+    /// With `audit` (actor, role, action), the event is appended to the audit log in the same
+    /// transaction, so a change is never stored without its record (outcome `ok`, or `unchanged`
+    /// when the status already was `status`).
+    pub fn change_status(
+        &mut self,
+        serial: &str,
+        status: SubscriptionStatus,
+        audit: Option<(&str, &str, &str)>,
+    ) -> Result<StatusChange, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let row: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT id, status FROM subscriptions WHERE serial = ?1",
+                [serial],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (id, previous) = row.ok_or_else(|| StoreError::UnknownSerial(serial.to_owned()))?;
+        let previous = status_from_text(&previous)?;
+        if previous == SubscriptionStatus::Revoked && status != SubscriptionStatus::Revoked {
+            return Err(StoreError::RevokedForGood(serial.to_owned()));
+        }
+        if previous != status {
+            tx.execute(
+                "UPDATE subscriptions SET status = ?1 WHERE id = ?2",
+                params![status.as_str(), id],
+            )?;
+        }
+        if let Some((actor, role, action)) = audit {
+            tx.execute(
+                "INSERT INTO audit (at_ms, actor, role, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    now_ms(),
+                    actor,
+                    role,
+                    action,
+                    serial,
+                    if previous == status { "unchanged" } else { "ok" },
+                    format!("{previous} -> {status}")
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(StatusChange {
+            id: SubscriptionId(id),
+            previous,
+        })
+    }
+
+    /// One page of subscriptions by id; `limit` is capped at [`MAX_PAGE`].
+    pub fn device_page(&self, limit: u32, offset: u64) -> Result<DevicePage, StoreError> {
+        let limit = limit.min(MAX_PAGE);
+        let total: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM subscriptions", [], |r| r.get(0))?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT serial, status, created_at_ms FROM subscriptions ORDER BY id LIMIT ?1 OFFSET ?2",
+        )?;
+        let mut rows = stmt.query(params![limit, i64::try_from(offset).unwrap_or(i64::MAX)])?;
+        let mut devices = Vec::new();
+        while let Some(row) = rows.next()? {
+            devices.push(DeviceSummary {
+                serial: row.get(0)?,
+                status: status_from_text(&row.get::<_, String>(1)?)?,
+                created_at_ms: row.get(2)?,
+            });
+        }
+        Ok(DevicePage {
+            total: total.max(0) as u64,
+            limit,
+            offset,
+            devices,
+        })
+    }
+
+    /// One subscription and how many readings it has stored.
+    pub fn device(&self, serial: &str) -> Result<(SubscriptionId, DeviceSummary, u64), StoreError> {
+        let row: Option<(i64, String, i64)> = self
+            .conn
+            .query_row(
+                "SELECT id, status, created_at_ms FROM subscriptions WHERE serial = ?1",
+                [serial],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let (id, status, created_at_ms) =
+            row.ok_or_else(|| StoreError::UnknownSerial(serial.to_owned()))?;
+        let readings: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM readings WHERE subscription_id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        Ok((
+            SubscriptionId(id),
+            DeviceSummary {
+                serial: serial.to_owned(),
+                status: status_from_text(&status)?,
+                created_at_ms,
+            },
+            readings.max(0) as u64,
+        ))
+    }
+
+    /// Appends one event to the audit log (the only write the log accepts).
+    pub fn append_audit(&self, event: &AuditEvent<'_>) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO audit (at_ms, actor, role, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now_ms(),
+                event.actor,
+                event.role,
+                event.action,
+                event.target,
+                event.outcome,
+                event.detail
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The newest `limit` audit events (capped at [`MAX_PAGE`]), oldest first.
+    pub fn audit(&self, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, at_ms, actor, role, action, target, outcome, detail FROM
+             (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        let rows = stmt.query_map([limit.min(MAX_PAGE)], |r| {
+            Ok(AuditRecord {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                actor: r.get(2)?,
+                role: r.get(3)?,
+                action: r.get(4)?,
+                target: r.get(5)?,
+                outcome: r.get(6)?,
+                detail: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Every subscription, by id.
@@ -744,6 +992,85 @@ mod tests {
         assert_eq!(subs[1].status, SubscriptionStatus::Revoked);
         let index = store.index_entries().expect("index");
         assert_eq!(index[1].status, SubscriptionStatus::Revoked);
+    }
+
+    #[test]
+    fn revocation_is_final_and_the_audit_log_is_append_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("s.db")).expect("open");
+        store
+            .add_subscription("m1", &key(1), SubscriptionStatus::Active)
+            .expect("add");
+        let c = store
+            .change_status(
+                "m1",
+                SubscriptionStatus::Suspended,
+                Some(("op", "operator", "suspend")),
+            )
+            .expect("suspend");
+        assert_eq!(c.previous, SubscriptionStatus::Active);
+        let c = store
+            .change_status("m1", SubscriptionStatus::Revoked, None)
+            .expect("revoke");
+        assert_eq!(c.previous, SubscriptionStatus::Suspended);
+        assert!(matches!(
+            store.change_status("m1", SubscriptionStatus::Active, None),
+            Err(StoreError::RevokedForGood(_))
+        ));
+        assert!(matches!(
+            store.change_status("m9", SubscriptionStatus::Active, None),
+            Err(StoreError::UnknownSerial(_))
+        ));
+        let (_, d, readings) = store.device("m1").expect("device");
+        assert_eq!((d.status, readings), (SubscriptionStatus::Revoked, 0));
+        let page = store.device_page(10, 0).expect("page");
+        assert_eq!((page.total, page.devices.len()), (1, 1));
+        assert!(store.device_page(10, 1).expect("page").devices.is_empty());
+
+        let first = store.audit(10).expect("audit");
+        assert_eq!(first.len(), 1, "the suspension, in its transaction");
+        assert_eq!(
+            (first[0].outcome.as_str(), first[0].detail.as_str()),
+            ("ok", "active -> suspended")
+        );
+        for n in 0..3 {
+            let detail = format!("event {n}");
+            store
+                .append_audit(&AuditEvent {
+                    actor: "op",
+                    role: Some("operator"),
+                    action: "suspend",
+                    target: Some("m1"),
+                    outcome: "ok",
+                    detail: &detail,
+                })
+                .expect("append");
+        }
+        let log = store.audit(2).expect("audit");
+        assert_eq!(
+            log.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>(),
+            ["event 1", "event 2"]
+        );
+        assert!(store
+            .conn
+            .execute("UPDATE audit SET actor = 'x'", [])
+            .is_err());
+        assert!(store.conn.execute("DELETE FROM audit", []).is_err());
+        assert_eq!(store.audit(10).expect("audit").len(), 4);
+    }
+
+    #[test]
+    fn a_version_1_store_gains_the_audit_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(SCHEMA).expect("schema");
+        conn.pragma_update(None, "user_version", 1)
+            .expect("version");
+        drop(conn);
+        let store = Store::open(&path).expect("migrate");
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        assert!(store.audit(1).expect("audit").is_empty());
     }
 
     #[test]

@@ -495,3 +495,246 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
     core.wait_metric("core_gateways_connected", 0.0).await?;
     core.stop().await
 }
+
+impl Core {
+    fn token(&self, role: &str) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(self.path(&format!("admin-{role}.token")))?
+                .trim()
+                .to_owned(),
+        )
+    }
+
+    /// An admin API call: `(status, JSON body)`.
+    async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let a =
+            core_stub::admin_client::request(self.admin, method, path, token.unwrap_or(""), WAIT)
+                .await?;
+        // Without a token the header is sent empty: as bad as none.
+        Ok((
+            a.status,
+            serde_json::from_slice(&a.body).unwrap_or_default(),
+        ))
+    }
+
+    async fn raw(&self, request: &str) -> Result<String> {
+        let mut s = tokio::net::TcpStream::connect(self.admin).await?;
+        s.write_all(request.as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+}
+
+#[tokio::test]
+async fn admin_api_tokens_roles_suspend_resume_revoke_and_audit() -> Result<()> {
+    let core = Core::start(3).await?;
+    let op = core.token("operator")?;
+    let tech = core.token("technician")?;
+
+    // No token, an empty one, a wrong one: 401, and each audited as anonymous.
+    let no_header = core.raw("GET /v1/devices HTTP/1.1\r\n\r\n").await?;
+    assert!(no_header.starts_with("HTTP/1.1 401"), "{no_header}");
+    assert_eq!(core.api("GET", "/v1/devices", None).await?.0, 401);
+    assert_eq!(
+        core.api("POST", "/v1/devices/meter-00001/suspend", Some("wrong"))
+            .await?
+            .0,
+        401
+    );
+    // Technicians read, operators change.
+    let (status, list) = core.api("GET", "/v1/devices?limit=2", Some(&tech)).await?;
+    assert_eq!(status, 200);
+    assert_eq!(list["total"], 3);
+    assert_eq!(list["devices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(list["devices"][0]["status"], "active");
+    let (status, _) = core
+        .api("POST", "/v1/devices/meter-00001/suspend", Some(&tech))
+        .await?;
+    assert_eq!(status, 403);
+    assert_eq!(core.api("GET", "/v1/audit", Some(&tech)).await?.0, 403);
+    assert_eq!(
+        core.api("GET", "/v1/devices/meter-99999", Some(&tech))
+            .await?
+            .0,
+        404
+    );
+    assert_eq!(
+        core.api("GET", "/v1/devices?limit=0", Some(&tech)).await?.0,
+        400
+    );
+
+    // A device with a live session over direct UDP.
+    let (serial, key) = core.device_key(0)?;
+    let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+    dev.handshake(1_000).await?;
+    let frame = dev.reading(1, b"one")?;
+    dev.send(&frame).await?;
+    assert_eq!(dev.expect_ack().await?, vec![1]);
+    let (_, shown) = core
+        .api("GET", &format!("/v1/devices/{serial}"), Some(&tech))
+        .await?;
+    assert_eq!(
+        (&shown["readings"], &shown["live_sessions"]),
+        (&serde_json::json!(1), &serde_json::json!(1))
+    );
+
+    // Suspend: the answer comes after the engine dropped the session.
+    let (status, changed) = core
+        .api("POST", &format!("/v1/devices/{serial}/suspend"), Some(&op))
+        .await?;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["sessions_dropped"], 1);
+    assert_eq!(changed["previous"], "active");
+    let frame = dev.reading(2, b"two")?;
+    dev.send(&frame).await?;
+    assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+    core.wait_metric("core_frames_dropped_total{reason=\"unknown_session\"}", 1.0)
+        .await?;
+    assert_eq!(core.store()?.readings_of(&serial)?.len(), 1);
+    let init = dev
+        .session
+        .start_handshake(SessionId(7), 2_000, Instant::now())?;
+    dev.send(&init).await?;
+    assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+    core.wait_metric("core_handshakes_total{result=\"suspended\"}", 1.0)
+        .await?;
+    core.wait_metric("core_lifecycle_events_total{event=\"suspend\"}", 1.0)
+        .await?;
+
+    // Resume: handshakes succeed again and readings are acknowledged.
+    let (status, _) = core
+        .api("POST", &format!("/v1/devices/{serial}/resume"), Some(&op))
+        .await?;
+    assert_eq!(status, 200);
+    dev.handshake(3_000).await?;
+    let frame = dev.reading(2, b"two")?;
+    dev.send(&frame).await?;
+    assert_eq!(dev.expect_ack().await?, vec![2]);
+
+    // Revoke is final.
+    let (status, changed) = core
+        .api("POST", &format!("/v1/devices/{serial}/revoke"), Some(&op))
+        .await?;
+    assert_eq!(
+        (status, &changed["sessions_dropped"]),
+        (200, &serde_json::json!(1))
+    );
+    let (status, _) = core
+        .api("POST", &format!("/v1/devices/{serial}/resume"), Some(&op))
+        .await?;
+    assert_eq!(status, 409);
+    let init = dev
+        .session
+        .start_handshake(SessionId(8), 4_000, Instant::now())?;
+    dev.send(&init).await?;
+    assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+    core.wait_metric("core_handshakes_total{result=\"revoked\"}", 1.0)
+        .await?;
+
+    // The audit log: every refusal and every change, in order.
+    let (status, audit) = core.api("GET", "/v1/audit?limit=100", Some(&op)).await?;
+    assert_eq!(status, 200);
+    let events = audit["events"].as_array().cloned().unwrap_or_default();
+    let summary: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or("").to_owned(),
+                e["action"].as_str().unwrap_or("").to_owned(),
+                e["outcome"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, String)> = [
+        ("anonymous", "list_devices", "unauthorized"),
+        ("anonymous", "list_devices", "unauthorized"),
+        ("anonymous", "suspend", "unauthorized"),
+        ("technician", "suspend", "forbidden"),
+        ("technician", "read_audit", "forbidden"),
+        ("technician", "show_device", "not_found"),
+        ("technician", "unknown", "bad_request"),
+        ("operator", "suspend", "ok"),
+        ("operator", "resume", "ok"),
+        ("operator", "revoke", "ok"),
+        ("operator", "resume", "conflict"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(summary, want);
+    assert!(events
+        .windows(2)
+        .all(|w| w[0]["id"].as_i64() < w[1]["id"].as_i64()));
+    assert_eq!(events[7]["target"], serial.as_str());
+    let audit_text = audit.to_string();
+    assert!(!audit_text.contains(&op) && !audit_text.contains(&tech));
+
+    // Append-only in the database itself, whoever writes to it.
+    let conn = rusqlite::Connection::open(core.path("core/subscriptions.db"))?;
+    assert!(conn.execute("UPDATE audit SET actor = 'x'", []).is_err());
+    assert!(conn.execute("DELETE FROM audit WHERE id = 1", []).is_err());
+    drop(conn);
+    assert_eq!(core.store()?.audit(1000)?.len(), events.len());
+    assert!(
+        core.metric("core_admin_requests_total{result=\"unauthorized\"}")
+            .await?
+            >= 3.0
+    );
+    core.stop().await
+}
+
+#[test]
+fn devices_suspend_through_the_cli() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let core = rt.block_on(Core::start(2))?;
+    let bin = env!("CARGO_BIN_EXE_core-stub");
+    let run = |args: &[&str], token_file: Option<&Path>| {
+        let mut c = std::process::Command::new(bin);
+        c.args(args)
+            .args(["--admin", &core.admin.to_string()])
+            .env_remove("CORE_ADMIN_TOKEN");
+        if let Some(f) = token_file {
+            c.arg("--token-file").arg(f);
+        }
+        c.output()
+    };
+    let op = core.path("admin-operator.token");
+    let tech = core.path("admin-technician.token");
+
+    let out = run(&["devices", "suspend", "meter-00002"], Some(&op))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("suspended"), "{stdout}");
+    let out = run(&["devices", "show", "meter-00002", "--json"], Some(&tech))?;
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(shown["status"], "suspended");
+    // The wrong role: refused, exit 1, one error line.
+    let out = run(&["devices", "resume", "meter-00002"], Some(&tech))?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: HTTP 403"));
+    // No token at all: bad usage, exit 2.
+    let out = run(&["devices", "list"], None)?;
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["audit", "--limit", "5"], Some(&op))?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("forbidden"));
+    assert_eq!(
+        core.store()?
+            .subscriptions()?
+            .iter()
+            .find(|s| s.serial == "meter-00002")
+            .map(|s| s.status),
+        Some(SubscriptionStatus::Suspended)
+    );
+    rt.block_on(core.stop())
+}

@@ -3,8 +3,13 @@
 //! Deliberately small: one request per connection (`Connection: close`), a request head of at most
 //! [`MAX_HEAD`] bytes, a body of at most [`AdminConfig::max_body`] bytes, and a time limit for
 //! reading the request, so a slow or hostile client costs one task for a bounded time.
+//!
+//! A daemon adds routes either synchronously ([`Routes`], for answers computed on the spot) or
+//! asynchronously ([`Handler`], for answers that need a database or another task).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,8 +51,20 @@ pub struct Request {
     pub method: String,
     /// The path, query string included.
     pub path: String,
+    /// The headers, names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
     /// The body (empty without `Content-Length`).
     pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The value of the first header called `name` (case-insensitive), trimmed.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// A response to write.
@@ -84,6 +101,14 @@ impl Response {
 /// Extra routes: return `None` for a path the daemon does not serve (404).
 pub type Routes = Arc<dyn Fn(&Request) -> Option<Response> + Send + Sync>;
 
+/// The future an asynchronous [`Handler`] returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Option<Response>> + Send>>;
+
+/// Extra routes answered asynchronously (consulted after [`Routes`]): return `None` for a path
+/// the daemon does not serve (404). Each request runs on its own connection task, so a slow
+/// answer holds up nobody else.
+pub type Handler = Arc<dyn Fn(Request) -> HandlerFuture + Send + Sync>;
+
 /// Settings of the admin endpoint.
 #[derive(Clone)]
 pub struct AdminConfig {
@@ -93,6 +118,8 @@ pub struct AdminConfig {
     pub readiness: Readiness,
     /// Daemon-specific routes, consulted before the 404.
     pub routes: Option<Routes>,
+    /// Daemon-specific asynchronous routes, consulted after `routes` and before the 404.
+    pub handler: Option<Handler>,
     /// Largest request body accepted.
     pub max_body: usize,
     /// Time allowed to read a whole request.
@@ -115,6 +142,7 @@ impl AdminConfig {
             registry,
             readiness,
             routes: None,
+            handler: None,
             max_body: 1 << 20,
             read_timeout: Duration::from_secs(10),
         }
@@ -244,7 +272,7 @@ async fn handle(mut stream: TcpStream, config: &AdminConfig) -> Result<(), Admin
     .await
     .map_err(|_| AdminError::Timeout)?;
     let response = match request {
-        Ok(req) => route(&req, config),
+        Ok(req) => route(req, config).await,
         Err(AdminError::Bad(why)) => Response::text(400, format!("bad request: {why}\n")),
         Err(e) => return Err(e),
     };
@@ -261,7 +289,7 @@ async fn handle(mut stream: TcpStream, config: &AdminConfig) -> Result<(), Admin
     Ok(())
 }
 
-fn route(req: &Request, config: &AdminConfig) -> Response {
+async fn route(req: Request, config: &AdminConfig) -> Response {
     let path = req.path.split('?').next().unwrap_or("");
     match (req.method.as_str(), path) {
         ("GET", "/metrics") => {
@@ -284,11 +312,16 @@ fn route(req: &Request, config: &AdminConfig) -> Response {
                 Response::text(503, "not ready\n")
             }
         }
-        _ => config
-            .routes
-            .as_ref()
-            .and_then(|r| r(req))
-            .unwrap_or_else(|| Response::text(404, "not found\n")),
+        _ => {
+            if let Some(response) = config.routes.as_ref().and_then(|r| r(&req)) {
+                return response;
+            }
+            match &config.handler {
+                Some(handler) => handler(req).await,
+                None => None,
+            }
+            .unwrap_or_else(|| Response::text(404, "not found\n"))
+        }
     }
 }
 
@@ -321,8 +354,10 @@ async fn read_request(stream: &mut TcpStream, max_body: usize) -> Result<Request
         .filter(|p| p.starts_with('/'))
         .ok_or(AdminError::Bad("no path"))?;
     let mut content_length = 0usize;
+    let mut headers = Vec::new();
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
             if name.trim().eq_ignore_ascii_case("content-length") {
                 content_length = value
                     .trim()
@@ -344,6 +379,7 @@ async fn read_request(stream: &mut TcpStream, max_body: usize) -> Result<Request
     Ok(Request {
         method: method.to_owned(),
         path: path.to_owned(),
+        headers,
         body,
     })
 }
@@ -356,7 +392,10 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         409 => "Conflict",
         422 => "Unprocessable Entity",
         500 => "Internal Server Error",
@@ -413,6 +452,43 @@ mod tests {
             .starts_with("HTTP/1.1 400"));
         let huge = vec![b'a'; MAX_HEAD * 2];
         assert!(get(addr, &huge).await.starts_with("HTTP/1.1 400"));
+        stop.cancel();
+        task.await.expect("test");
+    }
+
+    #[tokio::test]
+    async fn async_handler_sees_headers_and_body_and_falls_through_to_404() {
+        let (l, addr) = bind("127.0.0.1:0".parse().expect("test"))
+            .await
+            .expect("test");
+        let stop = CancellationToken::new();
+        let mut config = AdminConfig::new(Registry::new(), Readiness::new());
+        config.handler = Some(Arc::new(|req: Request| {
+            Box::pin(async move {
+                if !req.path.starts_with("/v1/") {
+                    return None;
+                }
+                tokio::task::yield_now().await;
+                let auth = req.header("Authorization").unwrap_or("-").to_owned();
+                let body = format!("{} {} {auth} {}", req.method, req.path, req.body.len());
+                Some(Response::json(200, body))
+            }) as HandlerFuture
+        }));
+        let task = tokio::spawn(serve(l, config, stop.clone()));
+        let r = get(
+            addr,
+            b"POST /v1/x?y=1 HTTP/1.1\r\nauthorization:  Bearer t \r\nContent-Length: 3\r\n\r\nabc",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.ends_with("POST /v1/x?y=1 Bearer t 3"), "{r}");
+        assert!(get(addr, b"GET /other HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        // Built-in routes still come first.
+        assert!(get(addr, b"GET /live HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200"));
         stop.cancel();
         task.await.expect("test");
     }

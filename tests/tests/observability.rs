@@ -58,7 +58,16 @@ async fn metrics_pass_promtool_and_carry_no_device_labels() -> anyhow::Result<()
                 .map(|(k, _)| k)
             {
                 assert!(
-                    ["version", "reason", "direction", "result", "access", "le"].contains(&label),
+                    [
+                        "version",
+                        "reason",
+                        "direction",
+                        "result",
+                        "access",
+                        "event",
+                        "le"
+                    ]
+                    .contains(&label),
                     "{name}: unexpected label {label:?} in {line}"
                 );
             }

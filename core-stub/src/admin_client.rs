@@ -1,0 +1,115 @@
+//! The client side of the admin API, for `core-stub devices …` and `core-stub audit`: one
+//! HTTP/1.1 request per connection over a tokio `TcpStream`, with a time limit and a bounded
+//! response size.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The largest response accepted (head and body).
+pub const MAX_RESPONSE: usize = 4 << 20;
+
+/// Why no answer came back. The peer's refusals are not errors: they are answers with a status.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting, writing or reading failed.
+    #[error("{addr}: {source}")]
+    Io {
+        /// The admin address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// No complete answer within the time limit.
+    #[error("{0}: no answer in time")]
+    Timeout(SocketAddr),
+    /// The answer is not HTTP, or too large.
+    #[error("{addr}: bad response: {why}")]
+    BadResponse {
+        /// The admin address.
+        addr: SocketAddr,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// An answer: the status and the body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// HTTP status code.
+    pub status: u16,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Sends `method path` with `Authorization: Bearer token` and reads the whole answer.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<Answer, ClientError> {
+    let io = |source| ClientError::Io { addr, source };
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(io)?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.map_err(io)?;
+        let mut raw = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            if raw.len() + n > MAX_RESPONSE {
+                return Err(ClientError::BadResponse {
+                    addr,
+                    why: "response too large",
+                });
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        parse_response(&raw).ok_or(ClientError::BadResponse {
+            addr,
+            why: "not an HTTP/1.1 response",
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout(addr))?
+}
+
+/// Status line, headers, then the body (the server closes the connection after it).
+fn parse_response(raw: &[u8]) -> Option<Answer> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| head.strip_prefix("HTTP/1.0 "))?
+        .get(..3)?
+        .parse()
+        .ok()?;
+    Some(Answer {
+        status,
+        body: raw[end + 4..].to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_response() {
+        let a =
+            parse_response(b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\n{}").expect("parse");
+        assert_eq!((a.status, a.body.as_slice()), (409, &b"{}"[..]));
+        assert!(parse_response(b"garbage\r\n\r\n").is_none());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_none());
+    }
+}
