@@ -22,7 +22,6 @@
 #![warn(missing_docs)]
 
 pub mod admin_api;
-pub mod admin_client;
 pub mod config;
 mod direct;
 pub mod engine;

@@ -218,11 +218,11 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> ExitCode {
         .build()
         .map_err(|e| e.to_string())
         .and_then(|rt| {
-            rt.block_on(core_stub::admin_client::request(
+            rt.block_on(relay_ops::client::request(
                 addr,
                 method,
                 path,
-                &token,
+                Some(&token),
                 Duration::from_secs(10),
             ))
             .map_err(|e| e.to_string())

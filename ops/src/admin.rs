@@ -189,36 +189,10 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// status. This is what `gateway health` and `core-stub health` run as a container healthcheck:
 /// a scratch image has no shell and no curl.
 pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        // The status line is all that matters, and it fits in the first read of a small response.
-        let mut head = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        while !head.contains(&b'\n') && head.len() < MAX_HEAD {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&chunk[..n]);
-        }
-        let line = String::from_utf8_lossy(&head);
-        line.strip_prefix("HTTP/1.1 ")
-            .or_else(|| line.strip_prefix("HTTP/1.0 "))
-            .and_then(|rest| rest.get(..3))
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP status line")
-            })
-    };
-    tokio::time::timeout(timeout, exchange)
+    crate::client::get(addr, path, timeout)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+        .map(|answer| answer.status)
+        .map_err(std::io::Error::from)
 }
 
 /// The `health` subcommand of both daemons (their container healthcheck): asks the admin endpoint

@@ -2,6 +2,8 @@
 //!
 //! - [`admin`]: a small HTTP/1.1 server for `/metrics` (Prometheus text format), `/live` and
 //!   `/ready`, plus optional extra routes a daemon adds (bounded requests, one per connection).
+//! - [`client`]: the bounded HTTP/1.1 client every admin caller uses (CLIs, health checks,
+//!   bench, tests).
 //! - [`telemetry`]: tracing set-up with the filter from `RUST_LOG` and the format (`plain` or
 //!   `json`) from `LOG_FORMAT`.
 //! - [`udp`]: UDP sockets bound with burst-sized kernel buffers.
@@ -17,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod client;
 pub mod telemetry;
 pub mod udp;
 

@@ -3,25 +3,11 @@
 use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// `GET path` on the admin endpoint; returns the status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect {addr}"))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("no header end")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status")?;
-    Ok((status, body.to_owned()))
+    let answer = relay_ops::client::get(addr, path, std::time::Duration::from_secs(10)).await?;
+    Ok((answer.status, answer.text()))
 }
 
 /// The whole `/metrics` text.

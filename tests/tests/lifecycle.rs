@@ -39,11 +39,11 @@ async fn suspension_mid_stream_stops_the_device_at_once_and_spares_the_others() 
     );
 
     let token = std::fs::read_to_string(dep.path().join("admin-operator.token"))?;
-    let answer = core_stub::admin_client::request(
+    let answer = relay_ops::client::request(
         core.admin,
         "POST",
         &format!("/v1/devices/{target}/suspend"),
-        token.trim(),
+        Some(token.trim()),
         Duration::from_secs(10),
     )
     .await?;

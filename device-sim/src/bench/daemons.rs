@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use super::{BenchError, Drops, Machine, Rss};
@@ -392,38 +390,12 @@ async fn scrape(admin: SocketAddr, series: &str) -> Option<f64> {
     }
 }
 
-/// A minimal HTTP/1.1 GET (the admin server answers one request per connection and closes).
+/// `GET path` on an admin endpoint: the status and the body as text.
 pub(super) async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+    relay_ops::client::get(addr, path, Duration::from_secs(5))
         .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "admin request timed out")
-        })??;
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
-        })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
+        .map(|answer| (answer.status, answer.text()))
+        .map_err(std::io::Error::from)
 }
 
 /// The value of `series` (name and labels exactly as exposed) in a Prometheus text exposition.

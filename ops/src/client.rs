@@ -1,6 +1,7 @@
-//! The client side of the admin API, for `core-stub devices …` and `core-stub audit`: one
-//! HTTP/1.1 request per connection over a tokio `TcpStream`, with a time limit and a bounded
-//! response size.
+//! The one HTTP client of the project, for the admin endpoints: `core-stub devices …` and
+//! `core-stub audit`, both daemons' `health` subcommands, `device-sim bench` and the end-to-end
+//! tests. One HTTP/1.1 request per connection over a tokio `TcpStream`, with a time limit and a
+//! bounded response size.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -35,6 +36,17 @@ pub enum ClientError {
     },
 }
 
+impl From<ClientError> for std::io::Error {
+    fn from(e: ClientError) -> Self {
+        let kind = match &e {
+            ClientError::Io { source, .. } => source.kind(),
+            ClientError::Timeout(_) => std::io::ErrorKind::TimedOut,
+            ClientError::BadResponse { .. } => std::io::ErrorKind::InvalidData,
+        };
+        std::io::Error::new(kind, e.to_string())
+    }
+}
+
 /// An answer: the status and the body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -44,19 +56,25 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// Sends `method path` with `Authorization: Bearer token` and reads the whole answer.
+/// `GET path` without credentials.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer, ClientError> {
+    request(addr, "GET", path, None, timeout).await
+}
+
+/// Sends `method path` (with `Authorization: Bearer token` when given) and reads the whole answer.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
-    token: &str,
+    token: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, ClientError> {
     let io = |source| ClientError::Io { addr, source };
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.map_err(io)?;
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).await.map_err(io)?;
         let mut raw = Vec::with_capacity(4096);
@@ -98,6 +116,13 @@ fn parse_response(raw: &[u8]) -> Option<Answer> {
         status,
         body: raw[end + 4..].to_vec(),
     })
+}
+
+impl Answer {
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
 }
 
 #[cfg(test)]
