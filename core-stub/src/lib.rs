@@ -8,7 +8,8 @@
 //! gateways with anything but ciphertext, or keep per-device labels in metrics.
 //!
 //! Main types: [`run`] with [`Listeners`] and [`CoreConfig`] (the daemon), [`store::Store`] (the
-//! subscriptions and readings), [`init::init`] (a whole deployment in one directory).
+//! subscriptions, readings and the append-only audit log), [`init::init`] (a whole deployment in
+//! one directory), [`admin_api`] with [`tokens`] (the operators' and technicians' JSON API).
 //!
 //! ```text
 //!  gateways ──QUIC datagrams──▶ uplink.rs ─┐                                    ┌──▶ store.rs writer thread
@@ -17,6 +18,8 @@
 //!                                                              routes             ◀──┘ Committed seqs
 //!  devices ◀── Ack / HandshakeResponse by route (UDP send_to, QUIC datagram or control stream)
 //!  Prometheus ──▶ admin (relay-ops): /metrics (metrics.rs), /live, /ready
+//!  operators ──▶ admin: /v1/… (admin_api.rs, bearer tokens) ─▶ store (status + audit, one
+//!                 transaction) ─▶ engine control channel: drops the device's sessions, then answers
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
