@@ -497,14 +497,6 @@ impl DeviceSession {
         self.current.as_ref()
     }
 
-    /// Forgets every session and any pending handshake (for example after the core refused to
-    /// know the session any more).
-    pub fn reset(&mut self) {
-        self.pending = None;
-        self.current = None;
-        self.previous = None;
-    }
-
     /// Seals `plaintext` on the current session into a transport datagram appended to `out`.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
         self.current
