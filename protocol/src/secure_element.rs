@@ -42,17 +42,21 @@ pub enum KeySlot {
     Factory,
     /// The key of the device's current subscription, generated later (after claiming).
     Subscription,
+    /// A key generated for a switch in progress (provisioning or a credential update), committed
+    /// to [`KeySlot::Subscription`] only after a handshake with it succeeded.
+    Next,
 }
 
 impl KeySlot {
     /// Every slot, in a fixed order.
-    pub const ALL: [KeySlot; 2] = [KeySlot::Factory, KeySlot::Subscription];
+    pub const ALL: [KeySlot; 3] = [KeySlot::Factory, KeySlot::Subscription, KeySlot::Next];
 
     /// A short, fixed name (file names, associated data, log fields).
     pub fn name(self) -> &'static str {
         match self {
             Self::Factory => "factory",
             Self::Subscription => "subscription",
+            Self::Next => "next",
         }
     }
 
@@ -106,6 +110,15 @@ pub trait SecureElement: Send + Sync {
         peer_public: &[u8; KEY_LEN],
         out: &mut [u8; KEY_LEN],
     ) -> Result<(), KeyStoreError>;
+
+    /// Moves the key in `from` to `to`, replacing what `to` held, and leaves `from` empty. Atomic:
+    /// after a crash the element holds either the old or the new arrangement, never a torn key
+    /// (a key present in both slots is allowed in between). Refuses an empty `from` and
+    /// `to == KeySlot::Factory` (the factory identity is never replaced).
+    fn commit(&self, from: KeySlot, to: KeySlot) -> Result<(), KeyStoreError>;
+
+    /// Destroys the key in `slot` (nothing if empty). The factory slot refuses.
+    fn erase(&self, slot: KeySlot) -> Result<(), KeyStoreError>;
 }
 
 /// One private key held in memory, inside snow's Curve25519 implementation (the one the handshake
@@ -220,6 +233,28 @@ impl SecureElement for MemoryKeyStore {
         key.dh
             .dh(peer_public, out)
             .map_err(|e| KeyStoreError::Backend(Box::new(e)))
+    }
+
+    fn commit(&self, from: KeySlot, to: KeySlot) -> Result<(), KeyStoreError> {
+        if to == KeySlot::Factory || from == KeySlot::Factory {
+            return Err(KeyStoreError::Backend(
+                "the factory identity is never moved or replaced".into(),
+            ));
+        }
+        let mut keys = self.lock();
+        let key = keys.remove(&from).ok_or(KeyStoreError::Empty(from))?;
+        keys.insert(to, key);
+        Ok(())
+    }
+
+    fn erase(&self, slot: KeySlot) -> Result<(), KeyStoreError> {
+        if slot == KeySlot::Factory {
+            return Err(KeyStoreError::Backend(
+                "the factory identity is never erased".into(),
+            ));
+        }
+        self.lock().remove(&slot);
+        Ok(())
     }
 }
 

@@ -26,7 +26,7 @@ use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::{Builder, HandshakeState, StatelessTransportState};
 
 use crate::frame::{DeviceFrame, SessionId, MAX_TRANSPORT_PLAINTEXT, TAG_LEN, TRANSPORT_HEADER};
-use crate::payload::{InitPayload, ResponsePayload, INIT_PAYLOAD_LEN, RESPONSE_PAYLOAD_LEN};
+use crate::payload::{InitPayload, ResponsePayload, MAX_HANDSHAKE_PAYLOAD};
 use crate::secure_element::{KeyHandle, KeySlot, KeyStoreError, SecureElement};
 use crate::DecodeError;
 
@@ -315,13 +315,24 @@ impl Transport {
     }
 }
 
+/// Noise adds this much to a handshake payload in message 1 (e, s + tag, payload tag).
+const INIT_NOISE_OVERHEAD: usize = 32 + 48 + 16;
+/// Noise adds this much to a handshake payload in message 2 (e, payload tag).
+const RESPONSE_NOISE_OVERHEAD: usize = 32 + 16;
+
 /// What a datagram meant to a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceEvent {
     /// The handshake completed: the device can send on the new session.
     Established {
-        /// The core's rekey policy for this session.
-        rekey_after: Duration,
+        /// The core's answer: rekey policy, accepted key, notices.
+        response: ResponsePayload,
+    },
+    /// The core answered the handshake with an authenticated refusal: no session was installed
+    /// (`response.refused` says why).
+    Refused {
+        /// The core's answer.
+        response: ResponsePayload,
     },
     /// A transport frame opened; its plaintext is in the caller's buffer.
     Plaintext,
@@ -412,6 +423,47 @@ impl DeviceSession {
         }
     }
 
+    /// Which secure-element slot later handshakes use (an element-backed session only); the
+    /// sessions already established stay. Fails if the slot is empty or the key is in memory.
+    pub fn set_slot(&mut self, slot: KeySlot) -> Result<(), SessionError> {
+        match &mut self.key {
+            DeviceKey::Element {
+                store,
+                slot: current,
+                public,
+            } => {
+                *public = store.public(slot)?;
+                *current = slot;
+                Ok(())
+            }
+            DeviceKey::Keypair(_) => Err(SessionError::KeyStore(KeyStoreError::Backend(
+                "a key in memory has no slots".into(),
+            ))),
+        }
+    }
+
+    /// The slot later handshakes use, for an element-backed session.
+    pub fn slot(&self) -> Option<KeySlot> {
+        match &self.key {
+            DeviceKey::Element { slot, .. } => Some(*slot),
+            DeviceKey::Keypair(_) => None,
+        }
+    }
+
+    /// Replaces the core's static public key (a release to another operator). The sessions with
+    /// the old core are dropped.
+    pub fn set_core(&mut self, core: PublicKey) {
+        self.core = core;
+        self.pending = None;
+        self.current = None;
+        self.previous = None;
+    }
+
+    /// The core's static public key.
+    pub fn core(&self) -> &PublicKey {
+        &self.core
+    }
+
     /// Starts a handshake and returns the `HandshakeInit` datagram. `local` is a fresh random id;
     /// `timestamp` must exceed every earlier handshake's. A handshake already pending is dropped.
     pub fn start_handshake(
@@ -420,13 +472,28 @@ impl DeviceSession {
         timestamp: u64,
         now: Instant,
     ) -> Result<Vec<u8>, SessionError> {
-        self.start_handshake_with(local, timestamp, now, None)
+        let payload = InitPayload {
+            timestamp,
+            ..InitPayload::default()
+        };
+        self.start_handshake_with(local, &payload, now, None)
+    }
+
+    /// [`DeviceSession::start_handshake`] with extensions in the payload (a proposed key, the
+    /// configuration version).
+    pub fn start_handshake_with_payload(
+        &mut self,
+        local: SessionId,
+        payload: &InitPayload,
+        now: Instant,
+    ) -> Result<Vec<u8>, SessionError> {
+        self.start_handshake_with(local, payload, now, None)
     }
 
     pub(crate) fn start_handshake_with(
         &mut self,
         local: SessionId,
-        timestamp: u64,
+        init: &InitPayload,
         now: Instant,
         fixed_ephemeral: Option<&[u8]>,
     ) -> Result<Vec<u8>, SessionError> {
@@ -453,9 +520,12 @@ impl DeviceSession {
             builder = builder.fixed_ephemeral_key_for_testing_only(e);
         }
         let mut hs = builder.build_initiator()?;
-        let mut payload = Vec::with_capacity(INIT_PAYLOAD_LEN);
-        InitPayload { timestamp }.encode(&mut payload);
-        let mut noise = [0u8; 256];
+        let mut payload = Vec::with_capacity(init.encoded_len());
+        init.encode(&mut payload);
+        if payload.len() > MAX_HANDSHAKE_PAYLOAD {
+            return Err(SessionError::TooLarge(payload.len()));
+        }
+        let mut noise = [0u8; MAX_HANDSHAKE_PAYLOAD + INIT_NOISE_OVERHEAD];
         let n = hs
             .write_message(&payload, &mut noise)
             .map_err(|e| SessionError::from_noise(e, key.as_deref()))?;
@@ -527,18 +597,19 @@ impl DeviceSession {
                     .pending
                     .take()
                     .ok_or(SessionError::UnknownSession(receiver))?;
-                let mut payload = [0u8; 64];
+                let mut payload = [0u8; MAX_HANDSHAKE_PAYLOAD + RESPONSE_NOISE_OVERHEAD];
                 let n = pending
                     .hs
                     .read_message(noise, &mut payload)
                     .map_err(|e| SessionError::from_noise(e, pending.key.as_deref()))?;
-                let policy = ResponsePayload::decode(&payload[..n])?;
+                let response = ResponsePayload::decode(&payload[..n])?;
+                if response.refused.is_some() {
+                    return Ok(DeviceEvent::Refused { response });
+                }
                 let transport = Transport::new(receiver, sender, pending.hs, now)?;
                 self.previous = self.current.replace(transport);
-                self.rekey_after = Duration::from_secs(u64::from(policy.rekey_after_secs));
-                Ok(DeviceEvent::Established {
-                    rekey_after: self.rekey_after,
-                })
+                self.rekey_after = Duration::from_secs(u64::from(response.rekey_after_secs));
+                Ok(DeviceEvent::Established { response })
             }
             DeviceFrame::Transport {
                 receiver,
@@ -612,7 +683,7 @@ impl Responder {
             builder = builder.fixed_ephemeral_key_for_testing_only(e);
         }
         let mut hs = builder.build_responder()?;
-        let mut payload = [0u8; 64];
+        let mut payload = [0u8; MAX_HANDSHAKE_PAYLOAD + INIT_NOISE_OVERHEAD];
         let n = hs.read_message(noise, &mut payload)?;
         let init = InitPayload::decode(&payload[..n])?;
         let remote: [u8; KEY_LEN] = hs
@@ -656,6 +727,39 @@ impl IncomingHandshake {
         self.init.timestamp
     }
 
+    /// The whole initiation payload (proposed key, configuration version).
+    pub fn init(&self) -> &InitPayload {
+        &self.init
+    }
+
+    /// Answers with an authenticated refusal (`policy.refused` should be set) appended to `out`,
+    /// keeping no session: the device learns why, and nobody on the path can forge the answer.
+    pub fn refuse(mut self, policy: &ResponsePayload, out: &mut Vec<u8>) -> Result<(), SessionError> {
+        self.write_response(SessionId(0), policy, out)
+    }
+
+    fn write_response(
+        &mut self,
+        local: SessionId,
+        policy: &ResponsePayload,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SessionError> {
+        let mut payload = Vec::with_capacity(policy.encoded_len());
+        policy.encode(&mut payload);
+        if payload.len() > MAX_HANDSHAKE_PAYLOAD {
+            return Err(SessionError::TooLarge(payload.len()));
+        }
+        let mut noise = [0u8; MAX_HANDSHAKE_PAYLOAD + RESPONSE_NOISE_OVERHEAD];
+        let n = self.hs.write_message(&payload, &mut noise)?;
+        DeviceFrame::HandshakeResponse {
+            receiver: self.sender,
+            sender: local,
+            noise: &noise[..n],
+        }
+        .encode(out);
+        Ok(())
+    }
+
     /// The device's session id.
     pub fn sender(&self) -> SessionId {
         self.sender
@@ -666,20 +770,11 @@ impl IncomingHandshake {
     pub fn accept(
         mut self,
         local: SessionId,
-        policy: ResponsePayload,
+        policy: &ResponsePayload,
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Result<Transport, SessionError> {
-        let mut payload = Vec::with_capacity(RESPONSE_PAYLOAD_LEN);
-        policy.encode(&mut payload);
-        let mut noise = [0u8; 128];
-        let n = self.hs.write_message(&payload, &mut noise)?;
-        DeviceFrame::HandshakeResponse {
-            receiver: self.sender,
-            sender: local,
-            noise: &noise[..n],
-        }
-        .encode(out);
+        self.write_response(local, policy, out)?;
         Transport::new(local, self.sender, self.hs, now)
     }
 }

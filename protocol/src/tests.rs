@@ -12,9 +12,9 @@ use crate::session::{
     DeviceEvent, DeviceSession, PublicKey, Responder, SessionError, StaticKeypair, Transport,
 };
 
-const POLICY: ResponsePayload = ResponsePayload {
-    rekey_after_secs: 60,
-};
+fn policy() -> ResponsePayload {
+    ResponsePayload::accept(60)
+}
 
 struct Pair {
     device: DeviceSession,
@@ -58,7 +58,7 @@ impl Pair {
         assert_eq!(incoming.timestamp(), self.next_ts);
         let mut resp = Vec::new();
         let t = incoming
-            .accept(SessionId(core_id), POLICY, self.now, &mut resp)
+            .accept(SessionId(core_id), &policy(), self.now, &mut resp)
             .unwrap();
         self.core_session = Some(t);
         let mut out = Vec::new();
@@ -69,7 +69,7 @@ impl Pair {
         assert_eq!(
             ev,
             DeviceEvent::Established {
-                rekey_after: Duration::from_secs(60)
+                response: policy()
             }
         );
         seen
@@ -122,9 +122,7 @@ fn handshake_authenticates_both_sides_and_carries_readings_and_acks() {
     let mut ack = Vec::new();
     let t = p.core_session.as_mut().unwrap();
     t.seal(
-        &Message::Ack {
-            seqs: vec![ReadingSeq(1)],
-        }
+        &Message::ack(vec![ReadingSeq(1)])
         .to_vec(),
         &mut ack,
     )
@@ -136,9 +134,7 @@ fn handshake_authenticates_both_sides_and_carries_readings_and_acks() {
     );
     assert_eq!(
         Message::decode(&out).unwrap(),
-        Message::Ack {
-            seqs: vec![ReadingSeq(1)]
-        }
+        Message::ack(vec![ReadingSeq(1)])
     );
 }
 
@@ -299,7 +295,10 @@ mod vectors {
         let init = device
             .start_handshake_with(
                 SessionId(0x0000_0007),
-                1_700_000_000_000,
+                &crate::payload::InitPayload {
+                    timestamp: 1_700_000_000_000,
+                    ..Default::default()
+                },
                 now,
                 Some(&key(DEVICE_EPHEMERAL)),
             )
@@ -315,9 +314,7 @@ mod vectors {
         let mut core_t = incoming
             .accept(
                 SessionId(0x0100_0001),
-                ResponsePayload {
-                    rekey_after_secs: 3600,
-                },
+                &ResponsePayload::accept(3600),
                 now,
                 &mut resp,
             )
@@ -338,10 +335,7 @@ mod vectors {
         let mut ack = Vec::new();
         core_t
             .seal(
-                &Message::Ack {
-                    seqs: vec![ReadingSeq(1)],
-                }
-                .to_vec(),
+                &Message::ack(vec![ReadingSeq(1)]).to_vec(),
                 &mut ack,
             )
             .unwrap();
@@ -432,6 +426,12 @@ impl SecureElement for CountingStore {
     fn generate(&self, slot: KeySlot) -> Result<PublicKey, KeyStoreError> {
         self.inner.generate(slot)
     }
+    fn commit(&self, from: KeySlot, to: KeySlot) -> Result<(), KeyStoreError> {
+        self.inner.commit(from, to)
+    }
+    fn erase(&self, slot: KeySlot) -> Result<(), KeyStoreError> {
+        self.inner.erase(slot)
+    }
     fn dh(&self, slot: KeySlot, peer: &[u8; 32], out: &mut [u8; 32]) -> Result<(), KeyStoreError> {
         if self.dh_calls.fetch_add(1, Ordering::SeqCst) + 1 >= self.fail_from_call {
             return Err(KeyStoreError::Backend("element unplugged".into()));
@@ -491,7 +491,7 @@ fn element_failures_are_reported_as_local_not_blamed_on_the_peer() {
     let mut resp = Vec::new();
     let incoming = p.core.read_init(sender, noise).unwrap();
     incoming
-        .accept(SessionId(2), POLICY, p.now, &mut resp)
+        .accept(SessionId(2), &policy(), p.now, &mut resp)
         .unwrap();
     let mut out = Vec::new();
     assert!(matches!(

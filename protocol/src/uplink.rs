@@ -9,7 +9,12 @@
 //!   kind 0x10 Hello        body = name_len:u8 | name (UTF-8, 1..=64 bytes)    gateway -> core
 //!   kind 0x11 HelloAck     body = max_flows:u32                                core -> gateway
 //!   kind 0x12 DeviceFrame  body = flow:u32 | device frame                      either way
+//!   kind 0x13 Revoked      body = count:u16 (1..=256) | session:u32 × count    core -> gateway
 //! ```
+//!
+//! `Revoked` names core-side session ids the core dropped (suspension, revocation, quarantine,
+//! ownership or operator change): the gateway drops device frames addressed to them from then on,
+//! so a cut-off device stops costing uplink capacity within the message's delivery time.
 //!
 //! `DeviceFrame` on the stream is the fallback for a frame that does not fit in a QUIC datagram.
 
@@ -34,6 +39,10 @@ const KIND_DATAGRAM_FRAME: u8 = 0x01;
 const KIND_HELLO: u8 = 0x10;
 const KIND_HELLO_ACK: u8 = 0x11;
 const KIND_DEVICE_FRAME: u8 = 0x12;
+const KIND_REVOKED: u8 = 0x13;
+
+/// The most session ids one `Revoked` message names.
+pub const MAX_REVOKED: usize = 256;
 
 /// The gateway's name for one device address: the core routes replies by it. It is local to one
 /// uplink connection and says nothing about the device's identity.
@@ -117,6 +126,12 @@ pub enum UplinkMessage {
         /// The device frame, unchanged.
         frame: Bytes,
     },
+    /// Core-side session ids the core no longer serves: the gateway drops frames for them.
+    Revoked {
+        /// 1..=[`MAX_REVOKED`] session ids (more are split by the sender; only the first ones
+        /// are encoded).
+        sessions: Vec<crate::frame::SessionId>,
+    },
 }
 
 impl UplinkMessage {
@@ -126,6 +141,7 @@ impl UplinkMessage {
             Self::Hello { name } => 1 + name.len().min(MAX_NAME_LEN),
             Self::HelloAck { .. } => 4,
             Self::DeviceFrame { frame, .. } => 4 + frame.len(),
+            Self::Revoked { sessions } => 2 + 4 * sessions.len().min(MAX_REVOKED),
         };
         buf.put_u16((2 + body_len) as u16);
         buf.put_u8(VERSION);
@@ -144,6 +160,14 @@ impl UplinkMessage {
                 buf.put_u8(KIND_DEVICE_FRAME);
                 buf.put_u32(flow.0);
                 buf.put_slice(frame);
+            }
+            Self::Revoked { sessions } => {
+                buf.put_u8(KIND_REVOKED);
+                let n = sessions.len().min(MAX_REVOKED);
+                buf.put_u16(n as u16);
+                for id in &sessions[..n] {
+                    buf.put_u32(id.0);
+                }
             }
         }
     }
@@ -205,6 +229,19 @@ impl UplinkMessage {
                 let flow = FlowId(msg.get_u32());
                 Self::DeviceFrame { flow, frame: msg }
             }
+            KIND_REVOKED => {
+                if msg.len() < 2 {
+                    return Err(DecodeError::Truncated);
+                }
+                let n = msg.get_u16() as usize;
+                if n == 0 || n > MAX_REVOKED || msg.len() != 4 * n {
+                    return Err(DecodeError::Invalid("revoked count"));
+                }
+                let sessions = (0..n)
+                    .map(|_| crate::frame::SessionId(msg.get_u32()))
+                    .collect();
+                Self::Revoked { sessions }
+            }
             other => return Err(DecodeError::UnknownType(other)),
         };
         Ok(Some(decoded))
@@ -237,6 +274,9 @@ mod tests {
                 flow: FlowId(7),
                 frame: Bytes::from_static(&[1, 3, 0, 0, 0, 0]),
             },
+            UplinkMessage::Revoked {
+                sessions: vec![crate::frame::SessionId(9), crate::frame::SessionId(u32::MAX)],
+            },
         ];
         let mut buf = BytesMut::new();
         for m in &msgs {
@@ -254,6 +294,24 @@ mod tests {
         }
         assert_eq!(out, msgs);
         assert!(src.is_empty());
+    }
+
+    #[test]
+    fn revoked_lists_are_bounded() {
+        for bad in [&[0u8, 4, 1, 0x13, 0, 0][..], &[0, 8, 1, 0x13, 0, 2, 0, 0, 0, 1]] {
+            let mut src = BytesMut::from(bad);
+            assert!(UplinkMessage::decode(&mut src).is_err(), "{bad:?}");
+        }
+        let many = UplinkMessage::Revoked {
+            sessions: (0..1000).map(crate::frame::SessionId).collect(),
+        };
+        let mut buf = BytesMut::new();
+        many.encode(&mut buf);
+        let Some(UplinkMessage::Revoked { sessions }) = UplinkMessage::decode(&mut buf).unwrap()
+        else {
+            panic!("not a revoked list")
+        };
+        assert_eq!(sessions.len(), MAX_REVOKED);
     }
 
     #[test]
