@@ -14,6 +14,7 @@ use relay_protocol::session::StaticKeypair;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use crate::release::{ReleaseSigner, TrustedReleaser, ISSUER_KEY_LEN};
 use crate::tokens::{TokenFileError, TokenSet};
 
 /// Why the configuration cannot be used. Always the operator's to fix.
@@ -79,6 +80,8 @@ pub struct CoreConfig {
     pub limits: LimitsConfig,
     /// The admin API's tokens.
     pub admin: AdminApiConfig,
+    /// The device credential lifecycle: `[credentials]`, `[fraud]`, `[release]`.
+    pub lifecycle: LifecycleConfig,
     /// Where to write `{"quic":…,"direct":…,"admin":…}` once ready (command line only).
     pub ready_file: Option<PathBuf>,
 }
@@ -189,6 +192,36 @@ pub struct AdminApiConfig {
     pub tokens: TokenSet,
 }
 
+/// What the core does with a subscription its fraud detector suspects (`[fraud] action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FraudAction {
+    /// Flag it and quarantine it: its sessions are dropped and its key refused until the device
+    /// re-provisions with its factory identity.
+    #[default]
+    Quarantine,
+    /// Flag it and ask the device for a credential update; it keeps working meanwhile.
+    Flag,
+}
+
+/// `[credentials]`, `[fraud]` and `[release]`: the device credential lifecycle.
+#[derive(Clone, Debug, Default)]
+pub struct LifecycleConfig {
+    /// A subscription key older than this gets a Rotate notice (`[credentials]
+    /// rotate_after_secs`, default 90 days; 0 = never).
+    pub rotate_after_secs: u64,
+    /// What a fraud suspicion does (`[fraud] action`).
+    pub fraud_action: FraudAction,
+    /// The key this core signs releases with (`[release] signing_key_file`); `None` when the
+    /// file is not there and was not named (no releases can be issued).
+    pub release_signer: Option<ReleaseSigner>,
+    /// Other operators' cores whose releases this core accepts (`[[release.trusted]]`).
+    pub trusted_releasers: Vec<TrustedReleaser>,
+}
+
+/// The default key age that triggers a credential update: 90 days.
+pub const DEFAULT_ROTATE_AFTER_SECS: u64 = 90 * 24 * 3600;
+
 // The file as written. Every section and key has a default; unknown keys are errors.
 
 #[derive(Deserialize)]
@@ -202,6 +235,9 @@ struct RawConfig {
     session: RawSession,
     limits: RawLimits,
     admin: RawAdmin,
+    credentials: RawCredentials,
+    fraud: RawFraud,
+    release: RawRelease,
 }
 
 #[derive(Default, Deserialize)]
@@ -209,6 +245,44 @@ struct RawConfig {
 struct RawAdmin {
     tokens_file: Option<PathBuf>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCredentials {
+    rotate_after_secs: u64,
+}
+
+impl Default for RawCredentials {
+    fn default() -> Self {
+        Self {
+            rotate_after_secs: DEFAULT_ROTATE_AFTER_SECS,
+        }
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawFraud {
+    action: FraudAction,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRelease {
+    /// `None`: `release.key` if it exists.
+    signing_key_file: Option<PathBuf>,
+    trusted: Vec<RawTrusted>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrusted {
+    name: String,
+    public_key: String,
+}
+
+/// The default release signing key file, relative to the config.
+pub const DEFAULT_RELEASE_KEY: &str = "release.key";
 
 impl Default for RawConfig {
     fn default() -> Self {
@@ -221,6 +295,9 @@ impl Default for RawConfig {
             session: RawSession::default(),
             limits: RawLimits::default(),
             admin: RawAdmin::default(),
+            credentials: RawCredentials::default(),
+            fraud: RawFraud::default(),
+            release: RawRelease::default(),
         }
     }
 }
@@ -435,6 +512,13 @@ impl CoreConfig {
             }
             None => AdminApiConfig::default(),
         };
+        let lifecycle = LifecycleConfig {
+            rotate_after_secs: raw.credentials.rotate_after_secs,
+            fraud_action: raw.fraud.action,
+            release_signer: read_release_key(base, raw.release.signing_key_file)?,
+            trusted_releasers: trusted_releasers(raw.release.trusted)
+                .map_err(|why| invalid("release.trusted", why))?,
+        };
 
         Ok(Self {
             name: raw.name,
@@ -460,6 +544,7 @@ impl CoreConfig {
                 max_flows_per_gateway,
             },
             admin,
+            lifecycle,
             ready_file: None,
         })
     }
@@ -508,6 +593,46 @@ fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> 
             path: path.to_owned(),
             why: "no PEM private key in the file".into(),
         })
+}
+
+/// The release key named in the config must be there; the default one may be absent (a
+/// deployment from before releases existed), and then this core issues no releases.
+fn read_release_key(
+    base: &Path,
+    named: Option<PathBuf>,
+) -> Result<Option<ReleaseSigner>, ConfigError> {
+    let path = base.join(named.as_deref().unwrap_or(Path::new(DEFAULT_RELEASE_KEY)));
+    if named.is_none() && !path.exists() {
+        return Ok(None);
+    }
+    let der = read_file(&path)?;
+    ReleaseSigner::from_pkcs8(&der)
+        .map(Some)
+        .map_err(|why| ConfigError::KeyMaterial { path, why })
+}
+
+fn trusted_releasers(raw: Vec<RawTrusted>) -> Result<Vec<TrustedReleaser>, String> {
+    let mut out: Vec<TrustedReleaser> = Vec::with_capacity(raw.len());
+    for t in raw {
+        if t.name.trim().is_empty() || t.name.len() > 64 {
+            return Err("a name must have 1 to 64 characters".into());
+        }
+        let public_key = hex::decode(t.public_key.trim())
+            .ok()
+            .and_then(|b| <[u8; ISSUER_KEY_LEN]>::try_from(b).ok())
+            .ok_or_else(|| format!("{:?}: public_key must be 64 hex digits", t.name))?;
+        if out
+            .iter()
+            .any(|o| o.name == t.name || o.public_key == public_key)
+        {
+            return Err(format!("{:?}: name or key listed twice", t.name));
+        }
+        out.push(TrustedReleaser {
+            name: t.name,
+            public_key,
+        });
+    }
+    Ok(out)
 }
 
 fn read_noise_key(path: &Path) -> Result<NoiseKey, ConfigError> {
@@ -576,6 +701,62 @@ mod tests {
         );
         let e = parse_err("[listen]\nquic = \"not an address\"\n");
         assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn lifecycle_sections_are_validated() {
+        let e = parse_err("[fraud]\naction = \"shrug\"\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+        let e = parse_err("[credentials]\nrotate_after = 5\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+        let e = parse_err("[[release.trusted]]\nname = \"x\"\n");
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(trusted_releasers(vec![RawTrusted {
+            name: "x".into(),
+            public_key: "00".into()
+        }])
+        .is_err());
+        let k = "ab".repeat(32);
+        let two = |a: &str, b: &str| {
+            trusted_releasers(vec![
+                RawTrusted {
+                    name: a.into(),
+                    public_key: k.clone(),
+                },
+                RawTrusted {
+                    name: b.into(),
+                    public_key: k.clone(),
+                },
+            ])
+        };
+        assert!(two("a", "b").is_err(), "one key twice");
+        let one = trusted_releasers(vec![RawTrusted {
+            name: "old".into(),
+            public_key: k.clone(),
+        }])
+        .expect("valid");
+        assert_eq!(one[0].public_key, [0xab; 32]);
+        let raw: RawConfig = toml::from_str("").expect("defaults");
+        assert_eq!(raw.credentials.rotate_after_secs, DEFAULT_ROTATE_AFTER_SECS);
+        assert_eq!(raw.fraud.action, FraudAction::Quarantine);
+        let raw: RawConfig =
+            toml::from_str("[fraud]\naction = \"flag\"\n[credentials]\nrotate_after_secs = 0\n")
+                .expect("parse");
+        assert_eq!(
+            (raw.fraud.action, raw.credentials.rotate_after_secs),
+            (FraudAction::Flag, 0)
+        );
+        // The default key may be absent; a named one may not.
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(read_release_key(dir.path(), None)
+            .expect("absent")
+            .is_none());
+        assert!(read_release_key(dir.path(), Some("r.key".into())).is_err());
+        std::fs::write(dir.path().join("release.key"), b"junk").expect("write");
+        assert!(matches!(
+            read_release_key(dir.path(), None),
+            Err(ConfigError::KeyMaterial { .. })
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use rcgen::{
 };
 use relay_protocol::session::{PublicKey, SessionError, StaticKeypair};
 
+use crate::release::ReleaseSigner;
 use crate::store::{Store, StoreError, SubscriptionStatus};
 use crate::tokens::{PlainToken, Role, TokenSet};
 
@@ -74,6 +75,9 @@ pub enum InitError {
     /// The store could not be created.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The release signing key could not be generated.
+    #[error("release key: {0}")]
+    ReleaseKey(String),
 }
 
 /// What `init` wrote, for the operator. Its `Display` holds no secret.
@@ -87,6 +91,9 @@ pub struct InitSummary {
     pub gateways: u32,
     /// The core's Noise public key (also in `devices/device-sim.toml`).
     pub core_public_key: PublicKey,
+    /// The core's Ed25519 release public key (also in `core/release.pub`): another operator's
+    /// core lists it in `[[release.trusted]]` to accept this core's releases.
+    pub release_public_key: [u8; 32],
     /// Every file written, relative to `dir`.
     pub files: Vec<PathBuf>,
     /// The admin API tokens generated (role, secret), for the caller to show once. Not part of
@@ -106,6 +113,10 @@ impl fmt::Display for InitSummary {
             f,
             "  core/                         core.toml, cert.pem, key.pem, noise.key, subscriptions.db ({} active subscriptions)",
             self.devices
+        )?;
+        writeln!(
+            f,
+            "  core/                         release.key, release.pub (signs releases to other operators)"
         )?;
         let gateways = if self.gateways == 1 {
             "gateway-1/".to_owned()
@@ -224,14 +235,26 @@ pub fn init(dir: &Path, options: &InitOptions) -> Result<InitSummary, InitError>
         Mode::Secret,
     )?;
     drop(noise);
+    let mut release_key = ReleaseSigner::generate_pkcs8().map_err(InitError::ReleaseKey)?;
+    let release_public_key = ReleaseSigner::from_pkcs8(&release_key)
+        .map_err(InitError::ReleaseKey)?
+        .public_key();
+    w.write("core/release.key", &release_key, Mode::Secret)?;
+    release_key.fill(0);
+    w.write(
+        "core/release.pub",
+        format!("{}\n", hex::encode(release_public_key)).as_bytes(),
+        Mode::Public,
+    )?;
     w.write("core/core.toml", core_toml().as_bytes(), Mode::Public)?;
     let operator = PlainToken::generate();
     let technician = PlainToken::generate();
     w.write(
         "core/admin-tokens.toml",
+        // The technician works for the operating company: same owner.
         TokenSet::file_text(&[
-            ("operator", Role::Operator, &operator),
-            ("technician", Role::Technician, &technician),
+            ("operator", Role::Operator, "operator", &operator),
+            ("technician", Role::Technician, "operator", &technician),
         ])
         .as_bytes(),
         Mode::Secret,
@@ -296,6 +319,7 @@ pub fn init(dir: &Path, options: &InitOptions) -> Result<InitSummary, InitError>
         devices: options.devices,
         gateways: options.gateways,
         core_public_key,
+        release_public_key,
         files: w.files,
         admin_tokens: vec![(Role::Operator, operator), (Role::Technician, technician)],
     })
@@ -392,7 +416,24 @@ max_gateways = 256
 max_flows_per_gateway = 1000000
 
 [admin]
-tokens_file = "admin-tokens.toml"   # admin API tokens: name, role, SHA-256 of the secret
+tokens_file = "admin-tokens.toml"   # admin API tokens: name, role, owner, SHA-256 of the secret
+
+[credentials]
+rotate_after_secs = 7776000   # a subscription key older than this is renewed (90 days; 0 = never)
+
+[fraud]
+action = "quarantine"         # a suspected clone (one key on two routes at once): "quarantine"
+                              # (refused until the device re-provisions with its factory identity)
+                              # or "flag" (flag + renew key). A replayed handshake only ever flags
+                              # and renews: anyone on the path can replay one.
+
+[release]
+signing_key_file = "release.key"    # Ed25519 (PKCS#8) signing releases to other operators; public
+                                    # half in release.pub
+# Other operators' cores whose signed releases this core accepts (POST /v1/claims/release):
+# [[release.trusted]]
+# name = "previous-operator"
+# public_key = "64 hex digits (their release.pub)"
 "#
     .to_owned()
 }
@@ -507,6 +548,8 @@ mod tests {
             "core/cert.pem",
             "core/key.pem",
             "core/noise.key",
+            "core/release.key",
+            "core/release.pub",
             "core/subscriptions.db",
             "gateway-1/gateway.toml",
             "gateway-1/cert.pem",
@@ -526,6 +569,7 @@ mod tests {
                 "ca.key",
                 "core/key.pem",
                 "core/noise.key",
+                "core/release.key",
                 "gateway-1/key.pem",
                 "gateway-2/key.pem",
                 "devices/fleet.keys",
@@ -546,6 +590,24 @@ mod tests {
         assert_eq!(config.noise.public(), &summary.core_public_key);
         assert_eq!(config.store.path, dir.join("core").join("subscriptions.db"));
         assert_eq!(config.tls.gateway_ca.len(), 1);
+        // The lifecycle sections: documented defaults, and the release key with its public half.
+        assert_eq!(config.lifecycle.rotate_after_secs, 7_776_000);
+        assert_eq!(
+            config.lifecycle.fraud_action,
+            crate::config::FraudAction::Quarantine
+        );
+        let signer = config
+            .lifecycle
+            .release_signer
+            .as_ref()
+            .expect("release key");
+        assert_eq!(signer.public_key(), summary.release_public_key);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("core/release.pub"))
+                .expect("release.pub")
+                .trim(),
+            hex::encode(summary.release_public_key)
+        );
         // The admin tokens: the files hold the secrets, the config only their hashes.
         assert_eq!(config.admin.tokens.len(), 2);
         for (role, token) in &summary.admin_tokens {
@@ -558,6 +620,7 @@ mod tests {
                 .authenticate(file.trim())
                 .expect("valid");
             assert_eq!(entry.role, *role);
+            assert_eq!(entry.owner, "operator", "one company: the operator");
         }
         let hashes = std::fs::read_to_string(dir.join("core/admin-tokens.toml")).expect("read");
         assert!(!summary

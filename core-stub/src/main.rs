@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use core_stub::tokens::{is_valid_owner, PlainToken, Role, TokenSet};
 use core_stub::{CoreConfig, InitOptions, Listeners};
+use relay_ops::client::Body;
 use tokio_util::sync::CancellationToken;
 
 /// The operator side of the relay: gateways, direct access, sessions, subscription store.
@@ -29,10 +31,89 @@ enum Command {
     /// Ask a running core's admin endpoint for /ready (or --path): exit 0 on 200, 1 otherwise
     /// (the container healthcheck; a scratch image has no shell or curl).
     Health(HealthArgs),
-    /// Devices through a running core's admin API: list, show, suspend, resume, revoke.
+    /// Devices through a running core's admin API: list, show, suspend, resume, revoke, rotate,
+    /// transfer, accept-transfer, release, readings.
     Devices(DevicesArgs),
+    /// Claim the devices of a manufacturer's shipping manifest (a CSV file with the header
+    /// serial,factory_public_key,model), or one device from another operator's signed release
+    /// (--release). Operator token.
+    Claim(ClaimArgs),
+    /// Activate the devices of a plan (CSV: serial,account,profile) in one request: all rows or
+    /// none; every bad row is printed. Technician or operator token.
+    Activate(ActivateArgs),
+    /// Service profiles (reporting interval, report size, threshold), versioned.
+    Profiles(ProfilesArgs),
     /// The newest audit log events (operator token).
     Audit(AuditArgs),
+    /// Create an admin API token: print its secret on stdout (once) and append its hashed entry
+    /// to a tokens file (restart the core to load it).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClaimArgs {
+    /// The shipping manifest (CSV with the header serial,factory_public_key,model).
+    #[arg(required_unless_present = "release", conflicts_with = "release")]
+    manifest: Option<PathBuf>,
+    /// A signed release (JSON, from `core-stub devices release` on the old core) instead.
+    #[arg(long, value_name = "FILE")]
+    release: Option<PathBuf>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct ActivateArgs {
+    /// The activation plan (CSV with the header serial,account,profile).
+    plan: PathBuf,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct ProfilesArgs {
+    #[command(subcommand)]
+    command: ProfilesCommand,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfilesCommand {
+    /// Every profile with its version.
+    List,
+    /// Create a profile or change it (its version goes up; its devices get the new configuration
+    /// at their next contact). Operator token.
+    Set {
+        /// The profile's name.
+        name: String,
+        /// Seconds between reports.
+        #[arg(long)]
+        interval: u32,
+        /// Bytes per report.
+        #[arg(long)]
+        bytes: u16,
+        /// The change that triggers an early report (0: none).
+        #[arg(long, default_value_t = 0)]
+        threshold: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The token's name (the actor in the audit log).
+    #[arg(long)]
+    name: String,
+    /// operator or technician.
+    #[arg(long)]
+    role: Role,
+    /// The owner it acts for (default: the name).
+    #[arg(long)]
+    owner: Option<String>,
+    /// The tokens file to append the entry to (created with mode 0600 if missing); without it
+    /// the entry is printed on standard error.
+    #[arg(long, value_name = "FILE")]
+    append: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -63,7 +144,7 @@ struct DevicesArgs {
 
 #[derive(Debug, Subcommand)]
 enum DevicesCommand {
-    /// Serial, status and creation time of each device.
+    /// Your owner's devices: state, subscription status, profile, config version, flag.
     List {
         /// Devices per page.
         #[arg(long, default_value_t = 100)]
@@ -72,14 +153,52 @@ enum DevicesCommand {
         #[arg(long, default_value_t = 0)]
         offset: u64,
     },
-    /// Status, readings stored and live sessions of one device.
+    /// One device: claim, plan, state, subscription, key age, readings stored, live sessions.
     Show { serial: String },
     /// Refuse the device's sessions until resumed (operator).
     Suspend { serial: String },
     /// Let a suspended device connect again (operator).
     Resume { serial: String },
-    /// Refuse the device for good (operator).
+    /// Refuse the device's subscription for good (operator); a claimed device needs a new plan.
     Revoke { serial: String },
+    /// Ask for a credential update: the device gets the notice at its next contact (operator).
+    Rotate { serial: String },
+    /// Offer the device to another owner; it changes hands when that owner accepts (operator).
+    Transfer {
+        serial: String,
+        /// The receiving owner.
+        #[arg(long)]
+        to: String,
+    },
+    /// Accept a transfer offered to your owner: the old subscription is revoked at once, the
+    /// device provisions under yours at its next contact (operator).
+    AcceptTransfer {
+        serial: String,
+        /// The customer account.
+        #[arg(long)]
+        account: Option<String>,
+        /// The profile (default: default).
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// Release the device to another operator's core; prints the signed release (JSON) to hand
+    /// to that operator (`core-stub claim --release FILE` there). Operator.
+    Release {
+        serial: String,
+        /// The new core's Noise public key (64 hex digits).
+        #[arg(long)]
+        core_key: String,
+        /// Where devices reach the new core, HOST:PORT.
+        #[arg(long)]
+        endpoint: String,
+    },
+    /// The device's newest readings under your owner's subscriptions.
+    Readings {
+        serial: String,
+        /// Readings to show (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -172,33 +291,170 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Stats(args) => stats(&args),
         Command::Health(args) => health(&args),
-        Command::Devices(args) => {
-            let (method, path) = match &args.command {
-                DevicesCommand::List { limit, offset } => {
-                    ("GET", format!("/v1/devices?limit={limit}&offset={offset}"))
+        Command::Devices(args) => devices(&args),
+        Command::Claim(args) => {
+            let (path, body) = match (&args.manifest, &args.release) {
+                (_, Some(release)) => {
+                    ("/v1/claims/release", read_body(release, "application/json"))
                 }
-                DevicesCommand::Show { serial } => ("GET", format!("/v1/devices/{serial}")),
-                DevicesCommand::Suspend { serial } => {
-                    ("POST", format!("/v1/devices/{serial}/suspend"))
-                }
-                DevicesCommand::Resume { serial } => {
-                    ("POST", format!("/v1/devices/{serial}/resume"))
-                }
-                DevicesCommand::Revoke { serial } => {
-                    ("POST", format!("/v1/devices/{serial}/revoke"))
-                }
+                (Some(manifest), None) => ("/v1/claims", read_body(manifest, "text/csv")),
+                (None, None) => return fail(&"give MANIFEST.csv or --release FILE", true),
             };
-            api_call(&args.api, method, &path)
+            match body {
+                Ok(body) => api_call(&args.api, "POST", path, Some(body)),
+                Err(e) => fail(&e, true),
+            }
         }
-        Command::Audit(args) => {
-            api_call(&args.api, "GET", &format!("/v1/audit?limit={}", args.limit))
-        }
+        Command::Activate(args) => match read_body(&args.plan, "text/csv") {
+            Ok(body) => api_call(&args.api, "POST", "/v1/plans", Some(body)),
+            Err(e) => fail(&e, true),
+        },
+        Command::Profiles(args) => match &args.command {
+            ProfilesCommand::List => api_call(&args.api, "GET", "/v1/profiles", None),
+            ProfilesCommand::Set {
+                name,
+                interval,
+                bytes,
+                threshold,
+            } => {
+                let body = serde_json::json!({
+                    "report_interval_secs": interval,
+                    "report_bytes": bytes,
+                    "threshold": threshold,
+                });
+                api_call(
+                    &args.api,
+                    "PUT",
+                    &format!("/v1/profiles/{name}"),
+                    Some(json_body(&body)),
+                )
+            }
+        },
+        Command::Audit(args) => api_call(
+            &args.api,
+            "GET",
+            &format!("/v1/audit?limit={}", args.limit),
+            None,
+        ),
+        Command::Token(args) => token(&args),
     }
+}
+
+/// A request body: its content type and bytes.
+type OwnedBody = (&'static str, Vec<u8>);
+
+fn json_body(value: &serde_json::Value) -> OwnedBody {
+    ("application/json", value.to_string().into_bytes())
+}
+
+fn read_body(path: &std::path::Path, content_type: &'static str) -> Result<OwnedBody, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((content_type, bytes))
+}
+
+fn devices(args: &DevicesArgs) -> ExitCode {
+    let (method, path, body) = match &args.command {
+        DevicesCommand::List { limit, offset } => (
+            "GET",
+            format!("/v1/devices?limit={limit}&offset={offset}"),
+            None,
+        ),
+        DevicesCommand::Show { serial } => ("GET", format!("/v1/devices/{serial}"), None),
+        DevicesCommand::Suspend { serial } => {
+            ("POST", format!("/v1/devices/{serial}/suspend"), None)
+        }
+        DevicesCommand::Resume { serial } => ("POST", format!("/v1/devices/{serial}/resume"), None),
+        DevicesCommand::Revoke { serial } => ("POST", format!("/v1/devices/{serial}/revoke"), None),
+        DevicesCommand::Rotate { serial } => ("POST", format!("/v1/devices/{serial}/rotate"), None),
+        DevicesCommand::Transfer { serial, to } => (
+            "POST",
+            format!("/v1/devices/{serial}/transfer"),
+            Some(json_body(&serde_json::json!({ "to": to }))),
+        ),
+        DevicesCommand::AcceptTransfer {
+            serial,
+            account,
+            profile,
+        } => (
+            "POST",
+            format!("/v1/devices/{serial}/accept-transfer"),
+            Some(json_body(
+                &serde_json::json!({ "account": account, "profile": profile }),
+            )),
+        ),
+        DevicesCommand::Release {
+            serial,
+            core_key,
+            endpoint,
+        } => (
+            "POST",
+            format!("/v1/devices/{serial}/release"),
+            Some(json_body(
+                &serde_json::json!({ "core_public_key": core_key, "endpoint": endpoint }),
+            )),
+        ),
+        DevicesCommand::Readings { serial, limit } => (
+            "GET",
+            format!("/v1/devices/{serial}/readings?limit={limit}"),
+            None,
+        ),
+    };
+    api_call(&args.api, method, &path, body)
+}
+
+/// `core-stub token`: a new secret on stdout, its hashed entry appended to the tokens file.
+fn token(args: &TokenArgs) -> ExitCode {
+    let owner = args.owner.clone().unwrap_or_else(|| args.name.clone());
+    if args.name.trim().is_empty() || args.name.len() > 64 {
+        return fail(&"--name must have 1 to 64 characters", true);
+    }
+    if !is_valid_owner(&owner) {
+        return fail(
+            &"the owner (--owner, else --name) must be 1 to 64 of A-Z a-z 0-9 - _ .",
+            true,
+        );
+    }
+    let secret = PlainToken::generate();
+    let entry = TokenSet::entry_text(&args.name, args.role, &owner, &secret);
+    match &args.append {
+        Some(file) => {
+            let existing = match std::fs::read_to_string(file) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return fail(&format!("{}: {e}", file.display()), true),
+            };
+            // The file must still load with the entry in it (names are unique).
+            if let Err(why) = TokenSet::parse(&format!("{existing}{entry}")) {
+                return fail(&format!("{}: {why}", file.display()), true);
+            }
+            if let Err(e) = append_secret_file(file, entry.as_bytes()) {
+                return fail(&format!("{}: {e}", file.display()), false);
+            }
+        }
+        None => eprint!("{entry}"),
+    }
+    println!("{}", secret.expose());
+    ExitCode::SUCCESS
+}
+
+/// Appends to `path`, creating it with mode 0600 (it lists who may use the admin API).
+fn append_secret_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Calls the admin API and prints the answer: exit 0 on 2xx, 1 on a refusal or no answer, 2
 /// when no token can be found.
-fn api_call(args: &ApiArgs, method: &str, path: &str) -> ExitCode {
+fn api_call(args: &ApiArgs, method: &str, path: &str, body: Option<OwnedBody>) -> ExitCode {
     let token = match &args.token_file {
         Some(f) => match std::fs::read_to_string(f) {
             Ok(t) => t.trim().to_owned(),
@@ -223,7 +479,11 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> ExitCode {
                 method,
                 path,
                 Some(&token),
-                Duration::from_secs(10),
+                body.as_ref().map(|(content_type, bytes)| Body {
+                    content_type,
+                    bytes,
+                }),
+                Duration::from_secs(60),
             ))
             .map_err(|e| e.to_string())
         });
@@ -233,10 +493,29 @@ fn api_call(args: &ApiArgs, method: &str, path: &str) -> ExitCode {
     };
     let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
     if !(200..300).contains(&answer.status) {
+        // A manifest or a plan: every bad row, one per line, after the one-line error.
         let why = body["error"].as_str().unwrap_or("no reason given");
-        return fail(&format!("HTTP {}: {why}", answer.status), false);
+        let code = fail(&format!("HTTP {}: {why}", answer.status), false);
+        for e in body["errors"].as_array().into_iter().flatten() {
+            let serial = e["serial"]
+                .as_str()
+                .map_or(String::new(), |s| format!(" ({s})"));
+            eprintln!(
+                "  row {}{serial}: {}",
+                e["row"],
+                e["error"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(total) = body["bad_rows"].as_u64() {
+            let shown = body["errors"].as_array().map_or(0, Vec::len) as u64;
+            if total > shown {
+                eprintln!("  … and {} more", total - shown);
+            }
+        }
+        return code;
     }
-    if args.json {
+    // A signed release is a document to hand on: printed as is.
+    if args.json || body.get("signature").is_some() {
         println!("{}", String::from_utf8_lossy(&answer.body));
     } else {
         print_human(&body);
@@ -252,12 +531,21 @@ fn print_human(body: &serde_json::Value) {
         other => other.to_string(),
     };
     if let Some(devices) = body["devices"].as_array() {
+        println!(
+            "{:<24} {:<12} {:<12} {:<16} {:<12} {:<9} flag",
+            "serial", "state", "status", "owner", "profile", "config"
+        );
         for d in devices {
+            let config = format!("{}/{}", s(&d["config_version"]), s(&d["profile_version"]));
             println!(
-                "{:<24} {:<10} {}",
+                "{:<24} {:<12} {:<12} {:<16} {:<12} {:<9} {}",
                 s(&d["serial"]),
+                s(&d["state"]),
                 s(&d["status"]),
-                s(&d["created_at_ms"])
+                s(&d["owner"]),
+                s(&d["profile"]),
+                config,
+                s(&d["flag"])
             );
         }
         println!(
@@ -280,6 +568,28 @@ fn print_human(body: &serde_json::Value) {
                 s(&e["detail"])
             );
         }
+    } else if let Some(profiles) = body["profiles"].as_array() {
+        for p in profiles {
+            println!(
+                "{:<16} v{:<5} every {:>6} s  {:>5} B  threshold {}",
+                s(&p["name"]),
+                s(&p["version"]),
+                s(&p["report_interval_secs"]),
+                s(&p["report_bytes"]),
+                s(&p["threshold"])
+            );
+        }
+    } else if let Some(readings) = body["readings"].as_array() {
+        for r in readings {
+            println!(
+                "{:>6} {:>20} {} {}",
+                s(&r["subscription"]),
+                s(&r["seq"]),
+                s(&r["received_at_ms"]),
+                s(&r["data"])
+            );
+        }
+        println!("({} readings)", readings.len());
     } else if let Some(fields) = body.as_object() {
         for (k, v) in fields {
             println!("{k:<16} {}", s(v));

@@ -1,4 +1,5 @@
-//! The subscription store: which device keys may connect, and every reading stored exactly once.
+//! The subscription store: which devices are claimed and activated, which device keys may
+//! connect, the service profiles, and every reading stored exactly once.
 //!
 //! SQLite in WAL mode with `synchronous=FULL`, so a committed transaction survives a power cut:
 //! the core acknowledges a reading only after the transaction holding it committed. The writer
@@ -10,6 +11,15 @@
 //!  engine ──PendingReading (bounded)──▶ writer thread ──BEGIN; INSERT OR IGNORE ×n; COMMIT──▶ SQLite
 //!  engine ◀──Committed (seqs to ack)── writer thread
 //! ```
+//!
+//! Schema version 3 (the device credential lifecycle) is in [`SCHEMA`]: `devices` (claimed
+//! factory identities, their owner, plan and release), `profiles` (versioned service
+//! parameters), `subscriptions` (one per provisioning of a device under an owner; at most one
+//! not revoked per serial, enforced by a partial unique index) and `readings` (keyed by
+//! subscription, so a new owner's subscription never sees the old owner's readings). Every
+//! lifecycle change (`store/lifecycle.rs`) is one `BEGIN IMMEDIATE` transaction that also appends its
+//! audit record, so a change is never stored without its record and two concurrent changes of
+//! one device are serialised: the second one sees the first one's result.
 
 use std::fmt;
 use std::path::Path;
@@ -18,15 +28,86 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use relay_protocol::payload::ReadingSeq;
 use relay_protocol::session::{PublicKey, KEY_LEN};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::mpsc;
 
+use crate::manifest::RowError;
 use crate::metrics::Metrics;
 
-/// The schema this code writes, kept in `PRAGMA user_version`. Version 1 had no audit log.
-pub const SCHEMA_VERSION: i64 = 2;
+mod lifecycle;
 
-const SCHEMA: &str = "
+pub(crate) use lifecycle::FactoryEntry;
+pub use lifecycle::{
+    Actor, DeviceView, DeviceViewPage, Profile, ProfileSettings, ReadingRecord,
+    MAX_REPORT_INTERVAL_SECS,
+};
+
+/// The schema this code writes, kept in `PRAGMA user_version`. Version 1 had no audit log,
+/// version 2 no device lifecycle.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The owner of subscriptions provisioned statically (`init`) and of those a version 2 store
+/// held: the operator running the core.
+pub const LEGACY_OWNER: &str = "operator";
+
+/// The profile every store has, and devices without a profile of their own use.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// Schema version 3, created whole in a new store.
+pub const SCHEMA: &str = "
+CREATE TABLE profiles (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL CHECK (version >= 1),
+    report_interval_secs INTEGER NOT NULL,
+    report_bytes INTEGER NOT NULL,
+    threshold INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE devices (
+    serial TEXT PRIMARY KEY,
+    factory_key BLOB NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    account TEXT,
+    profile TEXT REFERENCES profiles(name),
+    claimed_at_ms INTEGER NOT NULL,
+    activated_at_ms INTEGER,
+    transfer_to TEXT,
+    released TEXT
+);
+CREATE INDEX devices_by_owner ON devices(owner, serial);
+CREATE TABLE subscriptions (
+    id INTEGER PRIMARY KEY,
+    serial TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    public_key BLOB NOT NULL UNIQUE,
+    next_key BLOB UNIQUE,
+    status TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked', 'quarantined')),
+    created_at_ms INTEGER NOT NULL,
+    key_since_ms INTEGER NOT NULL,
+    rotate_requested INTEGER NOT NULL DEFAULT 0 CHECK (rotate_requested IN (0, 1)),
+    config_version INTEGER,
+    flag TEXT
+);
+CREATE UNIQUE INDEX subscriptions_one_live ON subscriptions(serial) WHERE status <> 'revoked';
+CREATE INDEX subscriptions_by_serial ON subscriptions(serial, id);
+CREATE INDEX subscriptions_by_owner ON subscriptions(owner, serial);
+";
+
+/// `readings`, unchanged since version 1.
+const READINGS_SCHEMA: &str = "
+CREATE TABLE readings (
+    subscription_id INTEGER NOT NULL REFERENCES subscriptions(id),
+    seq INTEGER NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (subscription_id, seq)
+) WITHOUT ROWID;
+";
+
+/// Version 1's `subscriptions` (serial UNIQUE, three statuses), for the migration tests.
+#[cfg(test)]
+const SCHEMA_V1: &str = "
 CREATE TABLE subscriptions (
     id INTEGER PRIMARY KEY,
     serial TEXT NOT NULL UNIQUE,
@@ -42,6 +123,60 @@ CREATE TABLE readings (
     PRIMARY KEY (subscription_id, seq)
 ) WITHOUT ROWID;
 ";
+
+/// Version 2 -> 3: `subscriptions` is rebuilt (its serial was UNIQUE; SQLite cannot drop a
+/// constraint) the way the SQLite manual's "12 steps" do it: new table, copy, drop, rename, with
+/// foreign keys off and checked before the commit. Ids are kept, so the readings stay attached.
+const MIGRATE_V2_V3: &str = "
+CREATE TABLE subscriptions_v3 (
+    id INTEGER PRIMARY KEY,
+    serial TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    public_key BLOB NOT NULL UNIQUE,
+    next_key BLOB UNIQUE,
+    status TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked', 'quarantined')),
+    created_at_ms INTEGER NOT NULL,
+    key_since_ms INTEGER NOT NULL,
+    rotate_requested INTEGER NOT NULL DEFAULT 0 CHECK (rotate_requested IN (0, 1)),
+    config_version INTEGER,
+    flag TEXT
+);
+INSERT INTO subscriptions_v3 (id, serial, owner, public_key, status, created_at_ms, key_since_ms)
+    SELECT id, serial, 'operator', public_key, status, created_at_ms, created_at_ms
+    FROM subscriptions;
+DROP TABLE subscriptions;
+ALTER TABLE subscriptions_v3 RENAME TO subscriptions;
+CREATE UNIQUE INDEX subscriptions_one_live ON subscriptions(serial) WHERE status <> 'revoked';
+CREATE INDEX subscriptions_by_serial ON subscriptions(serial, id);
+CREATE INDEX subscriptions_by_owner ON subscriptions(owner, serial);
+CREATE TABLE profiles (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL CHECK (version >= 1),
+    report_interval_secs INTEGER NOT NULL,
+    report_bytes INTEGER NOT NULL,
+    threshold INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE devices (
+    serial TEXT PRIMARY KEY,
+    factory_key BLOB NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    account TEXT,
+    profile TEXT REFERENCES profiles(name),
+    claimed_at_ms INTEGER NOT NULL,
+    activated_at_ms INTEGER,
+    transfer_to TEXT,
+    released TEXT
+);
+CREATE INDEX devices_by_owner ON devices(owner, serial);
+";
+
+/// The default profile as the migration creates it: version 1, a report every 60 s of 64 bytes,
+/// no threshold.
+const DEFAULT_PROFILE_ROW: &str = "INSERT INTO profiles
+    (name, version, report_interval_secs, report_bytes, threshold, updated_at_ms)
+    VALUES ('default', 1, 60, 64, 0, ?1)";
 
 /// The audit log (schema version 2): append-only. The triggers make that a property of the
 /// database, not only of this code: an UPDATE or DELETE on `audit` aborts.
@@ -65,8 +200,8 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 /// The most rows one page of a listing returns.
 pub const MAX_PAGE: u32 = 1000;
 
-/// Why a store operation failed. Everything here is the local side's fault (disk, database file,
-/// or a caller naming a subscription that does not exist).
+/// Why a store operation failed: the local side (disk, database file), or a caller naming
+/// something that does not exist or asking for a change the lifecycle does not allow.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// SQLite failed.
@@ -95,6 +230,42 @@ pub enum StoreError {
     /// The journal mode could not be switched to WAL (for example on a read-only medium).
     #[error("journal mode is {0}, not wal")]
     NotWal(String),
+    /// No device with that serial is visible to the caller (unknown, or another owner's).
+    #[error("no device {0:?}")]
+    UnknownDevice(String),
+    /// No subscription has that id.
+    #[error("no subscription {}", .0 .0)]
+    UnknownSubscription(SubscriptionId),
+    /// No profile has that name.
+    #[error("no profile {0:?}")]
+    UnknownProfile(String),
+    /// A manifest, a plan or a release claim was refused: every bad row, nothing changed.
+    #[error("{} bad rows, nothing changed", .0.len())]
+    BadRows(Vec<RowError>),
+    /// The change contradicts the device's state (already released, no transfer pending, …).
+    #[error("{0}")]
+    Conflict(String),
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// Provisioning: no owner claimed this factory identity.
+    #[error("device {0:?} is not claimed")]
+    NotClaimed(String),
+    /// Provisioning: claimed, but no activation plan named it.
+    #[error("device {0:?} is not activated")]
+    NotActivated(String),
+    /// Provisioning: its subscription is suspended.
+    #[error("device {0:?} is suspended")]
+    Suspended(String),
+    /// Provisioning: it was released to another operator.
+    #[error("device {0:?} was released to another operator")]
+    Released(String),
+    /// The key is already bound (a subscription key, a pending next key or a factory key).
+    #[error("the key is already in use")]
+    KeyInUse,
+    /// Update phase 2: the key is not the subscription's pending next key.
+    #[error("subscription {} has no pending next key equal to the one presented", .0 .0)]
+    NextKeyMismatch(SubscriptionId),
 }
 
 /// A subscription's row id.
@@ -110,6 +281,9 @@ pub enum SubscriptionStatus {
     Suspended,
     /// Refused for good.
     Revoked,
+    /// Suspected of being cloned: refused until the device re-provisions with its factory
+    /// identity (which makes it active again, with a new key).
+    Quarantined,
 }
 
 impl SubscriptionStatus {
@@ -119,6 +293,7 @@ impl SubscriptionStatus {
             Self::Active => "active",
             Self::Suspended => "suspended",
             Self::Revoked => "revoked",
+            Self::Quarantined => "quarantined",
         }
     }
 }
@@ -137,6 +312,7 @@ impl FromStr for SubscriptionStatus {
             "active" => Ok(Self::Active),
             "suspended" => Ok(Self::Suspended),
             "revoked" => Ok(Self::Revoked),
+            "quarantined" => Ok(Self::Quarantined),
             other => Err(format!("unknown status {other:?}")),
         }
     }
@@ -194,7 +370,7 @@ pub struct StatusChange {
 /// One lifecycle or refusal event, to be appended to the audit log.
 #[derive(Clone, Debug)]
 pub struct AuditEvent<'a> {
-    /// Who: the token's name, or `anonymous`.
+    /// Who: the token's name, `device`, `fraud-detector`, or `anonymous`.
     pub actor: &'a str,
     /// The token's role, when one was presented and valid.
     pub role: Option<&'a str>,
@@ -229,12 +405,28 @@ pub struct AuditRecord {
     pub detail: String,
 }
 
-/// What the engine's subscription index needs from a row (no serial: the index stays small).
-#[derive(Clone, Copy, Debug)]
+/// What the engine's subscription index needs from a row.
+#[derive(Clone, Debug)]
 pub(crate) struct IndexEntry {
     pub id: SubscriptionId,
     pub public_key: PublicKey,
     pub status: SubscriptionStatus,
+    /// The device's serial number.
+    pub serial: String,
+    /// The owner the subscription was provisioned for.
+    pub owner: String,
+    /// The key proposed by a credential update in progress (phase 1 done).
+    pub next_key: Option<PublicKey>,
+    /// The device's profile ([`DEFAULT_PROFILE`] when it has none, or no device row).
+    pub profile: String,
+    /// The configuration version the device last reported or was last given.
+    pub config_version: Option<u32>,
+    /// An operator or the fraud detector asked for a credential update.
+    pub rotate_requested: bool,
+    /// When the current key was bound, ms since the Unix epoch.
+    pub key_since_ms: i64,
+    /// Why the fraud detector flagged it, if it did.
+    pub flag: Option<String>,
 }
 
 /// A reading on its way to disk.
@@ -331,9 +523,14 @@ fn status_from_text(s: &str) -> Result<SubscriptionStatus, StoreError> {
     })
 }
 
+/// The subscription a serial names in the calls that predate the lifecycle (suspend, resume,
+/// revoke, show, `readings_of`): its live one, else its newest.
+const CURRENT_BY_SERIAL: &str = "SELECT id, status FROM subscriptions WHERE serial = ?1
+    ORDER BY status = 'revoked', id DESC LIMIT 1";
+
 impl Store {
     /// Opens (creating if needed) the database at `path`: WAL, `synchronous=FULL`, foreign keys
-    /// on, schema created or checked.
+    /// on, schema created or migrated to [`SCHEMA_VERSION`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -343,32 +540,59 @@ impl Store {
             return Err(StoreError::NotWal(mode));
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", true)?;
         let mut store = Self { conn };
+        // Foreign keys stay off while the schema migrates (a table rebuild; the pragma cannot
+        // change inside a transaction); the migration checks them itself before its commit.
+        store.conn.pragma_update(None, "foreign_keys", false)?;
         store.migrate()?;
+        store.conn.pragma_update(None, "foreign_keys", true)?;
         Ok(store)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         match version {
             0 => {
                 tx.execute_batch(SCHEMA)?;
+                tx.execute_batch(READINGS_SCHEMA)?;
                 tx.execute_batch(AUDIT_SCHEMA)?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+                tx.execute(DEFAULT_PROFILE_ROW, [now_ms()])?;
             }
-            1 => {
-                tx.execute_batch(AUDIT_SCHEMA)?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            1 | 2 => {
+                if version == 1 {
+                    tx.execute_batch(AUDIT_SCHEMA)?;
+                }
+                tx.execute_batch(MIGRATE_V2_V3)?;
+                tx.execute(DEFAULT_PROFILE_ROW, [now_ms()])?;
+                let dangling: Option<String> = tx
+                    .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+                    .optional()?;
+                if let Some(table) = dangling {
+                    return Err(StoreError::Corrupt {
+                        table: "readings",
+                        why: format!("foreign key violation in {table} after the migration"),
+                    });
+                }
+                tracing::info!(from = version, to = SCHEMA_VERSION, "store migrated");
             }
-            SCHEMA_VERSION => {}
+            SCHEMA_VERSION => return Ok(()),
             found => return Err(StoreError::SchemaTooNew { found }),
         }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// A `BEGIN IMMEDIATE` transaction on a shared reference: it takes the write lock at once, so
+    /// what it reads cannot change before it commits.
+    fn immediate(&self) -> Result<Transaction<'_>, StoreError> {
+        Ok(Transaction::new_unchecked(
+            &self.conn,
+            TransactionBehavior::Immediate,
+        )?)
     }
 
     /// `PRAGMA user_version`.
@@ -378,21 +602,23 @@ impl Store {
             .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
-    /// Provisions one device.
+    /// Provisions one device statically (owner [`LEGACY_OWNER`]).
     pub fn add_subscription(
         &self,
         serial: &str,
         public_key: &PublicKey,
         status: SubscriptionStatus,
     ) -> Result<SubscriptionId, StoreError> {
+        let now = now_ms();
         self.conn.execute(
-            "INSERT INTO subscriptions (serial, public_key, status, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![serial, &public_key.0[..], status.as_str(), now_ms()],
+            "INSERT INTO subscriptions (serial, owner, public_key, status, created_at_ms, key_since_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            params![serial, LEGACY_OWNER, &public_key.0[..], status.as_str(), now],
         )?;
         Ok(SubscriptionId(self.conn.last_insert_rowid()))
     }
 
-    /// Provisions many devices in one transaction (`init` with a large fleet).
+    /// Provisions many devices statically in one transaction (`init` with a large fleet).
     pub fn add_subscriptions<'a>(
         &mut self,
         subscriptions: impl IntoIterator<Item = (&'a str, &'a PublicKey, SubscriptionStatus)>,
@@ -402,10 +628,17 @@ impl Store {
         let mut n = 0;
         {
             let mut stmt = tx.prepare(
-                "INSERT INTO subscriptions (serial, public_key, status, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO subscriptions (serial, owner, public_key, status, created_at_ms, key_since_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
             )?;
             for (serial, key, status) in subscriptions {
-                stmt.execute(params![serial, &key.0[..], status.as_str(), now])?;
+                stmt.execute(params![
+                    serial,
+                    LEGACY_OWNER,
+                    &key.0[..],
+                    status.as_str(),
+                    now
+                ])?;
                 n += 1;
             }
         }
@@ -413,11 +646,13 @@ impl Store {
         Ok(n)
     }
 
-    /// Changes a subscription's status. A running core reads statuses at start.
+    /// Changes the status of a serial's current subscription (its live one, else its newest). A
+    /// running core reads statuses at start.
     pub fn set_status(&self, serial: &str, status: SubscriptionStatus) -> Result<(), StoreError> {
         let n = self.conn.execute(
-            "UPDATE subscriptions SET status = ?1 WHERE serial = ?2",
-            params![status.as_str(), serial],
+            "UPDATE subscriptions SET status = ?2 WHERE id = (SELECT id FROM subscriptions
+             WHERE serial = ?1 ORDER BY status = 'revoked', id DESC LIMIT 1)",
+            params![serial, status.as_str()],
         )?;
         if n == 0 {
             return Err(StoreError::UnknownSerial(serial.to_owned()));
@@ -427,6 +662,11 @@ impl Store {
 
     /// Changes a subscription's status for the admin API, in one transaction: revocation is
     /// final, so a revoked subscription can only be "revoked" again. Returns the previous status.
+    /// The subscription is the serial's live one, else its newest.
+    ///
+    /// Revoking the subscription of a claimed device also withdraws its activation (in the same
+    /// transaction): otherwise its next factory handshake would provision a new subscription at
+    /// once. An activation plan brings it back.
     ///
     /// With `audit` (actor, role, action), the event is appended to the audit log in the same
     /// transaction, so a change is never stored without its record (outcome `ok`, or `unchanged`
@@ -437,15 +677,46 @@ impl Store {
         status: SubscriptionStatus,
         audit: Option<(&str, &str, &str)>,
     ) -> Result<StatusChange, StoreError> {
+        self.change_status_inner(None, serial, status, audit)
+    }
+
+    /// [`Store::change_status`] on behalf of `owner`: the serial's current subscription must be
+    /// `owner`'s, else [`StoreError::UnknownSerial`] (an owner never changes another's device).
+    pub fn change_status_for(
+        &mut self,
+        owner: &str,
+        serial: &str,
+        status: SubscriptionStatus,
+        audit: (&str, &str, &str),
+    ) -> Result<StatusChange, StoreError> {
+        self.change_status_inner(Some(owner), serial, status, Some(audit))
+    }
+
+    fn change_status_inner(
+        &mut self,
+        owner: Option<&str>,
+        serial: &str,
+        status: SubscriptionStatus,
+        audit: Option<(&str, &str, &str)>,
+    ) -> Result<StatusChange, StoreError> {
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(owner) = owner {
+            let current: Option<String> = tx
+                .query_row(
+                    "SELECT owner FROM subscriptions WHERE serial = ?1
+                     ORDER BY status = 'revoked', id DESC LIMIT 1",
+                    [serial],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if current.as_deref() != Some(owner) {
+                return Err(StoreError::UnknownSerial(serial.to_owned()));
+            }
+        }
         let row: Option<(i64, String)> = tx
-            .query_row(
-                "SELECT id, status FROM subscriptions WHERE serial = ?1",
-                [serial],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row(CURRENT_BY_SERIAL, [serial], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let (id, previous) = row.ok_or_else(|| StoreError::UnknownSerial(serial.to_owned()))?;
         let previous = status_from_text(&previous)?;
@@ -457,6 +728,13 @@ impl Store {
                 "UPDATE subscriptions SET status = ?1 WHERE id = ?2",
                 params![status.as_str(), id],
             )?;
+            if status == SubscriptionStatus::Revoked {
+                tx.execute(
+                    "UPDATE devices SET activated_at_ms = NULL WHERE serial = ?1
+                     AND owner = (SELECT owner FROM subscriptions WHERE id = ?2)",
+                    params![serial, id],
+                )?;
+            }
         }
         if let Some((actor, role, action)) = audit {
             tx.execute(
@@ -505,12 +783,14 @@ impl Store {
         })
     }
 
-    /// One subscription and how many readings it has stored.
+    /// A serial's current subscription (its live one, else its newest) and how many readings it
+    /// has stored.
     pub fn device(&self, serial: &str) -> Result<(SubscriptionId, DeviceSummary, u64), StoreError> {
         let row: Option<(i64, String, i64)> = self
             .conn
             .query_row(
-                "SELECT id, status, created_at_ms FROM subscriptions WHERE serial = ?1",
+                "SELECT id, status, created_at_ms FROM subscriptions WHERE serial = ?1
+                 ORDER BY status = 'revoked', id DESC LIMIT 1",
                 [serial],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
@@ -535,18 +815,7 @@ impl Store {
 
     /// Appends one event to the audit log (the only write the log accepts).
     pub fn append_audit(&self, event: &AuditEvent<'_>) -> Result<i64, StoreError> {
-        self.conn.execute(
-            "INSERT INTO audit (at_ms, actor, role, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                now_ms(),
-                event.actor,
-                event.role,
-                event.action,
-                event.target,
-                event.outcome,
-                event.detail
-            ],
-        )?;
+        insert_audit(&self.conn, event)?;
         Ok(self.conn.last_insert_rowid())
     }
 
@@ -590,19 +859,15 @@ impl Store {
         Ok(out)
     }
 
-    /// What the engine's in-memory index needs, without serials.
+    /// What the engine's in-memory index needs: every subscription, by id.
     pub(crate) fn index_entries(&self) -> Result<Vec<IndexEntry>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, public_key, status FROM subscriptions ORDER BY id")?;
+            .prepare(&format!("{INDEX_SELECT} ORDER BY s.id"))?;
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
-            out.push(IndexEntry {
-                id: SubscriptionId(row.get(0)?),
-                public_key: key_from_blob(&row.get::<_, Vec<u8>>(1)?)?,
-                status: status_from_text(&row.get::<_, String>(2)?)?,
-            });
+            out.push(index_row(row)?);
         }
         Ok(out)
     }
@@ -615,15 +880,12 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 
-    /// The readings of one device, by sequence number.
+    /// The readings of a serial's current subscription (its live one, else its newest), by
+    /// sequence number. The admin API's owner-scoped listing is [`Store::readings_for_owner`].
     pub fn readings_of(&self, serial: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let id: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT id FROM subscriptions WHERE serial = ?1",
-                [serial],
-                |r| r.get(0),
-            )
+            .query_row(CURRENT_BY_SERIAL, [serial], |r| r.get(0))
             .optional()?;
         let id = id.ok_or_else(|| StoreError::UnknownSerial(serial.to_owned()))?;
         let mut stmt = self
@@ -714,6 +976,55 @@ impl Store {
         tx.commit()?;
         Ok(stored)
     }
+}
+
+/// The columns of an [`IndexEntry`], read by [`index_row`].
+const INDEX_SELECT: &str = "SELECT s.id, s.public_key, s.status, s.serial, s.owner, s.next_key,
+    COALESCE(d.profile, 'default'), s.config_version, s.rotate_requested, s.key_since_ms, s.flag
+    FROM subscriptions s LEFT JOIN devices d ON d.serial = s.serial";
+
+fn index_row(r: &rusqlite::Row<'_>) -> Result<IndexEntry, StoreError> {
+    Ok(IndexEntry {
+        id: SubscriptionId(r.get(0)?),
+        public_key: key_from_blob(&r.get::<_, Vec<u8>>(1)?)?,
+        status: status_from_text(&r.get::<_, String>(2)?)?,
+        serial: r.get(3)?,
+        owner: r.get(4)?,
+        next_key: r
+            .get::<_, Option<Vec<u8>>>(5)?
+            .as_deref()
+            .map(key_from_blob)
+            .transpose()?,
+        profile: r.get(6)?,
+        config_version: r.get::<_, Option<i64>>(7)?.map(u32_column).transpose()?,
+        rotate_requested: r.get::<_, i64>(8)? != 0,
+        key_since_ms: r.get(9)?,
+        flag: r.get(10)?,
+    })
+}
+
+fn u32_column(v: i64) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt {
+        table: "subscriptions",
+        why: format!("{v} is not a u32"),
+    })
+}
+
+/// Appends an audit record on `conn` (a transaction derefs to its connection).
+fn insert_audit(conn: &Connection, event: &AuditEvent<'_>) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO audit (at_ms, actor, role, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        now_ms(),
+        event.actor,
+        event.role,
+        event.action,
+        event.target,
+        event.outcome,
+        event.detail
+    ])?;
+    Ok(())
 }
 
 /// Starts the writer thread. It ends when `readings` is closed and drained, after its last commit.
@@ -1064,7 +1375,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.db");
         let conn = Connection::open(&path).expect("open");
-        conn.execute_batch(SCHEMA).expect("schema");
+        conn.execute_batch(SCHEMA_V1).expect("schema");
         conn.pragma_update(None, "user_version", 1)
             .expect("version");
         drop(conn);
@@ -1103,5 +1414,101 @@ mod tests {
         assert_eq!(metrics.readings_stored.get(), 5);
         assert_eq!(metrics.readings_duplicate.get(), 2);
         assert!(metrics.store_commit_seconds.get_sample_count() >= 2);
+    }
+
+    #[test]
+    fn a_version_2_store_migrates_to_version_3_keeping_subscriptions_and_readings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(SCHEMA_V1).expect("schema");
+        conn.execute_batch(AUDIT_SCHEMA).expect("audit");
+        for (id, serial, k, status) in [
+            (1, "m1", 1u8, "active"),
+            (2, "m2", 2, "suspended"),
+            (3, "m3", 3, "revoked"),
+        ] {
+            conn.execute(
+                "INSERT INTO subscriptions (id, serial, public_key, status, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, 1000)",
+                params![id, serial, &[k; KEY_LEN][..], status],
+            )
+            .expect("sub");
+        }
+        for seq in 1..=3i64 {
+            conn.execute("INSERT INTO readings VALUES (1, ?1, 2000, x'01')", [seq])
+                .expect("reading");
+        }
+        conn.execute(
+            "INSERT INTO audit (at_ms, actor, action, outcome, detail) VALUES (1, 'op', 'suspend', 'ok', 'x')",
+            [],
+        )
+        .expect("audit");
+        conn.pragma_update(None, "user_version", 2)
+            .expect("version");
+        drop(conn);
+
+        let mut store = Store::open(&path).expect("migrate");
+        assert_eq!(store.schema_version().expect("version"), 3);
+        let subs = store.subscriptions().expect("subs");
+        assert_eq!(
+            subs.iter()
+                .map(|s| (s.id.0, s.serial.as_str(), s.status))
+                .collect::<Vec<_>>(),
+            [
+                (1, "m1", SubscriptionStatus::Active),
+                (2, "m2", SubscriptionStatus::Suspended),
+                (3, "m3", SubscriptionStatus::Revoked)
+            ]
+        );
+        assert_eq!(store.readings_of("m1").expect("readings").len(), 3);
+        assert_eq!(store.audit(10).expect("audit").len(), 1, "the log is kept");
+        let index = store.index_entries().expect("index");
+        assert_eq!(
+            (
+                index[0].owner.as_str(),
+                index[0].profile.as_str(),
+                index[0].key_since_ms,
+                index[0].next_key,
+                index[0].config_version
+            ),
+            ("operator", "default", 1000, None, None)
+        );
+        assert_eq!(store.profiles().expect("profiles")[0].name, "default");
+        // Foreign keys are on again, and the serial is no longer UNIQUE: only one live
+        // subscription per serial.
+        assert!(store
+            .insert_readings(&[reading(SubscriptionId(99), 1, b"x")])
+            .is_err());
+        assert!(store
+            .add_subscription("m1", &key(9), SubscriptionStatus::Active)
+            .is_err());
+        store
+            .add_subscription("m3", &key(9), SubscriptionStatus::Active)
+            .expect("a new subscription beside the revoked one");
+        assert_eq!(store.device("m3").expect("device").0, SubscriptionId(4));
+        let fk: i64 = store
+            .conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .expect("foreign_keys");
+        assert_eq!(fk, 1);
+        drop(store);
+        // Opened again: nothing to do.
+        assert_eq!(
+            Store::open(&path)
+                .expect("reopen")
+                .schema_version()
+                .expect("v"),
+            3
+        );
+    }
+
+    #[test]
+    fn quarantined_is_a_status() {
+        assert_eq!(
+            "quarantined".parse::<SubscriptionStatus>(),
+            Ok(SubscriptionStatus::Quarantined)
+        );
+        assert_eq!(SubscriptionStatus::Quarantined.to_string(), "quarantined");
     }
 }

@@ -1,7 +1,8 @@
 //! Admin API tokens (`[admin] tokens_file`): who may call the admin API, and in which role.
 //!
-//! The file holds, per token, a name (the actor in the audit log), a role and the SHA-256 of the
-//! secret, never the secret itself: a copy of the file, or of a backup, lets nobody in. A
+//! The file holds, per token, a name (the actor in the audit log), a role, the owner it acts for
+//! (the company whose devices it may see and change; the name when not given) and the SHA-256 of
+//! the secret, never the secret itself: a copy of the file, or of a backup, lets nobody in. A
 //! presented token is hashed and compared with every entry in constant time, so neither the
 //! comparison nor which entry matched shows in the timing.
 //!
@@ -9,6 +10,7 @@
 //! [[token]]
 //! name = "operator"
 //! role = "operator"
+//! owner = "operator"
 //! sha256 = "64 hex digits"
 //! ```
 
@@ -22,9 +24,9 @@ use serde::Deserialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Lists and shows devices; suspends, resumes and revokes them; reads the audit log.
+    /// Everything: claims, profiles, status changes, rotation, transfer, release, the audit log.
     Operator,
-    /// Lists and shows devices.
+    /// Lists and shows devices; submits activation plans.
     Technician,
 }
 
@@ -38,6 +40,31 @@ impl Role {
     }
 }
 
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "operator" => Ok(Self::Operator),
+            "technician" => Ok(Self::Technician),
+            other => Err(format!("unknown role {other:?} (operator or technician)")),
+        }
+    }
+}
+
+/// The longest owner name.
+pub const MAX_OWNER: usize = 64;
+
+/// Whether `owner` is a valid owner name: 1 to [`MAX_OWNER`] of `A-Z a-z 0-9 - _ .` (it appears
+/// in URLs' bodies, the audit log and the store, never escaped).
+pub fn is_valid_owner(owner: &str) -> bool {
+    !owner.is_empty()
+        && owner.len() <= MAX_OWNER
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// One accepted token: its holder's name, its role and the hash of its secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenEntry {
@@ -45,6 +72,8 @@ pub struct TokenEntry {
     pub name: String,
     /// What it may do.
     pub role: Role,
+    /// The owner it acts for: it sees and changes that owner's devices only.
+    pub owner: String,
     sha256: [u8; SHA256_OUTPUT_LEN],
 }
 
@@ -53,6 +82,7 @@ impl fmt::Debug for TokenEntry {
         f.debug_struct("TokenEntry")
             .field("name", &self.name)
             .field("role", &self.role)
+            .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +126,8 @@ struct RawFile {
 struct RawEntry {
     name: String,
     role: Role,
+    #[serde(default)]
+    owner: Option<String>,
     sha256: String,
 }
 
@@ -158,28 +190,47 @@ impl TokenSet {
                 .ok()
                 .and_then(|b| <[u8; SHA256_OUTPUT_LEN]>::try_from(b).ok())
                 .ok_or_else(|| format!("token {:?}: sha256 must be 64 hex digits", t.name))?;
+            let owner = match t.owner {
+                Some(owner) if !is_valid_owner(&owner) => {
+                    return Err(format!(
+                        "token {:?}: owner must be 1 to {MAX_OWNER} of A-Z a-z 0-9 - _ .",
+                        t.name
+                    ))
+                }
+                Some(owner) => owner,
+                None => t.name.clone(),
+            };
             entries.push(TokenEntry {
                 name: t.name,
                 role: t.role,
+                owner,
                 sha256,
             });
         }
         Ok(Self { entries })
     }
 
-    /// The text of a tokens file accepting `tokens` (name, role, secret).
-    pub fn file_text(tokens: &[(&str, Role, &PlainToken)]) -> String {
+    /// The text of a tokens file accepting `tokens` (name, role, owner, secret).
+    pub fn file_text(tokens: &[(&str, Role, &str, &PlainToken)]) -> String {
         let mut out = String::from(
             "# Admin API tokens: SHA-256 of each secret, never the secret (docs/architecture.md).\n",
         );
-        for (name, role, token) in tokens {
-            out.push_str(&format!(
-                "\n[[token]]\nname = \"{name}\"\nrole = \"{}\"\nsha256 = \"{}\"\n",
-                role.as_str(),
-                token.sha256_hex()
-            ));
+        for (name, role, owner, token) in tokens {
+            out.push_str(&Self::entry_text(name, *role, owner, token));
         }
         out
+    }
+
+    /// One `[[token]]` entry (with a leading blank line), to append to a tokens file. The name is
+    /// written as a TOML string, escaped.
+    pub fn entry_text(name: &str, role: Role, owner: &str, token: &PlainToken) -> String {
+        format!(
+            "\n[[token]]\nname = {}\nrole = \"{}\"\nowner = {}\nsha256 = \"{}\"\n",
+            toml::Value::String(name.to_owned()),
+            role.as_str(),
+            toml::Value::String(owner.to_owned()),
+            token.sha256_hex()
+        )
     }
 
     /// How many tokens are accepted.
@@ -225,16 +276,18 @@ mod tests {
         assert_ne!(op, tech);
         assert_eq!(op.expose().len(), TOKEN_BYTES * 2);
         let text = TokenSet::file_text(&[
-            ("operator", Role::Operator, &op),
-            ("technician", Role::Technician, &tech),
+            ("operator", Role::Operator, "operator", &op),
+            ("technician", Role::Technician, "operator", &tech),
         ]);
         assert!(!text.contains(op.expose()) && !text.contains(tech.expose()));
         let set = TokenSet::parse(&text).expect("parse");
         assert_eq!(set.len(), 2);
         let e = set.authenticate(op.expose()).expect("operator");
         assert_eq!((e.name.as_str(), e.role), ("operator", Role::Operator));
+        assert_eq!(e.owner, "operator");
         let e = set.authenticate(tech.expose()).expect("technician");
         assert_eq!(e.role, Role::Technician);
+        assert_eq!(e.owner, "operator", "the technician works for the operator");
         assert!(set.authenticate("").is_none());
         assert!(set.authenticate(&op.expose()[1..]).is_none());
         assert!(!format!("{set:?} {op:?}").contains(op.expose()));
@@ -256,5 +309,37 @@ mod tests {
         );
         assert!(TokenSet::parse(&dup).is_err());
         assert!(TokenSet::parse("").expect("empty").is_empty());
+        let bad_owner = format!(
+            "[[token]]\nname = \"a\"\nrole = \"operator\"\nowner = \"a b\"\nsha256 = \"{h}\"\n"
+        );
+        assert!(TokenSet::parse(&bad_owner).is_err());
+    }
+
+    #[test]
+    fn owner_defaults_to_the_name_and_entries_append() {
+        let h = "0".repeat(64);
+        let set = TokenSet::parse(&format!(
+            "[[token]]\nname = \"acme\"\nrole = \"operator\"\nsha256 = \"{h}\"\n"
+        ))
+        .expect("parse");
+        let t = PlainToken::generate();
+        let mut text = TokenSet::file_text(&[("operator", Role::Operator, "operator", &t)]);
+        let second = PlainToken::generate();
+        text.push_str(&TokenSet::entry_text(
+            "acme \"ops\"",
+            Role::Operator,
+            "acme",
+            &second,
+        ));
+        let both = TokenSet::parse(&text).expect("parse appended");
+        let e = both.authenticate(second.expose()).expect("second");
+        assert_eq!(
+            (e.name.as_str(), e.owner.as_str()),
+            ("acme \"ops\"", "acme")
+        );
+        assert_eq!(set.entries[0].owner, "acme");
+        assert_eq!("technician".parse::<Role>(), Ok(Role::Technician));
+        assert!("admin".parse::<Role>().is_err());
+        assert!(is_valid_owner("acme-1.x") && !is_valid_owner("") && !is_valid_owner("a/b"));
     }
 }

@@ -154,3 +154,54 @@ fn stats_and_health_beside_a_running_core() {
     core.wait().expect("wait");
     assert_eq!(health("/live").status.code(), Some(1));
 }
+
+#[test]
+fn token_prints_a_secret_and_appends_its_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens.toml");
+    let make = |name: &str, extra: &[&str]| {
+        core_stub()
+            .args(["token", "--name", name, "--role", "operator"])
+            .args(extra)
+            .arg("--append")
+            .arg(&file)
+            .output()
+            .expect("token")
+    };
+    let out = make("acme-ops", &["--owner", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = String::from_utf8(out.stdout).expect("utf-8");
+    let secret = secret.trim();
+    assert_eq!(secret.len(), 64);
+    let text = std::fs::read_to_string(&file).expect("file");
+    assert!(!text.contains(secret), "only the hash is stored");
+    let set = core_stub::tokens::TokenSet::parse(&text).expect("parses");
+    let entry = set.authenticate(secret).expect("valid");
+    assert_eq!(
+        (entry.name.as_str(), entry.owner.as_str()),
+        ("acme-ops", "acme")
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // A second token; then a name taken and a bad owner are refused, the file untouched.
+    assert!(make("beta", &[]).status.success());
+    let before = std::fs::read_to_string(&file).expect("file");
+    let out = make("beta", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("twice"));
+    assert_eq!(make("gamma", &["--owner", "a b"]).status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(&file).expect("file"), before);
+    let out = core_stub()
+        .args(["token", "--name", "x", "--role", "admin"])
+        .output()
+        .expect("token");
+    assert_eq!(out.status.code(), Some(2), "clap refuses an unknown role");
+}

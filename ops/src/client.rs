@@ -1,5 +1,5 @@
-//! The one HTTP client of the project, for the admin endpoints: `core-stub devices …` and
-//! `core-stub audit`, both daemons' `health` subcommands, `device-sim bench` and the end-to-end
+//! The one HTTP client of the project, for the admin endpoints: `core-stub devices …`,
+//! `core-stub claim`, `activate`, `profiles` and `audit`, both daemons' `health` subcommands, `device-sim bench` and the end-to-end
 //! tests. One HTTP/1.1 request per connection over a tokio `TcpStream`, with a time limit and a
 //! bounded response size.
 
@@ -56,27 +56,62 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// `GET path` without credentials.
-pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer, ClientError> {
-    request(addr, "GET", path, None, timeout).await
+/// A request body and its media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Body<'a> {
+    /// `Content-Type` (`application/json`, `text/csv`, …).
+    pub content_type: &'a str,
+    /// The bytes.
+    pub bytes: &'a [u8],
 }
 
-/// Sends `method path` (with `Authorization: Bearer token` when given) and reads the whole answer.
+impl<'a> Body<'a> {
+    /// A JSON body.
+    pub fn json(bytes: &'a [u8]) -> Self {
+        Self {
+            content_type: "application/json",
+            bytes,
+        }
+    }
+
+    /// A CSV body (manifests, activation plans).
+    pub fn csv(bytes: &'a [u8]) -> Self {
+        Self {
+            content_type: "text/csv",
+            bytes,
+        }
+    }
+}
+
+/// `GET path` without credentials.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer, ClientError> {
+    request(addr, "GET", path, None, None, timeout).await
+}
+
+/// Sends `method path` (with `Authorization: Bearer token` when given, and `body` when given)
+/// and reads the whole answer.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
+    body: Option<Body<'_>>,
     timeout: Duration,
 ) -> Result<Answer, ClientError> {
     let io = |source| ClientError::Io { addr, source };
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.map_err(io)?;
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let (content_type, bytes) = match body {
+            Some(b) => (format!("Content-Type: {}\r\n", b.content_type), b.bytes),
+            None => (String::new(), &[][..]),
+        };
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            bytes.len()
         );
         stream.write_all(head.as_bytes()).await.map_err(io)?;
+        stream.write_all(bytes).await.map_err(io)?;
         let mut raw = Vec::with_capacity(4096);
         let mut chunk = [0u8; 8192];
         loop {
@@ -136,5 +171,42 @@ mod tests {
         assert_eq!((a.status, a.body.as_slice()), (409, &b"{}"[..]));
         assert!(parse_response(b"garbage\r\n\r\n").is_none());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_none());
+    }
+
+    #[tokio::test]
+    async fn sends_the_body_with_its_type_and_length() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !got.ends_with(b"a,b\n1,2\n") {
+                let n = s.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+            String::from_utf8(got).expect("utf-8")
+        });
+        let a = request(
+            addr,
+            "POST",
+            "/v1/plans",
+            Some("t"),
+            Some(Body::csv(b"a,b\n1,2\n")),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("answer");
+        assert_eq!((a.status, a.text().as_str()), (200, "ok"));
+        let head = server.await.expect("server");
+        assert!(head.contains("Content-Type: text/csv\r\n"), "{head}");
+        assert!(head.contains("Content-Length: 8\r\n"), "{head}");
+        assert!(head.contains("Authorization: Bearer t\r\n"), "{head}");
     }
 }
