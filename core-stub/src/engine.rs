@@ -1,16 +1,58 @@
 //! The session engine: one task that owns every device session, the in-memory subscription
-//! index and the route back to each device. No locks: everything reaches it through one bounded
-//! channel, and it alone decides.
+//! index, the device (factory identity) index and the route back to each device. No locks:
+//! everything reaches it through one bounded channel, and it alone decides.
 //!
 //! ```text
 //!  direct.rs ──┐                     ┌─────────────── Engine (one task) ───────────────┐
 //!  uplink.rs ──┴─EngineInput──▶      │ SessionTable: handshakes, open, route updates    │──PendingReading──▶ store writer
 //!   (frames, gateway up/down)        │ gateways: GatewayConnId → quinn::Connection      │◀──Committed──────  (own thread)
-//!                                    └── seal Ack on the newest session, send by route ─┘
+//!  admin_api ───EngineControl──▶     │ lifecycle: provision, key update, fraud, notices │──LifecycleStore──▶ SQLite (own
+//!                                    └── seal Ack (+ notices) on the newest session ────┘   connection; versions deferred)
+//!  gateways ◀── UplinkMessage::Revoked { sessions } when sessions are dropped for a status change
 //! ```
 //!
-//! `SessionTable` is the I/O-free part (frames and `now` in, frames to send and readings to
-//! store out), driven by `Engine`, which owns the sockets and channels.
+//! `SessionTable` is the I/O-free part (frames and `now` in, frames to send, readings to store and
+//! revoked session ids out; the rare lifecycle writes through the `LifecycleStore` trait), driven
+//! by `Engine`, which owns the sockets and channels.
+//!
+//! # The credential lifecycle (`docs/protocol.md`, issue 4)
+//!
+//! - **Factory-key handshake** = provisioning or recovery: the device must be claimed and
+//!   activated and propose a `NextKey`; the subscription is created (or its key replaced, the old
+//!   one retired at once) in one store transaction committed before the response (`KeyAccepted` +
+//!   `Config`) goes out. No session is kept for the factory key.
+//! - **Two-phase key update**: a subscription-key handshake carrying `NextKey` stores it (phase 1:
+//!   old and new key both accepted); the first handshake made with the next key promotes it
+//!   (phase 2: the old key is retired, its later handshakes are refused `Superseded`).
+//! - **Notices** ride on the handshake response and on acknowledgements, never on messages of
+//!   their own: `Config` when the device runs another version than its profile's, `Rotate` when an
+//!   update is requested or the key is older than `credentials.rotate_after_secs`, `Release` when
+//!   the device went to another operator.
+//! - **Fraud**: a frame on a subscription's older session after its newer session already had
+//!   one, from another route ("clone"), or a replayed handshake ("replay"), flags the
+//!   subscription and asks for a credential update; a clone is quarantined instead when
+//!   `fraud.action = "quarantine"` (a replay never is: anyone on the path can replay).
+//! - **Revocation reach**: sessions dropped for a status change are named to every connected
+//!   gateway (`UplinkMessage::Revoked`) before the admin API answers.
+//!
+//! Every refused handshake gets an authenticated refusal (`Refused` + reason), except a replayed
+//! one (dropped silently) and one refused for `session.max_sessions`.
+//!
+//! # Crash points
+//!
+//! For the kill tests, the environment variable `RELAY_CRASH_AT` makes the process abort right
+//! after a lifecycle commit and before the response leaves, so that recovery from exactly that
+//! state can be tested:
+//!
+//! | `RELAY_CRASH_AT`            | aborts after                                            |
+//! |-----------------------------|---------------------------------------------------------|
+//! | `core:provision_committed`  | `Store::provision` (factory-key handshake)              |
+//! | `core:next_key_committed`   | `Store::set_next_key` (key update, phase 1)             |
+//! | `core:promote_committed`    | `Store::promote_next_key` (key update, phase 2)         |
+
+mod store_writes;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,21 +60,37 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use relay_protocol::payload::{Message, ReadingSeq, ResponsePayload, MAX_ACKS};
-use relay_protocol::session::{PublicKey, Responder, SessionError, StaticKeypair, Transport};
+use relay_protocol::payload::{
+    DeviceConfig, InitPayload, Message, Notices, ReadingSeq, RefusalReason, Release,
+    ResponsePayload, MAX_ACKS,
+};
+use relay_protocol::session::{
+    IncomingHandshake, PublicKey, Responder, SessionError, StaticKeypair, Transport,
+};
+use relay_protocol::uplink::MAX_REVOKED;
 use relay_protocol::{DecodeError, DeviceFrame, FlowId, SessionId, UplinkDatagram, UplinkMessage};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SessionConfig;
+use crate::config::{FraudAction, SessionConfig};
 use crate::metrics::Metrics;
 use crate::store::{
-    now_ms, Committed, IndexEntry, PendingReading, SubscriptionId, SubscriptionStatus,
+    now_ms, Committed, FactoryEntry, IndexEntry, PendingReading, Profile, StoreError,
+    SubscriptionId, SubscriptionStatus,
 };
+
+pub(crate) use store_writes::StoreWrites;
 
 /// How often sessions past `reject_after` are swept out even if their device went silent.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A session id named to the gateways as revoked is not handed out again for this long at least
+/// (the gateways' default memory of revoked ids), so a new session is never mistaken for it.
+const REVOKED_ID_HOLD: Duration = Duration::from_secs(600);
+
+/// The environment variable naming a crash point (see the module docs).
+pub const CRASH_ENV: &str = "RELAY_CRASH_AT";
 
 /// A gateway connection, numbered by the uplink acceptor. Local to this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,6 +139,8 @@ pub enum DropReason {
     SessionLimit,
     /// An outgoing frame with no way to its device (gateway gone, send buffer full).
     Unroutable,
+    /// An authenticated frame that made the fraud detector quarantine its subscription.
+    Fraud,
 }
 
 impl DropReason {
@@ -103,6 +163,7 @@ impl DropReason {
             Self::UnexpectedType => "unexpected_type",
             Self::SessionLimit => "session_limit",
             Self::Unroutable => "unroutable",
+            Self::Fraud => "fraud",
         }
     }
 
@@ -127,50 +188,214 @@ impl DropReason {
                 Self::UnexpectedType,
                 Self::SessionLimit,
                 Self::Unroutable,
+                Self::Fraud,
             ])
             .map(Self::label)
     }
 }
 
-/// The outcome of a handshake initiation (`core_handshakes_total{result}`).
+/// The outcome of a handshake initiation (`core_handshakes_total{result}`). Sessions established:
+/// `accepted` + `key_announced` + `key_promoted`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HandshakeResult {
     /// A session was established and the response sent.
     Accepted,
-    /// The device's key is not in the store.
-    UnknownKey,
-    /// The subscription is suspended.
-    Suspended,
-    /// The subscription is revoked.
-    Revoked,
-    /// The timestamp is not newer than the last accepted one for this subscription.
+    /// A factory-key handshake created or re-keyed the device's subscription (no session kept).
+    Provisioned,
+    /// A session was established and the proposed next key stored (key update, phase 1).
+    KeyAnnounced,
+    /// A session was established with the next key, which replaced the old one (phase 2).
+    KeyPromoted,
+    /// An authenticated refusal was sent.
+    Refused(RefusalReason),
+    /// The timestamp is not newer than the last accepted one (dropped silently; a fraud signal).
     Replayed,
-    /// The Noise message did not authenticate or decode.
+    /// The Noise message did not authenticate or decode, or the store refused the change.
     Failed,
 }
 
 impl HandshakeResult {
     /// Every outcome.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 16] = [
         Self::Accepted,
-        Self::UnknownKey,
-        Self::Suspended,
-        Self::Revoked,
+        Self::Provisioned,
+        Self::KeyAnnounced,
+        Self::KeyPromoted,
+        Self::Refused(RefusalReason::UnknownKey),
+        Self::Refused(RefusalReason::Unclaimed),
+        Self::Refused(RefusalReason::NotActivated),
+        Self::Refused(RefusalReason::Suspended),
+        Self::Refused(RefusalReason::Revoked),
+        Self::Refused(RefusalReason::Quarantined),
+        Self::Refused(RefusalReason::Superseded),
+        Self::Refused(RefusalReason::Released),
+        Self::Refused(RefusalReason::KeyRequired),
+        Self::Refused(RefusalReason::Reprovision),
         Self::Replayed,
         Self::Failed,
     ];
 
-    /// The label value.
+    /// The label value (a refusal is labelled with its reason: `unknown_key`, `suspended`, …).
     pub fn label(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
-            Self::UnknownKey => "unknown_key",
-            Self::Suspended => "suspended",
-            Self::Revoked => "revoked",
+            Self::Provisioned => "provisioned",
+            Self::KeyAnnounced => "key_announced",
+            Self::KeyPromoted => "key_promoted",
+            Self::Refused(reason) => reason.label(),
             Self::Replayed => "replayed",
             Self::Failed => "failed",
         }
     }
+}
+
+/// How a notice reached the device (`via` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// In a handshake response.
+    Handshake,
+    /// Riding on an acknowledgement.
+    Ack,
+}
+
+impl Via {
+    /// Every value.
+    pub const ALL: [Self; 2] = [Self::Handshake, Self::Ack];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Handshake => "handshake",
+            Self::Ack => "ack",
+        }
+    }
+}
+
+/// The two phases of a credential update (`core_key_updates_total{phase}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPhase {
+    /// The next key was stored beside the current one.
+    Announced,
+    /// The next key replaced the current one.
+    Promoted,
+}
+
+impl KeyPhase {
+    /// Every value.
+    pub const ALL: [Self; 2] = [Self::Announced, Self::Promoted];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Announced => "announced",
+            Self::Promoted => "promoted",
+        }
+    }
+}
+
+/// Why the fraud detector flagged a subscription (`core_fraud_flags_total{reason}`; also the
+/// reason stored with the flag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FraudReason {
+    /// Frames on two sessions of one subscription from two routes at once.
+    Clone,
+    /// A handshake initiation replayed (timestamp not newer than the last accepted).
+    Replay,
+}
+
+impl FraudReason {
+    /// Every value.
+    pub const ALL: [Self; 2] = [Self::Clone, Self::Replay];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Clone => "clone",
+            Self::Replay => "replay",
+        }
+    }
+}
+
+/// What the lifecycle does, from `[credentials]` and `[fraud]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LifecyclePolicy {
+    /// A key older than this gets a Rotate notice (0: never).
+    pub rotate_after_secs: u64,
+    /// Quarantine or only flag a suspect subscription.
+    pub fraud_action: FraudAction,
+}
+
+/// A point where `RELAY_CRASH_AT` aborts the process (module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After `Store::provision` committed.
+    ProvisionCommitted,
+    /// After `Store::set_next_key` committed.
+    NextKeyCommitted,
+    /// After `Store::promote_next_key` committed.
+    PromoteCommitted,
+}
+
+impl CrashPoint {
+    /// Every crash point.
+    pub const ALL: [Self; 3] = [
+        Self::ProvisionCommitted,
+        Self::NextKeyCommitted,
+        Self::PromoteCommitted,
+    ];
+
+    /// The value of `RELAY_CRASH_AT` that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ProvisionCommitted => "core:provision_committed",
+            Self::NextKeyCommitted => "core:next_key_committed",
+            Self::PromoteCommitted => "core:promote_committed",
+        }
+    }
+
+    /// The crash point `RELAY_CRASH_AT` names, if any; a warning says it is armed.
+    fn from_env() -> Option<Self> {
+        let value = std::env::var(CRASH_ENV).ok()?;
+        match Self::ALL.into_iter().find(|p| p.name() == value) {
+            Some(p) => {
+                tracing::warn!(
+                    crash_at = p.name(),
+                    "crash point armed: the core aborts there"
+                );
+                Some(p)
+            }
+            None => {
+                tracing::warn!(
+                    value,
+                    "{CRASH_ENV} names no crash point of the core; ignored"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The lifecycle's store writes. Each is one committed transaction when it returns, except the
+/// configuration version, which is bookkeeping: recorded later, never waited for (the handshake
+/// path must stay as fast as the accept-only one).
+pub(crate) trait LifecycleStore: Send {
+    /// Creates the device's subscription bound to `key`, or re-keys its live one (recovery).
+    fn provision(&mut self, serial: &str, key: &PublicKey) -> Result<IndexEntry, StoreError>;
+    /// Key update, phase 1.
+    fn set_next_key(&mut self, id: SubscriptionId, key: &PublicKey) -> Result<(), StoreError>;
+    /// Key update, phase 2.
+    fn promote_next_key(&mut self, id: SubscriptionId, key: &PublicKey) -> Result<(), StoreError>;
+    /// Flags a subscription; quarantines it or requests a credential update.
+    fn flag(
+        &mut self,
+        id: SubscriptionId,
+        reason: &str,
+        quarantine: bool,
+    ) -> Result<(), StoreError>;
+    /// Records the configuration version the device runs (deferred, best effort).
+    fn record_config_version(&mut self, id: SubscriptionId, version: u32);
+    /// Every subscription (rare: linking subscriptions that predate their device's claim).
+    fn index_entries(&mut self) -> Result<Vec<IndexEntry>, StoreError>;
 }
 
 /// What the acceptors hand the engine.
@@ -191,22 +416,40 @@ pub(crate) enum EngineInput {
 /// suspension takes effect ahead of any queued traffic.
 #[derive(Debug)]
 pub(crate) enum EngineControl {
-    /// The subscription's status changed in the store: apply it, drop its sessions unless it is
-    /// active, and reply with how many were dropped.
+    /// The subscription's status changed in the store (suspend, resume, revoke, quarantine; also
+    /// transfer and release, as `Revoked`): apply it, drop its sessions unless it is active, name
+    /// them to every gateway, and reply with how many were dropped.
     SetStatus {
         subscription: SubscriptionId,
         status: SubscriptionStatus,
-        reply: tokio::sync::oneshot::Sender<usize>,
+        reply: oneshot::Sender<usize>,
     },
     /// How many sessions the subscription holds.
     LiveSessions {
         subscription: SubscriptionId,
-        reply: tokio::sync::oneshot::Sender<usize>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Devices claimed, activated, transferred or released: upsert their factory identities.
+    /// Send it before the `SetStatus` of the same change, so that the device's next handshake is
+    /// refused with the right reason.
+    DevicesChanged {
+        devices: Vec<FactoryEntry>,
+        reply: oneshot::Sender<()>,
+    },
+    /// A profile was created or changed: its devices get the new version at their next contact.
+    ProfileChanged {
+        profile: Profile,
+        reply: oneshot::Sender<()>,
+    },
+    /// The operator asked for a credential update (`rotate_requested` is already stored).
+    RequestRotation {
+        subscription: SubscriptionId,
+        reply: oneshot::Sender<()>,
     },
 }
 
 /// The engine's way back to a gateway: datagrams on the connection, and the control stream (via
-/// its writer task) for a frame too large for a datagram.
+/// its writer task) for a frame too large for a datagram and for `Revoked`.
 #[derive(Debug)]
 pub(crate) struct GatewayLink {
     pub connection: quinn::Connection,
@@ -218,6 +461,8 @@ pub(crate) struct GatewayLink {
 struct CoreSession {
     /// Index of the subscription in [`SessionTable::subs`].
     slot: u32,
+    /// Whether a frame authenticated on it (clone detection).
+    used: bool,
     route: Route,
     /// Boxed so the session map's buckets stay small: the map doubles its bucket array as it
     /// grows, and by-value entries of ~340 bytes made each doubling cost more per idle device
@@ -225,32 +470,167 @@ struct CoreSession {
     transport: Box<Transport>,
 }
 
-/// What the engine knows about one subscription.
+/// `SubscriptionEntry::device`, `owner` and friends when there is none.
+const NONE: u32 = u32::MAX;
+/// `SubscriptionEntry::profile` when the profile is unknown.
+const NO_PROFILE: u16 = u16::MAX;
+/// "No session" in `SubscriptionEntry::sessions` (the engine never hands out id 0).
+const NO_SESSION: SessionId = SessionId(0);
+
+/// `SubscriptionEntry::flags`.
+mod flag {
+    /// `last_handshake` holds an accepted handshake's timestamp.
+    pub const SEEN: u8 = 1;
+    /// The operator or the fraud detector asked for a credential update.
+    pub const ROTATE_REQUESTED: u8 = 2;
+    /// A Rotate notice went out on the current session already.
+    pub const ROTATE_NOTIFIED: u8 = 4;
+    /// The device reports its configuration version: it gets Config notices.
+    pub const CONFIG_AWARE: u8 = 8;
+    /// The fraud detector flagged it; not again until its key changed.
+    pub const FLAGGED: u8 = 16;
+}
+
+/// What the engine knows about one subscription: 48 bytes, for every subscription in the store.
+/// The rare lifecycle state (a key update in progress) lives in [`SessionTable::key_changes`].
 #[derive(Debug)]
 struct SubscriptionEntry {
     id: SubscriptionId,
-    status: SubscriptionStatus,
-    /// The timestamp of the last accepted handshake: a new one must be greater.
-    last_handshake: Option<u64>,
+    /// The timestamp of the last accepted handshake (if `flag::SEEN`): a new one must be greater.
+    last_handshake: u64,
     /// The newest session first; at most two (the previous one lives on so that frames in flight
-    /// across a rekey still open).
-    sessions: [Option<SessionId>; 2],
+    /// across a rekey still open). [`NO_SESSION`] for none.
+    sessions: [SessionId; 2],
+    /// Index in [`SessionTable::devices`], or [`NONE`] (a subscription from before claims).
+    device: u32,
+    /// Index in [`SessionTable::owners`].
+    owner: u32,
+    /// When the current key was bound, seconds since the Unix epoch.
+    key_since_secs: u32,
+    /// The configuration version the device runs, as far as the core knows (0: unknown).
+    config_version: u32,
+    /// Index in [`SessionTable::profiles`], or [`NO_PROFILE`].
+    profile: u16,
+    status: SubscriptionStatus,
+    flags: u8,
 }
 
-/// Frames and readings produced by [`SessionTable`], for the caller to send and store.
+impl SubscriptionEntry {
+    fn newest(&self) -> Option<SessionId> {
+        Some(self.sessions[0]).filter(|s| *s != NO_SESSION)
+    }
+
+    fn live(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.sessions.iter().copied().filter(|s| *s != NO_SESSION)
+    }
+
+    fn forget_session(&mut self, id: SessionId) {
+        for s in &mut self.sessions {
+            if *s == id {
+                *s = NO_SESSION;
+            }
+        }
+        // Keep the newest first.
+        if self.sessions[0] == NO_SESSION {
+            self.sessions.swap(0, 1);
+        }
+    }
+
+    fn has(&self, bit: u8) -> bool {
+        self.flags & bit != 0
+    }
+}
+
+/// A key update between its two phases: both keys map to the subscription.
+#[derive(Clone, Copy, Debug)]
+struct KeyChange {
+    current: PublicKey,
+    next: PublicKey,
+}
+
+/// One claimed device (factory identity).
+#[derive(Debug)]
+struct DeviceRecord {
+    serial: Box<str>,
+    /// Index in [`SessionTable::owners`].
+    owner: u32,
+    activated: bool,
+    release: Option<Box<Release>>,
+    /// Slot of the device's live (not revoked) subscription, or [`NONE`].
+    live: u32,
+    /// The timestamp of the last factory-key handshake that provisioned (in memory only).
+    last_factory: Option<u64>,
+}
+
+/// What `by_key` says about a key: the subscription's slot, and whether the key was retired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyRef(u32);
+
+impl KeyRef {
+    const RETIRED: u32 = 1 << 31;
+
+    fn live(slot: u32) -> Self {
+        Self(slot)
+    }
+
+    fn retired(slot: u32) -> Self {
+        Self(slot | Self::RETIRED)
+    }
+
+    fn slot(self) -> u32 {
+        self.0 & !Self::RETIRED
+    }
+
+    fn is_retired(self) -> bool {
+        self.0 & Self::RETIRED != 0
+    }
+}
+
+/// What the engine loads from the store at start.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    /// Every subscription, in id order.
+    pub index: Vec<IndexEntry>,
+    /// Every claimed device.
+    pub devices: Vec<FactoryEntry>,
+    /// Every profile.
+    pub profiles: Vec<Profile>,
+}
+
+/// Frames, readings and revocations produced by [`SessionTable`], for the caller to send, store
+/// and announce.
 #[derive(Debug, Default)]
 pub(crate) struct Outputs {
     pub sends: Vec<(Route, Vec<u8>)>,
     pub readings: Vec<PendingReading>,
+    /// Sessions dropped for a status change: to be named to every gateway.
+    pub revoked: Vec<SessionId>,
 }
 
-/// Every session and the subscription index, without I/O.
+/// Every session and the subscription index, without I/O (the store behind a trait).
 pub(crate) struct SessionTable {
     responder: Responder,
     policy: SessionConfig,
+    lifecycle: LifecyclePolicy,
     sessions: HashMap<SessionId, CoreSession>,
     subs: Vec<SubscriptionEntry>,
-    by_key: HashMap<PublicKey, u32>,
+    /// Subscriptions appended out of id order (rare), by id; the others are found by binary
+    /// search in the sorted prefix of `subs`.
+    late_ids: HashMap<SubscriptionId, u32>,
+    by_key: HashMap<PublicKey, KeyRef>,
+    key_changes: HashMap<u32, KeyChange>,
+    devices: Vec<DeviceRecord>,
+    device_by_key: HashMap<PublicKey, u32>,
+    /// Live subscriptions whose device is not claimed (yet).
+    orphans: usize,
+    owners: Vec<Box<str>>,
+    owner_ids: HashMap<Box<str>, u32>,
+    profiles: Vec<DeviceConfig>,
+    profile_ids: HashMap<String, u16>,
+    /// Session ids named to the gateways as revoked, not to be handed out again for a while.
+    recently_revoked: HashMap<SessionId, Instant>,
+    store: Box<dyn LifecycleStore>,
+    crash_at: Option<CrashPoint>,
     plaintext: Vec<u8>,
     metrics: Metrics,
 }
@@ -261,73 +641,400 @@ impl std::fmt::Debug for SessionTable {
             .field("responder", &self.responder)
             .field("sessions", &self.sessions.len())
             .field("subscriptions", &self.subs.len())
+            .field("devices", &self.devices.len())
+            .field("key_changes", &self.key_changes.len())
             .finish_non_exhaustive()
     }
+}
+
+fn secs_from_ms(ms: i64) -> u32 {
+    u32::try_from(ms.max(0) / 1000).unwrap_or(u32::MAX)
+}
+
+fn now_secs() -> u32 {
+    secs_from_ms(now_ms())
+}
+
+/// Which way a frame came in, for clone detection: a gateway connection, or direct access.
+fn origin(route: Route) -> Option<GatewayConnId> {
+    match route {
+        Route::Direct(_) => None,
+        Route::Gateway { conn, .. } => Some(conn),
+    }
+}
+
+/// What rides on an acknowledgement to `entry` now (nothing, on the fast path).
+fn ack_notices(
+    entry: &SubscriptionEntry,
+    profiles: &[DeviceConfig],
+    devices: &[DeviceRecord],
+    rotate_after_secs: u64,
+    key_change_pending: bool,
+    now_secs: u32,
+) -> Notices {
+    let config = if entry.has(flag::CONFIG_AWARE) {
+        profiles
+            .get(usize::from(entry.profile))
+            .filter(|c| c.version != entry.config_version)
+            .copied()
+    } else {
+        None
+    };
+    let rotate = !entry.has(flag::ROTATE_NOTIFIED)
+        && rotate_due(entry, rotate_after_secs, key_change_pending, now_secs);
+    let release = devices
+        .get(entry.device as usize)
+        .and_then(|d| d.release.as_deref())
+        .cloned();
+    Notices {
+        config,
+        rotate,
+        release,
+    }
+}
+
+/// Whether the device should update its key: asked for, or the key is too old; not while an
+/// update is between its phases.
+fn rotate_due(
+    entry: &SubscriptionEntry,
+    rotate_after_secs: u64,
+    key_change_pending: bool,
+    now_secs: u32,
+) -> bool {
+    if key_change_pending {
+        return false;
+    }
+    entry.has(flag::ROTATE_REQUESTED)
+        || (rotate_after_secs > 0
+            && u64::from(now_secs.saturating_sub(entry.key_since_secs)) >= rotate_after_secs)
 }
 
 impl SessionTable {
     pub fn new(
         keypair: StaticKeypair,
         policy: SessionConfig,
-        index: Vec<IndexEntry>,
+        lifecycle: LifecyclePolicy,
+        loaded: Loaded,
+        store: Box<dyn LifecycleStore>,
         metrics: Metrics,
     ) -> Self {
-        let mut subs = Vec::with_capacity(index.len());
-        let mut by_key = HashMap::with_capacity(index.len());
-        for (slot, e) in (0..=u32::MAX).zip(index) {
-            by_key.insert(e.public_key, slot);
-            subs.push(SubscriptionEntry {
-                id: e.id,
-                status: e.status,
-                last_handshake: None,
-                sessions: [None, None],
-            });
-        }
-        Self {
+        let Loaded {
+            index,
+            devices,
+            profiles,
+        } = loaded;
+        let mut table = Self {
             responder: Responder::new(keypair),
             policy,
+            lifecycle,
             sessions: HashMap::new(),
-            subs,
-            by_key,
+            subs: Vec::with_capacity(index.len()),
+            late_ids: HashMap::new(),
+            by_key: HashMap::with_capacity(index.len()),
+            key_changes: HashMap::new(),
+            devices: Vec::with_capacity(devices.len()),
+            device_by_key: HashMap::with_capacity(devices.len()),
+            orphans: 0,
+            owners: Vec::new(),
+            owner_ids: HashMap::new(),
+            profiles: Vec::with_capacity(profiles.len()),
+            profile_ids: HashMap::with_capacity(profiles.len()),
+            recently_revoked: HashMap::new(),
+            store,
+            crash_at: CrashPoint::from_env(),
             plaintext: Vec::with_capacity(relay_protocol::frame::MAX_DATAGRAM),
             metrics,
+        };
+        for p in profiles {
+            table.upsert_profile(&p);
         }
+        table.upsert_devices(devices);
+        let by_serial: HashMap<&str, u32> = (0..)
+            .zip(&table.devices)
+            .map(|(i, d)| (&*d.serial, i))
+            .collect();
+        let links: Vec<u32> = index
+            .iter()
+            .map(|e| by_serial.get(e.serial.as_str()).copied().unwrap_or(NONE))
+            .collect();
+        drop(by_serial);
+        for (e, device) in index.iter().zip(links) {
+            table.add_subscription(e, device);
+        }
+        table
     }
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
 
-    /// The slot of a subscription (`subs` is in id order, as the store lists it).
-    fn slot_of(&self, id: SubscriptionId) -> Option<usize> {
-        self.subs.binary_search_by_key(&id, |e| e.id).ok()
+    /// The slot of a subscription (`subs` is in id order, as the store lists it and as new
+    /// subscriptions get ids; an out-of-order one is in `late_ids`).
+    fn slot_of(&self, id: SubscriptionId) -> Option<u32> {
+        let sorted = self.subs.len() - self.late_ids.len();
+        match self.subs[..sorted].binary_search_by_key(&id, |e| e.id) {
+            Ok(slot) => u32::try_from(slot).ok(),
+            Err(_) => self.late_ids.get(&id).copied(),
+        }
+    }
+
+    fn intern_owner(&mut self, owner: &str) -> u32 {
+        if let Some(&i) = self.owner_ids.get(owner) {
+            return i;
+        }
+        let i = u32::try_from(self.owners.len()).unwrap_or(NONE);
+        self.owners.push(owner.into());
+        self.owner_ids.insert(owner.into(), i);
+        i
+    }
+
+    fn profile_index(&self, name: &str) -> u16 {
+        self.profile_ids.get(name).copied().unwrap_or(NO_PROFILE)
+    }
+
+    fn upsert_profile(&mut self, profile: &Profile) {
+        let config = profile.config();
+        match self.profile_ids.get(&profile.name) {
+            Some(&i) => self.profiles[usize::from(i)] = config,
+            None => {
+                let i = match u16::try_from(self.profiles.len()) {
+                    Ok(i) if i != NO_PROFILE => i,
+                    _ => {
+                        tracing::error!(profile = %profile.name, "too many profiles; ignored");
+                        return;
+                    }
+                };
+                self.profiles.push(config);
+                self.profile_ids.insert(profile.name.clone(), i);
+            }
+        }
+    }
+
+    /// Adds a subscription from the store at the end of `subs`; returns its slot.
+    fn add_subscription(&mut self, e: &IndexEntry, device: u32) -> u32 {
+        let slot = u32::try_from(self.subs.len()).unwrap_or(NONE);
+        let in_order = self.late_ids.is_empty() && self.subs.last().is_none_or(|l| l.id < e.id);
+        if !in_order {
+            self.late_ids.insert(e.id, slot);
+        }
+        // Filled in by `load_subscription`; revoked until then so that it counts nowhere.
+        self.subs.push(SubscriptionEntry {
+            id: e.id,
+            last_handshake: 0,
+            sessions: [NO_SESSION; 2],
+            device: NONE,
+            owner: NONE,
+            key_since_secs: 0,
+            config_version: 0,
+            profile: NO_PROFILE,
+            status: SubscriptionStatus::Revoked,
+            flags: 0,
+        });
+        self.load_subscription(slot, e, device);
+        slot
+    }
+
+    /// Sets a subscription's state from its store row, and its keys in the index.
+    fn load_subscription(&mut self, slot: u32, e: &IndexEntry, device: u32) {
+        let owner = self.intern_owner(&e.owner);
+        let profile = self.profile_index(&e.profile);
+        let Some(entry) = self.subs.get_mut(slot as usize) else {
+            return;
+        };
+        if entry.device == NONE && entry.status != SubscriptionStatus::Revoked {
+            self.orphans = self.orphans.saturating_sub(1);
+        }
+        entry.device = device;
+        entry.owner = owner;
+        entry.profile = profile;
+        entry.status = e.status;
+        entry.key_since_secs = secs_from_ms(e.key_since_ms);
+        entry.config_version = e.config_version.unwrap_or(0);
+        entry.flags = 0;
+        entry.last_handshake = 0;
+        if e.config_version.is_some() {
+            entry.flags |= flag::CONFIG_AWARE;
+        }
+        if e.rotate_requested {
+            entry.flags |= flag::ROTATE_REQUESTED;
+            if e.flag.is_some() {
+                // Flagged and not updated since: the detector stays quiet until the key changes.
+                entry.flags |= flag::FLAGGED;
+            }
+        }
+        self.by_key.insert(e.public_key, KeyRef::live(slot));
+        match e.next_key {
+            Some(next) => {
+                self.by_key.insert(next, KeyRef::live(slot));
+                self.key_changes.insert(
+                    slot,
+                    KeyChange {
+                        current: e.public_key,
+                        next,
+                    },
+                );
+            }
+            None => {
+                self.key_changes.remove(&slot);
+            }
+        }
+        if e.status != SubscriptionStatus::Revoked {
+            match self.devices.get_mut(device as usize) {
+                Some(d) => d.live = slot,
+                None => self.orphans += 1,
+            }
+        }
+    }
+
+    /// Upserts claimed devices by factory key; returns whether any was new.
+    fn upsert_devices(&mut self, devices: Vec<FactoryEntry>) -> bool {
+        let mut new = false;
+        for f in devices {
+            let owner = self.intern_owner(&f.owner);
+            let release = f.release.map(Box::new);
+            match self.device_by_key.get(&f.factory_key) {
+                Some(&d) => {
+                    let profile = f.profile.as_deref().map(|p| self.profile_index(p));
+                    let Some(rec) = self.devices.get_mut(d as usize) else {
+                        continue;
+                    };
+                    rec.owner = owner;
+                    rec.activated = f.activated;
+                    rec.release = release;
+                    rec.serial = f.serial.into();
+                    let live = rec.live;
+                    if let (Some(profile), Some(entry)) =
+                        (profile, self.subs.get_mut(live as usize))
+                    {
+                        entry.profile = profile;
+                    }
+                }
+                None => {
+                    let d = u32::try_from(self.devices.len()).unwrap_or(NONE);
+                    self.devices.push(DeviceRecord {
+                        serial: f.serial.into(),
+                        owner,
+                        activated: f.activated,
+                        release,
+                        live: NONE,
+                        last_factory: None,
+                    });
+                    self.device_by_key.insert(f.factory_key, d);
+                    new = true;
+                }
+            }
+        }
+        new
+    }
+
+    /// Applies claims, activations, transfers and releases made through the admin API.
+    pub fn devices_changed(&mut self, devices: Vec<FactoryEntry>) {
+        let n = devices.len();
+        if !self.upsert_devices(devices) || self.orphans == 0 {
+            tracing::debug!(devices = n, "devices applied");
+            return;
+        }
+        // Subscriptions that predate their device's claim get linked to it (rare: a store
+        // provisioned before claims existed).
+        let index = match self.store.index_entries() {
+            Ok(index) => index,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot link subscriptions to newly claimed devices");
+                return;
+            }
+        };
+        let by_serial: HashMap<&str, u32> = (0..)
+            .zip(&self.devices)
+            .map(|(i, d)| (&*d.serial, i))
+            .collect();
+        let mut links = Vec::new();
+        for e in &index {
+            let Some(&d) = by_serial.get(e.serial.as_str()) else {
+                continue;
+            };
+            let Some(slot) = self.slot_of(e.id) else {
+                continue;
+            };
+            if self.subs[slot as usize].device == NONE {
+                links.push((slot, d, e.status));
+            }
+        }
+        drop(by_serial);
+        for (slot, d, status) in links {
+            self.subs[slot as usize].device = d;
+            if status != SubscriptionStatus::Revoked {
+                self.devices[d as usize].live = slot;
+                self.orphans = self.orphans.saturating_sub(1);
+            }
+        }
+        tracing::debug!(devices = n, orphans = self.orphans, "devices applied");
+    }
+
+    /// Applies a profile change: every device of the profile gets the new version at its next
+    /// contact (handshake response or acknowledgement).
+    pub fn profile_changed(&mut self, profile: &Profile) {
+        self.upsert_profile(profile);
+        tracing::debug!(profile = %profile.name, version = profile.version, "profile applied");
+    }
+
+    /// Asks the device for a credential update at its next contact.
+    pub fn request_rotation(&mut self, id: SubscriptionId) {
+        if let Some(slot) = self.slot_of(id) {
+            let entry = &mut self.subs[slot as usize];
+            entry.flags = (entry.flags | flag::ROTATE_REQUESTED) & !flag::ROTATE_NOTIFIED;
+        }
     }
 
     /// Applies a status change made in the store. A subscription that is no longer active loses
-    /// its sessions at once: frames on them are then `unknown_session`, its handshakes
-    /// `suspended` or `revoked`. Returns how many sessions were dropped (0 for a subscription the
-    /// engine does not index).
-    pub fn set_status(&mut self, id: SubscriptionId, status: SubscriptionStatus) -> usize {
+    /// its sessions at once (named in `out.revoked` for the gateways): frames on them are then
+    /// `unknown_session`, its handshakes refused. Returns how many sessions were dropped (0 for a
+    /// subscription the engine does not index).
+    pub fn set_status(
+        &mut self,
+        id: SubscriptionId,
+        status: SubscriptionStatus,
+        now: Instant,
+        out: &mut Outputs,
+    ) -> usize {
         let Some(slot) = self.slot_of(id) else {
             return 0;
         };
-        let entry = &mut self.subs[slot];
+        let entry = &mut self.subs[slot as usize];
+        let was = entry.status;
         entry.status = status;
+        if let Some(d) = self.devices.get_mut(entry.device as usize) {
+            if status == SubscriptionStatus::Revoked && d.live == slot {
+                d.live = NONE;
+            } else if was == SubscriptionStatus::Revoked && status != SubscriptionStatus::Revoked {
+                d.live = slot;
+            }
+        }
         if status == SubscriptionStatus::Active {
             return 0;
         }
-        let live: Vec<SessionId> = entry.sessions.iter().flatten().copied().collect();
+        let dropped = self.drop_sessions(slot, now, out);
+        tracing::debug!(subscription = id.0, %status, dropped, "status applied");
+        dropped
+    }
+
+    /// Drops every session of a subscription and names them for the gateways.
+    fn drop_sessions(&mut self, slot: u32, now: Instant, out: &mut Outputs) -> usize {
+        let Some(entry) = self.subs.get(slot as usize) else {
+            return 0;
+        };
+        let live: Vec<SessionId> = entry.live().collect();
         for session in &live {
             self.remove_session(*session);
+            self.recently_revoked.insert(*session, now);
         }
-        tracing::debug!(subscription = id.0, %status, dropped = live.len(), "status applied");
+        out.revoked.extend_from_slice(&live);
         live.len()
     }
 
     /// How many sessions a subscription holds.
     pub fn live_sessions(&self, id: SubscriptionId) -> usize {
         self.slot_of(id)
-            .map(|slot| self.subs[slot].sessions.iter().flatten().count())
+            .map(|slot| self.subs[slot as usize].live().count())
             .unwrap_or(0)
     }
 
@@ -358,6 +1065,38 @@ impl SessionTable {
         }
     }
 
+    /// Answers with an authenticated refusal.
+    fn refuse(
+        &self,
+        incoming: IncomingHandshake,
+        reason: RefusalReason,
+        release: Option<Release>,
+        route: Route,
+        out: &mut Outputs,
+    ) -> HandshakeResult {
+        let mut response = ResponsePayload::refuse(reason);
+        response.notices.release = release;
+        let mut frame = Vec::with_capacity(relay_protocol::frame::HANDSHAKE_RESPONSE_HEADER + 64);
+        match incoming.refuse(&response, &mut frame) {
+            Ok(()) => {
+                tracing::debug!(?route, reason = reason.label(), "handshake refused");
+                out.sends.push((route, frame));
+                HandshakeResult::Refused(reason)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refusal could not be written");
+                HandshakeResult::Failed
+            }
+        }
+    }
+
+    fn crash_point(&self, point: CrashPoint) {
+        if self.crash_at == Some(point) {
+            tracing::warn!(crash_at = point.name(), "crash point reached: aborting");
+            std::process::abort();
+        }
+    }
+
     fn handle_init(
         &mut self,
         sender: SessionId,
@@ -373,24 +1112,49 @@ impl SessionTable {
                 return Ok(HandshakeResult::Failed);
             }
         };
-        let Some(&slot) = self.by_key.get(incoming.device()) else {
-            tracing::debug!(?route, "handshake from an unknown key");
-            return Ok(HandshakeResult::UnknownKey);
+        let key = *incoming.device();
+        if let Some(&device) = self.device_by_key.get(&key) {
+            return Ok(self.factory_handshake(device, incoming, route, now, out));
+        }
+        let slot = match self.by_key.get(&key) {
+            None => {
+                // Proposing a key with an unknown identity: a factory identity nobody claimed.
+                let reason = if incoming.init().next_key.is_some() {
+                    RefusalReason::Unclaimed
+                } else {
+                    RefusalReason::UnknownKey
+                };
+                return Ok(self.refuse(incoming, reason, None, route, out));
+            }
+            Some(r) if r.is_retired() => {
+                return Ok(self.refuse(incoming, RefusalReason::Superseded, None, route, out));
+            }
+            Some(r) => r.slot(),
         };
         let Some(entry) = self.subs.get(slot as usize) else {
-            return Ok(HandshakeResult::UnknownKey);
+            return Ok(self.refuse(incoming, RefusalReason::UnknownKey, None, route, out));
         };
         match entry.status {
             SubscriptionStatus::Active => {}
-            SubscriptionStatus::Suspended => return Ok(HandshakeResult::Suspended),
-            SubscriptionStatus::Revoked => return Ok(HandshakeResult::Revoked),
+            SubscriptionStatus::Suspended => {
+                return Ok(self.refuse(incoming, RefusalReason::Suspended, None, route, out))
+            }
+            SubscriptionStatus::Quarantined => {
+                return Ok(self.refuse(incoming, RefusalReason::Quarantined, None, route, out))
+            }
+            SubscriptionStatus::Revoked => {
+                let (reason, release) = self.revoked_reason(entry);
+                return Ok(self.refuse(incoming, reason, release, route, out));
+            }
         }
-        let timestamp = incoming.timestamp();
-        if entry.last_handshake.is_some_and(|last| timestamp <= last) {
+        let init: InitPayload = *incoming.init();
+        if entry.has(flag::SEEN) && init.timestamp <= entry.last_handshake {
+            self.fraud(slot, FraudReason::Replay, now, out);
             return Ok(HandshakeResult::Replayed);
         }
+        let id = entry.id;
         // A third session replaces the subscription's oldest, so it never raises the count.
-        let replaces = entry.sessions[1].is_some();
+        let replaces = entry.sessions[1] != NO_SESSION;
         if !replaces && self.sessions.len() >= self.policy.max_sessions {
             self.sweep(now);
             if self.sessions.len() >= self.policy.max_sessions {
@@ -399,12 +1163,72 @@ impl SessionTable {
             }
         }
 
-        let id = self.fresh_session_id();
-        let mut frame = Vec::with_capacity(relay_protocol::frame::HANDSHAKE_RESPONSE_HEADER + 64);
-        let policy = ResponsePayload {
-            rekey_after_secs: self.policy.rekey_after_secs,
+        let mut response = ResponsePayload::accept(self.policy.rekey_after_secs);
+        let mut result = HandshakeResult::Accepted;
+        let change = self.key_changes.get(&slot).copied();
+        if change.is_some_and(|c| c.next == key) {
+            if let Err(e) = self.store.promote_next_key(id, &key) {
+                tracing::warn!(subscription = id.0, error = %e, "next key not promoted");
+                return Ok(HandshakeResult::Failed);
+            }
+            self.crash_point(CrashPoint::PromoteCommitted);
+            self.promote(slot, now, out);
+            result = HandshakeResult::KeyPromoted;
+        } else if let Some(next) = init.next_key {
+            if change.is_some_and(|c| c.next == next) {
+                // Announced before (the response was lost): already stored.
+                response.key_accepted = Some(next);
+                result = HandshakeResult::KeyAnnounced;
+            } else if self.key_is_free(&next, slot) && next != key {
+                if let Err(e) = self.store.set_next_key(id, &next) {
+                    tracing::warn!(subscription = id.0, error = %e, "next key not stored");
+                    return Ok(HandshakeResult::Failed);
+                }
+                self.crash_point(CrashPoint::NextKeyCommitted);
+                self.announce(slot, key, next);
+                response.key_accepted = Some(next);
+                result = HandshakeResult::KeyAnnounced;
+            } else {
+                tracing::info!(
+                    subscription = id.0,
+                    "proposed key already in use; not accepted"
+                );
+            }
+        }
+        let now_s = now_secs();
+        let pending = self.key_changes.contains_key(&slot);
+        let Some(entry) = self.subs.get_mut(slot as usize) else {
+            return Ok(HandshakeResult::Failed);
         };
-        let transport = match incoming.accept(id, policy, now, &mut frame) {
+        if let Some(version) = init.config_version {
+            entry.flags |= flag::CONFIG_AWARE;
+            if version != entry.config_version {
+                entry.config_version = version;
+                self.store.record_config_version(id, version);
+            }
+            if let Some(config) = self.profiles.get(usize::from(entry.profile)) {
+                if config.version != version {
+                    response.notices.config = Some(*config);
+                    // Delivered if the device uses the session; if not, it reports the old
+                    // version at its next handshake and gets it again.
+                    entry.config_version = config.version;
+                    self.store.record_config_version(id, config.version);
+                    self.metrics.config_push(Via::Handshake);
+                }
+            }
+        }
+        entry.flags &= !flag::ROTATE_NOTIFIED;
+        if rotate_due(entry, self.lifecycle.rotate_after_secs, pending, now_s) {
+            response.notices.rotate = true;
+            entry.flags |= flag::ROTATE_NOTIFIED;
+            self.metrics.rotate_notice(Via::Handshake);
+        }
+
+        let session = self.fresh_session_id();
+        let mut frame = Vec::with_capacity(
+            relay_protocol::frame::HANDSHAKE_RESPONSE_HEADER + 64 + response.encoded_len(),
+        );
+        let transport = match incoming.accept(session, &response, now, &mut frame) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "handshake could not be completed");
@@ -412,32 +1236,253 @@ impl SessionTable {
             }
         };
         let Some(entry) = self.subs.get_mut(slot as usize) else {
-            return Ok(HandshakeResult::UnknownKey);
+            return Ok(HandshakeResult::Failed);
         };
-        entry.last_handshake = Some(timestamp);
-        let oldest = entry.sessions[1].take();
-        entry.sessions[1] = entry.sessions[0].replace(id);
-        if let Some(oldest) = oldest {
+        entry.last_handshake = init.timestamp;
+        entry.flags |= flag::SEEN;
+        let oldest = entry.sessions[1];
+        entry.sessions = [session, entry.sessions[0]];
+        if oldest != NO_SESSION {
             self.sessions.remove(&oldest);
         }
         self.sessions.insert(
-            id,
+            session,
             CoreSession {
                 slot,
+                used: false,
                 route,
                 transport: Box::new(transport),
             },
         );
         self.metrics.sessions.set(self.sessions.len() as i64);
-        tracing::debug!(session = %id, subscription = entry.id.0, ?route, "session established");
+        tracing::debug!(%session, subscription = id.0, ?route, result = result.label(), "session established");
         out.sends.push((route, frame));
-        Ok(HandshakeResult::Accepted)
+        Ok(result)
+    }
+
+    /// Why a revoked subscription's key is refused: the device went to another operator, to
+    /// another owner (re-provision with the factory identity), or is simply revoked.
+    fn revoked_reason(&self, entry: &SubscriptionEntry) -> (RefusalReason, Option<Release>) {
+        match self.devices.get(entry.device as usize) {
+            Some(d) if d.release.is_some() => {
+                (RefusalReason::Released, d.release.as_deref().cloned())
+            }
+            Some(d) if d.owner != entry.owner => (RefusalReason::Reprovision, None),
+            _ => (RefusalReason::Revoked, None),
+        }
+    }
+
+    /// Whether `key` may become a key of the subscription in `slot`: not a factory key, not
+    /// another subscription's, not a retired one.
+    fn key_is_free(&self, key: &PublicKey, slot: u32) -> bool {
+        if self.device_by_key.contains_key(key) {
+            return false;
+        }
+        match self.by_key.get(key) {
+            None => true,
+            Some(r) => !r.is_retired() && r.slot() == slot,
+        }
+    }
+
+    /// Phase 1 done: both keys map to the subscription.
+    fn announce(&mut self, slot: u32, current: PublicKey, next: PublicKey) {
+        if let Some(old) = self.key_changes.insert(slot, KeyChange { current, next }) {
+            // A newer proposal replaces one never used.
+            if old.next != next && self.by_key.get(&old.next) == Some(&KeyRef::live(slot)) {
+                self.by_key.remove(&old.next);
+            }
+        }
+        self.by_key.insert(next, KeyRef::live(slot));
+        self.metrics.key_update(KeyPhase::Announced);
+    }
+
+    /// Phase 2 done: the old key is retired (refused `Superseded` from now on).
+    fn promote(&mut self, slot: u32, now: Instant, out: &mut Outputs) {
+        if let Some(change) = self.key_changes.remove(&slot) {
+            self.by_key.insert(change.current, KeyRef::retired(slot));
+        }
+        let flagged = self
+            .subs
+            .get(slot as usize)
+            .is_some_and(|e| e.has(flag::FLAGGED));
+        if flagged {
+            // Sessions made with the suspect key die with it.
+            self.drop_sessions(slot, now, out);
+        }
+        if let Some(entry) = self.subs.get_mut(slot as usize) {
+            entry.key_since_secs = now_secs();
+            entry.flags &= !(flag::ROTATE_REQUESTED | flag::ROTATE_NOTIFIED | flag::FLAGGED);
+        }
+        self.metrics.key_update(KeyPhase::Promoted);
+    }
+
+    /// Retires every key of a subscription (its key is being replaced by provisioning).
+    fn retire_keys(&mut self, slot: u32) {
+        match self.key_changes.remove(&slot) {
+            Some(change) => {
+                self.by_key.insert(change.current, KeyRef::retired(slot));
+                self.by_key.insert(change.next, KeyRef::retired(slot));
+            }
+            None => {
+                // The engine does not keep each subscription's key beside the index (48 bytes per
+                // subscription is the budget); recovery is rare enough for one pass over it.
+                for r in self.by_key.values_mut() {
+                    if *r == KeyRef::live(slot) {
+                        *r = KeyRef::retired(slot);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A factory-identity handshake: provisioning, or recovery (`docs/protocol.md`,
+    /// "Provisioning"). Never leaves a session behind.
+    fn factory_handshake(
+        &mut self,
+        device: u32,
+        incoming: IncomingHandshake,
+        route: Route,
+        now: Instant,
+        out: &mut Outputs,
+    ) -> HandshakeResult {
+        let init: InitPayload = *incoming.init();
+        let Some(rec) = self.devices.get(device as usize) else {
+            return self.refuse(incoming, RefusalReason::UnknownKey, None, route, out);
+        };
+        let unclaimed = self
+            .owners
+            .get(rec.owner as usize)
+            .is_none_or(|o| o.is_empty());
+        if unclaimed {
+            return self.refuse(incoming, RefusalReason::Unclaimed, None, route, out);
+        }
+        if let Some(release) = rec.release.as_deref() {
+            let release = Some(release.clone());
+            return self.refuse(incoming, RefusalReason::Released, release, route, out);
+        }
+        if !rec.activated {
+            return self.refuse(incoming, RefusalReason::NotActivated, None, route, out);
+        }
+        let Some(next) = init.next_key else {
+            return self.refuse(incoming, RefusalReason::KeyRequired, None, route, out);
+        };
+        let live = rec.live;
+        if self
+            .subs
+            .get(live as usize)
+            .is_some_and(|e| e.status == SubscriptionStatus::Suspended)
+        {
+            return self.refuse(incoming, RefusalReason::Suspended, None, route, out);
+        }
+        if rec.last_factory.is_some_and(|t| init.timestamp <= t) {
+            // Dropped, but not held against the subscription: the factory key never leaves the
+            // secure element, so this says nothing about a copied subscription key, and someone
+            // on the path must not be able to quarantine a device by replaying its provisioning.
+            return HandshakeResult::Replayed;
+        }
+        if !self.key_is_free(&next, live) {
+            return self.refuse(incoming, RefusalReason::KeyRequired, None, route, out);
+        }
+        // The same key again (a retransmission): the store returns the subscription unchanged.
+        let unchanged = self.by_key.get(&next) == Some(&KeyRef::live(live));
+        let serial = rec.serial.clone();
+        let entry = match self.store.provision(&serial, &next) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(%serial, error = %e, "provisioning failed");
+                return HandshakeResult::Failed;
+            }
+        };
+        self.crash_point(CrashPoint::ProvisionCommitted);
+        let slot = match self.slot_of(entry.id) {
+            Some(slot) => {
+                if !unchanged {
+                    // Recovery: the old key dies at once, and whoever holds it loses its sessions.
+                    self.retire_keys(slot);
+                    self.drop_sessions(slot, now, out);
+                }
+                self.load_subscription(slot, &entry, device);
+                slot
+            }
+            None => self.add_subscription(&entry, device),
+        };
+        self.metrics.provisioned.inc();
+        if let Some(rec) = self.devices.get_mut(device as usize) {
+            rec.last_factory = Some(init.timestamp);
+        }
+        let mut response = ResponsePayload::accept(self.policy.rekey_after_secs);
+        response.key_accepted = Some(next);
+        if let Some(sub) = self.subs.get_mut(slot as usize) {
+            sub.flags |= flag::CONFIG_AWARE;
+            if let Some(config) = self.profiles.get(usize::from(sub.profile)) {
+                response.notices.config = Some(*config);
+                sub.config_version = config.version;
+                self.store.record_config_version(entry.id, config.version);
+                self.metrics.config_push(Via::Handshake);
+            }
+        }
+        let mut frame = Vec::with_capacity(
+            relay_protocol::frame::HANDSHAKE_RESPONSE_HEADER + 64 + response.encoded_len(),
+        );
+        // The factory key gets an answer and no session: the device switches to its new key.
+        if let Err(e) = incoming.refuse(&response, &mut frame) {
+            tracing::warn!(error = %e, "provisioning response could not be written");
+            return HandshakeResult::Failed;
+        }
+        tracing::info!(%serial, subscription = entry.id.0, ?route, "device provisioned");
+        out.sends.push((route, frame));
+        HandshakeResult::Provisioned
+    }
+
+    /// The fraud detector's verdict on a subscription: flag it and ask for a credential update;
+    /// for a clone, quarantine it instead when `fraud.action` says so.
+    ///
+    /// A replay alone never quarantines: anyone on the path (a hostile gateway) can replay a
+    /// recorded initiation, which proves nothing about the key, and a quarantine would hand them
+    /// a way to lock devices out (devices without a claimed factory identity cannot recover).
+    /// A clone is proven: frames authenticated with the key from two places. A flagged
+    /// subscription is not flagged again for the same reason until its key changed; a clone
+    /// still quarantines one flagged for a replay.
+    fn fraud(&mut self, slot: u32, reason: FraudReason, now: Instant, out: &mut Outputs) {
+        let Some(entry) = self.subs.get(slot as usize) else {
+            return;
+        };
+        let quarantine =
+            reason == FraudReason::Clone && self.lifecycle.fraud_action == FraudAction::Quarantine;
+        if entry.status != SubscriptionStatus::Active || (entry.has(flag::FLAGGED) && !quarantine) {
+            return;
+        }
+        let id = entry.id;
+        if let Err(e) = self.store.flag(id, reason.label(), quarantine) {
+            tracing::warn!(subscription = id.0, error = %e, "fraud flag not stored");
+            return;
+        }
+        self.metrics.fraud_flag(reason);
+        tracing::warn!(
+            subscription = id.0,
+            reason = reason.label(),
+            quarantine,
+            "subscription flagged by the fraud detector"
+        );
+        if let Some(entry) = self.subs.get_mut(slot as usize) {
+            entry.flags =
+                (entry.flags | flag::FLAGGED | flag::ROTATE_REQUESTED) & !flag::ROTATE_NOTIFIED;
+            if quarantine {
+                entry.status = SubscriptionStatus::Quarantined;
+            }
+        }
+        if quarantine {
+            self.drop_sessions(slot, now, out);
+        }
     }
 
     fn fresh_session_id(&self) -> SessionId {
         loop {
             let id = SessionId(rand::random::<u32>());
-            if id.0 != 0 && !self.sessions.contains_key(&id) {
+            if id != NO_SESSION
+                && !self.sessions.contains_key(&id)
+                && !self.recently_revoked.contains_key(&id)
+            {
                 return id;
             }
         }
@@ -469,7 +1514,18 @@ impl SessionTable {
             })?;
         // Authenticated: this is where the device is now (it may have moved).
         session.route = route;
+        session.used = true;
         let slot = session.slot;
+        let entry = self
+            .subs
+            .get(slot as usize)
+            .ok_or(DropReason::UnknownSession)?;
+        if entry.sessions[1] == receiver && self.is_clone(entry.sessions[0], route) {
+            self.fraud(slot, FraudReason::Clone, now, out);
+            if !self.sessions.contains_key(&receiver) {
+                return Err(DropReason::Fraud);
+            }
+        }
         match Message::decode(&self.plaintext).map_err(DropReason::Decode)? {
             Message::Reading { seq, data } => {
                 let subscription = self
@@ -491,20 +1547,24 @@ impl SessionTable {
         }
     }
 
+    /// A frame on a subscription's older session from `route`, while its newer session already
+    /// carried a frame from another route: two devices hold the key.
+    fn is_clone(&self, newer: SessionId, route: Route) -> bool {
+        self.sessions
+            .get(&newer)
+            .is_some_and(|n| n.used && origin(n.route) != origin(route))
+    }
+
     fn remove_session(&mut self, id: SessionId) {
         if let Some(s) = self.sessions.remove(&id) {
             if let Some(entry) = self.subs.get_mut(s.slot as usize) {
-                for slot in &mut entry.sessions {
-                    if *slot == Some(id) {
-                        *slot = None;
-                    }
-                }
+                entry.forget_session(id);
             }
             self.metrics.sessions.set(self.sessions.len() as i64);
         }
     }
 
-    /// Removes every session past `reject_after`.
+    /// Removes every session past `reject_after`, and forgets revoked ids held long enough.
     pub fn sweep(&mut self, now: Instant) {
         let reject_after = self.policy.reject_after;
         let subs = &mut self.subs;
@@ -513,33 +1573,34 @@ impl SessionTable {
                 return true;
             }
             if let Some(entry) = subs.get_mut(s.slot as usize) {
-                for slot in &mut entry.sessions {
-                    if *slot == Some(*id) {
-                        *slot = None;
-                    }
-                }
+                entry.forget_session(*id);
             }
             false
         });
         if self.sessions.capacity() > 64 && self.sessions.len() < self.sessions.capacity() / 4 {
             self.sessions.shrink_to_fit();
         }
+        let hold = REVOKED_ID_HOLD.max(reject_after);
+        self.recently_revoked
+            .retain(|_, at| now.saturating_duration_since(*at) < hold);
         self.metrics.sessions.set(self.sessions.len() as i64);
     }
 
-    /// Seals acknowledgements for readings now durable, on each subscription's newest session.
+    /// Seals acknowledgements for readings now durable, on each subscription's newest session,
+    /// with whatever the core has to tell the device riding on the first one.
     pub fn handle_committed(&mut self, committed: Committed, now: Instant, out: &mut Outputs) {
         let mut durable = committed.durable;
         durable.sort_unstable();
         durable.dedup();
+        let now_s = now_secs();
         let mut seqs: Vec<ReadingSeq> = Vec::with_capacity(MAX_ACKS);
         for group in durable.chunk_by(|a, b| a.0 == b.0) {
             let slot = group[0].0;
-            let newest = self
-                .subs
-                .get(slot as usize)
-                .and_then(|e| e.sessions.iter().flatten().next().copied());
-            let Some(session) = newest.and_then(|id| self.sessions.get_mut(&id)) else {
+            let Some(entry) = self.subs.get_mut(slot as usize) else {
+                self.metrics.frame_dropped(DropReason::Unroutable);
+                continue;
+            };
+            let Some(session) = entry.newest().and_then(|id| self.sessions.get_mut(&id)) else {
                 // No session to seal on: the device re-sends after its next handshake and the
                 // duplicate is acknowledged then.
                 self.metrics.frame_dropped(DropReason::Unroutable);
@@ -549,21 +1610,60 @@ impl SessionTable {
                 self.metrics.frame_dropped(DropReason::Expired);
                 continue;
             }
+            let mut notices = ack_notices(
+                entry,
+                &self.profiles,
+                &self.devices,
+                self.lifecycle.rotate_after_secs,
+                !self.key_changes.is_empty() && self.key_changes.contains_key(&slot),
+                now_s,
+            );
             for chunk in group.chunks(MAX_ACKS) {
                 seqs.clear();
                 seqs.extend(chunk.iter().map(|(_, s)| *s));
                 self.plaintext.clear();
-                Message::Ack { seqs }.encode(&mut self.plaintext);
+                let ack = Message::Ack {
+                    seqs,
+                    notices: std::mem::take(&mut notices),
+                };
+                ack.encode(&mut self.plaintext);
+                let sent = match ack {
+                    Message::Ack {
+                        seqs: back,
+                        notices,
+                    } => {
+                        seqs = back;
+                        notices
+                    }
+                    _ => {
+                        seqs = Vec::with_capacity(MAX_ACKS);
+                        Notices::default()
+                    }
+                };
                 let mut frame = Vec::with_capacity(
                     relay_protocol::frame::TRANSPORT_HEADER
                         + self.plaintext.len()
                         + relay_protocol::frame::TAG_LEN,
                 );
                 match session.transport.seal(&self.plaintext, &mut frame) {
-                    Ok(()) => out.sends.push((session.route, frame)),
-                    Err(e) => tracing::warn!(error = %e, "acknowledgement could not be sealed"),
+                    Ok(()) => {
+                        out.sends.push((session.route, frame));
+                        if let Some(config) = sent.config {
+                            entry.config_version = config.version;
+                            self.store.record_config_version(entry.id, config.version);
+                            self.metrics.config_push(Via::Ack);
+                        }
+                        if sent.rotate {
+                            entry.flags |= flag::ROTATE_NOTIFIED;
+                            self.metrics.rotate_notice(Via::Ack);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "acknowledgement could not be sealed");
+                        // Not sent: say it on the next one.
+                        notices = sent;
+                    }
                 }
-                seqs = Vec::with_capacity(MAX_ACKS);
             }
         }
     }
@@ -648,6 +1748,7 @@ impl Engine {
             EngineInput::Frame { bytes, route } => {
                 self.table
                     .handle_frame(&bytes, route, Instant::now(), &mut self.out);
+                self.flush_revoked();
                 self.flush_sends();
                 self.flush_readings().await;
             }
@@ -667,7 +1768,11 @@ impl Engine {
                 status,
                 reply,
             } => {
-                let dropped = self.table.set_status(subscription, status);
+                let dropped =
+                    self.table
+                        .set_status(subscription, status, Instant::now(), &mut self.out);
+                // The gateways are told before the admin API answers.
+                self.flush_revoked();
                 let _ = reply.send(dropped);
             }
             EngineControl::LiveSessions {
@@ -676,7 +1781,63 @@ impl Engine {
             } => {
                 let _ = reply.send(self.table.live_sessions(subscription));
             }
+            EngineControl::DevicesChanged { devices, reply } => {
+                self.table.devices_changed(devices);
+                let _ = reply.send(());
+            }
+            EngineControl::ProfileChanged { profile, reply } => {
+                self.table.profile_changed(&profile);
+                let _ = reply.send(());
+            }
+            EngineControl::RequestRotation {
+                subscription,
+                reply,
+            } => {
+                self.table.request_rotation(subscription);
+                let _ = reply.send(());
+            }
         }
+    }
+
+    /// Names the sessions just dropped for a status change to every connected gateway
+    /// (`UplinkMessage::Revoked` on its control stream), so that it drops their frames.
+    fn flush_revoked(&mut self) {
+        if self.out.revoked.is_empty() {
+            return;
+        }
+        let mut revoked = std::mem::take(&mut self.out.revoked);
+        for chunk in revoked.chunks(MAX_REVOKED) {
+            let message = UplinkMessage::Revoked {
+                sessions: chunk.to_vec(),
+            };
+            let mut buf = BytesMut::with_capacity(4 + 2 + 4 * chunk.len());
+            message.encode(&mut buf);
+            let buf = buf.freeze();
+            for (conn, link) in &self.gateways {
+                match link.control.try_send(buf.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(buf)) => {
+                        // Never lost to a burst: waits for the writer off the engine task.
+                        let control = link.control.clone();
+                        tokio::spawn(async move {
+                            let _ = control.send(buf).await;
+                        });
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        tracing::debug!(%conn, "gateway gone; revocation not sent");
+                        continue;
+                    }
+                }
+                self.metrics.revocations_sent.inc_by(chunk.len() as u64);
+            }
+        }
+        tracing::debug!(
+            sessions = revoked.len(),
+            gateways = self.gateways.len(),
+            "revoked sessions named to the gateways"
+        );
+        revoked.clear();
+        self.out.revoked = revoked;
     }
 
     fn on_committed(&mut self, c: Committed) {
@@ -762,445 +1923,5 @@ impl Engine {
                     .map_err(|_| "gateway control stream is full")
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use relay_protocol::session::{DeviceEvent, DeviceSession};
-
-    struct Rig {
-        table: SessionTable,
-        metrics: Metrics,
-        core_public: PublicKey,
-        devices: Vec<StaticKeypair>,
-    }
-
-    fn policy() -> SessionConfig {
-        SessionConfig {
-            rekey_after_secs: 60,
-            reject_after: Duration::from_secs(120),
-            max_sessions: 100,
-        }
-    }
-
-    fn rig(statuses: &[SubscriptionStatus], policy: SessionConfig) -> Rig {
-        let core = StaticKeypair::generate().expect("core key");
-        let core_public = *core.public();
-        let devices: Vec<_> = statuses
-            .iter()
-            .map(|_| StaticKeypair::generate().expect("device key"))
-            .collect();
-        let index = devices
-            .iter()
-            .zip(statuses)
-            .enumerate()
-            .map(|(i, (k, s))| IndexEntry {
-                id: SubscriptionId(i as i64 + 1),
-                public_key: *k.public(),
-                status: *s,
-            })
-            .collect();
-        let metrics = Metrics::new().expect("metrics");
-        Rig {
-            table: SessionTable::new(core, policy, index, metrics.clone()),
-            metrics,
-            core_public,
-            devices,
-        }
-    }
-
-    fn device(rig: &Rig, i: usize) -> DeviceSession {
-        let kp = StaticKeypair::from_private_hex(&rig.devices[i].private_hex_for_storage())
-            .expect("copy key");
-        DeviceSession::new(kp, rig.core_public)
-    }
-
-    fn handshakes(m: &Metrics, result: HandshakeResult) -> u64 {
-        m.handshakes_count(result)
-    }
-
-    fn dropped(m: &Metrics, reason: &str) -> u64 {
-        m.frames_dropped_count(reason)
-    }
-
-    const A: Route = Route::Direct(SocketAddr::V4(std::net::SocketAddrV4::new(
-        std::net::Ipv4Addr::LOCALHOST,
-        1000,
-    )));
-    const B: Route = Route::Gateway {
-        conn: GatewayConnId(7),
-        flow: FlowId(3),
-    };
-
-    fn establish(rig: &mut Rig, dev: &mut DeviceSession, ts: u64, route: Route, now: Instant) {
-        let init = dev
-            .start_handshake(SessionId(ts as u32 + 1), ts, now)
-            .expect("init");
-        let mut out = Outputs::default();
-        rig.table.handle_frame(&init, route, now, &mut out);
-        assert_eq!(out.sends.len(), 1, "one response");
-        assert_eq!(out.sends[0].0, route);
-        let mut pt = Vec::new();
-        let ev = dev
-            .handle_datagram(&out.sends[0].1, now, &mut pt)
-            .expect("response");
-        assert!(
-            matches!(ev, DeviceEvent::Established { rekey_after } if rekey_after == Duration::from_secs(60))
-        );
-    }
-
-    fn reading(dev: &mut DeviceSession, seq: u64) -> Vec<u8> {
-        let mut f = Vec::new();
-        dev.seal(
-            &Message::Reading {
-                seq: ReadingSeq(seq),
-                data: b"42",
-            }
-            .to_vec(),
-            &mut f,
-        )
-        .expect("seal");
-        f
-    }
-
-    #[test]
-    fn core_session_is_compact() {
-        // The per-device memory budget is 1 KiB all included; the session itself is most of it.
-        assert!(
-            std::mem::size_of::<CoreSession>() <= 512,
-            "{}",
-            std::mem::size_of::<CoreSession>()
-        );
-        assert!(std::mem::size_of::<SubscriptionEntry>() <= 48);
-    }
-
-    #[test]
-    fn handshake_reading_ack_and_roaming() {
-        let mut rig = rig(&[SubscriptionStatus::Active], policy());
-        let mut dev = device(&rig, 0);
-        let now = Instant::now();
-        establish(&mut rig, &mut dev, 1, A, now);
-        assert_eq!(handshakes(&rig.metrics, HandshakeResult::Accepted), 1);
-
-        // The device moves to a gateway: the reading comes from B, the ack goes to B.
-        let mut out = Outputs::default();
-        rig.table
-            .handle_frame(&reading(&mut dev, 5), B, now, &mut out);
-        assert!(out.sends.is_empty());
-        assert_eq!(out.readings.len(), 1);
-        let r = &out.readings[0];
-        assert_eq!(
-            (r.subscription, r.seq, r.data.as_slice()),
-            (SubscriptionId(1), ReadingSeq(5), &b"42"[..])
-        );
-        let durable = vec![(r.slot, r.seq), (r.slot, r.seq)];
-        let mut out = Outputs::default();
-        rig.table
-            .handle_committed(Committed { durable }, now, &mut out);
-        assert_eq!(out.sends.len(), 1);
-        assert_eq!(out.sends[0].0, B);
-        let mut pt = Vec::new();
-        dev.handle_datagram(&out.sends[0].1, now, &mut pt)
-            .expect("ack opens");
-        assert_eq!(
-            Message::decode(&pt).expect("message"),
-            Message::Ack {
-                seqs: vec![ReadingSeq(5)]
-            }
-        );
-    }
-
-    #[test]
-    fn long_ack_lists_are_split() {
-        let mut rig = rig(&[SubscriptionStatus::Active], policy());
-        let mut dev = device(&rig, 0);
-        let now = Instant::now();
-        establish(&mut rig, &mut dev, 1, A, now);
-        let durable = (0..150).map(|s| (0, ReadingSeq(s))).collect();
-        let mut out = Outputs::default();
-        rig.table
-            .handle_committed(Committed { durable }, now, &mut out);
-        assert_eq!(out.sends.len(), 3);
-        let mut total = 0;
-        for (_, f) in &out.sends {
-            let mut pt = Vec::new();
-            dev.handle_datagram(f, now, &mut pt).expect("ack");
-            match Message::decode(&pt).expect("message") {
-                Message::Ack { seqs } => total += seqs.len(),
-                other => panic!("{other:?}"),
-            }
-        }
-        assert_eq!(total, 150);
-    }
-
-    #[test]
-    fn refusals_send_nothing_and_are_counted() {
-        let mut rig = rig(
-            &[
-                SubscriptionStatus::Active,
-                SubscriptionStatus::Suspended,
-                SubscriptionStatus::Revoked,
-            ],
-            policy(),
-        );
-        let now = Instant::now();
-        let mut out = Outputs::default();
-        for (i, result) in [
-            (1, HandshakeResult::Suspended),
-            (2, HandshakeResult::Revoked),
-        ] {
-            let mut dev = device(&rig, i);
-            let init = dev.start_handshake(SessionId(9), 1, now).expect("init");
-            rig.table.handle_frame(&init, A, now, &mut out);
-            assert_eq!(handshakes(&rig.metrics, result), 1);
-        }
-        let stranger = StaticKeypair::generate().expect("key");
-        let mut dev = DeviceSession::new(stranger, rig.core_public);
-        let init = dev.start_handshake(SessionId(9), 1, now).expect("init");
-        rig.table.handle_frame(&init, A, now, &mut out);
-        assert_eq!(handshakes(&rig.metrics, HandshakeResult::UnknownKey), 1);
-
-        // Replay of an accepted initiation, and an older timestamp.
-        let mut dev = device(&rig, 0);
-        let init = dev.start_handshake(SessionId(9), 10, now).expect("init");
-        rig.table.handle_frame(&init, A, now, &mut out);
-        assert_eq!(out.sends.len(), 1);
-        rig.table.handle_frame(&init, A, now, &mut out);
-        let old = dev.start_handshake(SessionId(9), 9, now).expect("init");
-        rig.table.handle_frame(&old, A, now, &mut out);
-        assert_eq!(handshakes(&rig.metrics, HandshakeResult::Replayed), 2);
-
-        // A corrupted initiation fails authentication.
-        let mut bad = dev.start_handshake(SessionId(9), 11, now).expect("init");
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        rig.table.handle_frame(&bad, A, now, &mut out);
-        assert_eq!(handshakes(&rig.metrics, HandshakeResult::Failed), 1);
-        assert_eq!(out.sends.len(), 1, "nothing sent for any refusal");
-        assert_eq!(rig.table.session_count(), 1);
-    }
-
-    #[test]
-    fn bad_frames_leave_the_session_working() {
-        let mut rig = rig(&[SubscriptionStatus::Active], policy());
-        let mut dev = device(&rig, 0);
-        let now = Instant::now();
-        establish(&mut rig, &mut dev, 1, A, now);
-        let mut out = Outputs::default();
-
-        let good = reading(&mut dev, 1);
-        let mut tampered = good.clone();
-        let last = tampered.len() - 1;
-        tampered[last] ^= 0x80;
-        rig.table.handle_frame(&tampered, B, now, &mut out);
-        assert_eq!(dropped(&rig.metrics, "authentication"), 1);
-        rig.table.handle_frame(&good, A, now, &mut out);
-        rig.table.handle_frame(&good, A, now, &mut out);
-        assert_eq!(dropped(&rig.metrics, "replay"), 1);
-        assert_eq!(out.readings.len(), 1);
-
-        let mut unknown = good.clone();
-        unknown[2..6].copy_from_slice(&0u32.to_be_bytes());
-        rig.table.handle_frame(&unknown, A, now, &mut out);
-        assert_eq!(dropped(&rig.metrics, "unknown_session"), 1);
-        rig.table.handle_frame(&[1], A, now, &mut out);
-        rig.table.handle_frame(&[9, 9, 9], A, now, &mut out);
-        assert_eq!(dropped(&rig.metrics, "truncated"), 1);
-        assert_eq!(dropped(&rig.metrics, "unknown_version"), 1);
-
-        // A device never sends acks; the session survives that too.
-        let mut f = Vec::new();
-        dev.seal(
-            &Message::Ack {
-                seqs: vec![ReadingSeq(1)],
-            }
-            .to_vec(),
-            &mut f,
-        )
-        .expect("seal");
-        rig.table.handle_frame(&f, A, now, &mut out);
-        assert_eq!(dropped(&rig.metrics, "unexpected_message"), 1);
-        rig.table
-            .handle_frame(&reading(&mut dev, 2), A, now, &mut out);
-        assert_eq!(out.readings.len(), 2);
-        assert!(out.sends.is_empty());
-    }
-
-    #[test]
-    fn at_most_two_sessions_per_subscription_and_expiry() {
-        let mut rig = rig(&[SubscriptionStatus::Active], policy());
-        let mut dev = device(&rig, 0);
-        let t0 = Instant::now();
-        establish(&mut rig, &mut dev, 1, A, t0);
-        let first = reading(&mut dev, 1);
-        establish(&mut rig, &mut dev, 2, A, t0);
-        let second = reading(&mut dev, 2);
-        establish(&mut rig, &mut dev, 3, A, t0);
-        assert_eq!(rig.table.session_count(), 2);
-        let mut out = Outputs::default();
-        rig.table.handle_frame(&first, A, t0, &mut out);
-        assert_eq!(
-            dropped(&rig.metrics, "unknown_session"),
-            1,
-            "oldest dropped"
-        );
-        rig.table.handle_frame(&second, A, t0, &mut out);
-        assert_eq!(out.readings.len(), 1, "previous session still opens");
-
-        let late = t0 + Duration::from_secs(121);
-        rig.table
-            .handle_frame(&reading(&mut dev, 3), A, late, &mut out);
-        assert_eq!(dropped(&rig.metrics, "expired"), 1);
-        assert_eq!(rig.table.session_count(), 1);
-        rig.table.sweep(late);
-        assert_eq!(rig.table.session_count(), 0);
-        assert_eq!(rig.metrics.sessions.get(), 0);
-    }
-
-    #[test]
-    fn suspension_drops_live_sessions_and_resume_allows_handshakes() {
-        let mut rig = rig(
-            &[SubscriptionStatus::Active, SubscriptionStatus::Active],
-            policy(),
-        );
-        let now = Instant::now();
-        let mut dev = device(&rig, 0);
-        establish(&mut rig, &mut dev, 1, A, now);
-        let mut other = device(&rig, 1);
-        establish(&mut rig, &mut other, 1, A, now);
-        assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 1);
-        assert_eq!(
-            rig.table
-                .set_status(SubscriptionId(1), SubscriptionStatus::Suspended),
-            1
-        );
-        assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 0);
-        let mut out = Outputs::default();
-        rig.table
-            .handle_frame(&reading(&mut dev, 1), A, now, &mut out);
-        assert!(out.readings.is_empty());
-        assert_eq!(dropped(&rig.metrics, "unknown_session"), 1);
-        let init = dev.start_handshake(SessionId(3), 2, now).expect("init");
-        rig.table.handle_frame(&init, A, now, &mut out);
-        assert_eq!(handshakes(&rig.metrics, HandshakeResult::Suspended), 1);
-        // The other device is untouched.
-        rig.table
-            .handle_frame(&reading(&mut other, 1), A, now, &mut out);
-        assert_eq!(out.readings.len(), 1);
-
-        rig.table
-            .set_status(SubscriptionId(1), SubscriptionStatus::Active);
-        establish(&mut rig, &mut dev, 3, A, now);
-        assert_eq!(
-            rig.table
-                .set_status(SubscriptionId(9), SubscriptionStatus::Revoked),
-            0
-        );
-    }
-
-    #[test]
-    fn max_sessions_is_respected() {
-        let mut p = policy();
-        p.max_sessions = 1;
-        let mut rig = rig(&[SubscriptionStatus::Active, SubscriptionStatus::Active], p);
-        let now = Instant::now();
-        let mut d0 = device(&rig, 0);
-        establish(&mut rig, &mut d0, 1, A, now);
-        let mut d1 = device(&rig, 1);
-        let init = d1.start_handshake(SessionId(5), 1, now).expect("init");
-        let mut out = Outputs::default();
-        rig.table.handle_frame(&init, A, now, &mut out);
-        assert!(out.sends.is_empty());
-        assert_eq!(dropped(&rig.metrics, "session_limit"), 1);
-        assert_eq!(rig.table.session_count(), 1);
-    }
-
-    fn rss_bytes() -> Option<u64> {
-        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-        Some(pages * 4096)
-    }
-
-    /// A figure, not an assertion on speed: run with
-    /// `cargo test -p core-stub --lib -- --ignored --nocapture memory_per_idle_device`.
-    #[test]
-    #[ignore = "measurement; prints RSS per idle device"]
-    fn memory_per_idle_device() {
-        const N: usize = 20_000;
-        let keys: Vec<StaticKeypair> = (0..N)
-            .map(|_| StaticKeypair::generate().expect("key"))
-            .collect();
-        let core = StaticKeypair::generate().expect("core key");
-        let core_public = *core.public();
-        let inits: Vec<Vec<u8>> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let kp =
-                    StaticKeypair::from_private_hex(&k.private_hex_for_storage()).expect("key");
-                let mut d = DeviceSession::new(kp, core_public);
-                d.start_handshake(SessionId(i as u32 + 1), 1, Instant::now())
-                    .expect("init")
-            })
-            .collect();
-        let index: Vec<IndexEntry> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| IndexEntry {
-                id: SubscriptionId(i as i64 + 1),
-                public_key: *k.public(),
-                status: SubscriptionStatus::Active,
-            })
-            .collect();
-        drop(keys);
-        let metrics = Metrics::new().expect("metrics");
-        let before = rss_bytes().expect("rss");
-        let mut table = SessionTable::new(core, policy_with(N), index, metrics);
-        let mut out = Outputs::default();
-        for (i, init) in inits.iter().enumerate() {
-            let route = Route::Direct(SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5000)));
-            table.handle_frame(init, route, Instant::now(), &mut out);
-            out.sends.clear();
-        }
-        assert_eq!(table.session_count(), N);
-        let after = rss_bytes().expect("rss");
-        println!(
-            "{N} idle devices: {} bytes of RSS each (session {} B inline)",
-            after.saturating_sub(before) / N as u64,
-            std::mem::size_of::<CoreSession>()
-        );
-    }
-
-    fn policy_with(max_sessions: usize) -> SessionConfig {
-        SessionConfig {
-            max_sessions,
-            ..policy()
-        }
-    }
-
-    #[test]
-    fn junk_never_panics() {
-        let mut rig = rig(&[SubscriptionStatus::Active], policy());
-        let now = Instant::now();
-        let mut out = Outputs::default();
-        let mut x: u32 = 1;
-        for len in 0..1300 {
-            let mut b = Vec::with_capacity(len);
-            for _ in 0..len {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                b.push(x as u8);
-            }
-            if len >= 2 {
-                b[0] = 1;
-                b[1] = (len % 4) as u8;
-            }
-            rig.table.handle_frame(&b, A, now, &mut out);
-        }
-        assert!(out.sends.is_empty());
-        assert!(out.readings.is_empty());
     }
 }

@@ -3,9 +3,10 @@
 //! authenticates devices against the SQLite subscription store, and stores their readings exactly
 //! once, acknowledging each only after it is on disk.
 //!
-//! It deliberately does not provision devices at run time (the store is filled by
-//! [`init::init`] or by the [`store::Store`] API; the engine reads statuses at start), trust
-//! gateways with anything but ciphertext, or keep per-device labels in metrics.
+//! Devices are provisioned at run time through their factory identity (the engine creates the
+//! subscription in the same handshake, [`engine`]), or statically by [`init::init`]. It
+//! deliberately does not trust gateways with anything but ciphertext (they learn only which
+//! session ids the core revoked), or keep per-device labels in metrics.
 //!
 //! Main types: [`run`] with [`Listeners`] and [`CoreConfig`] (the daemon), [`store::Store`] (the
 //! subscriptions, readings and the append-only audit log), [`init::init`] (a whole deployment in
@@ -16,10 +17,13 @@
 //!  (mTLS, control stream)                   ├─▶ EngineInput ─▶ engine.rs (1 task) ┤    (batch, INSERT OR IGNORE,
 //!  devices ───UDP───────────▶ direct.rs ───┘   bounded mpsc    sessions, index,   │     COMMIT, synchronous=FULL)
 //!                                                              routes             ◀──┘ Committed seqs
-//!  devices ◀── Ack / HandshakeResponse by route (UDP send_to, QUIC datagram or control stream)
+//!  devices ◀── Ack (+ notices) / HandshakeResponse by route (UDP send_to, QUIC datagram or
+//!              control stream); gateways ◀── Revoked{sessions} on their control streams
 //!  Prometheus ──▶ admin (relay-ops): /metrics (metrics.rs), /live, /ready
 //!  operators ──▶ admin: /v1/… (admin_api.rs, bearer tokens) ─▶ store (status + audit, one
-//!                 transaction) ─▶ engine control channel: drops the device's sessions, then answers
+//!                 transaction) ─▶ engine control channel: drops the device's sessions, names
+//!                 them to the gateways, then answers
+//!  engine ──lifecycle writes (provision, key update, fraud flag)──▶ its own store connection
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,7 +33,9 @@ pub mod config;
 mod direct;
 pub mod engine;
 pub mod init;
+pub mod manifest;
 pub mod metrics;
+pub mod release;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -174,21 +180,31 @@ pub async fn run(
     let readiness = Readiness::new();
 
     let store_path = config.store.path.clone();
-    let (store, api_store, index) = tokio::task::spawn_blocking(move || {
+    let (store, api_store, engine_stores, loaded) = tokio::task::spawn_blocking(move || {
         let store = store::Store::open(&store_path)?;
-        let index = store.index_entries()?;
-        // The admin API's own connection (WAL: it reads beside the writer thread).
+        let loaded = engine::Loaded {
+            index: store.index_entries()?,
+            devices: store.factory_entries()?,
+            profiles: store.profiles()?,
+        };
+        // The admin API's own connection (WAL: it reads beside the writer thread), and the
+        // engine's two: lifecycle transactions, and configuration versions in the background.
         let api_store = store::Store::open(&store_path)?;
-        Ok::<_, StoreError>((store, api_store, index))
+        let engine_stores = (
+            store::Store::open(&store_path)?,
+            store::Store::open(&store_path)?,
+        );
+        Ok::<_, StoreError>((store, api_store, engine_stores, loaded))
     })
     .await
     .map_err(|e| CoreError::Io {
         what: "opening the store",
         source: std::io::Error::other(e),
     })??;
+    let index_len = loaded.index.len();
     tracing::info!(
         path = %config.store.path.display(),
-        subscriptions = index.len(),
+        subscriptions = index_len,
         "store open"
     );
 
@@ -205,12 +221,19 @@ pub async fn run(
 
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let mut admin = AdminConfig::new(metrics.registry().clone(), readiness.clone());
+    // Manifests and plans of up to 100 000 rows come in one request.
+    admin.max_body = admin.max_body.max(admin_api::MAX_BODY);
     admin.handler = Some(
         admin_api::AdminApi::new(
             config.admin.tokens.clone(),
             api_store,
             control_tx,
             metrics.clone(),
+            admin_api::ReleaseSettings {
+                signer: config.lifecycle.release_signer.clone(),
+                trusted: config.lifecycle.trusted_releasers.clone(),
+                core_public_key: *config.noise.public(),
+            },
         )
         .into_handler(),
     );
@@ -237,10 +260,22 @@ pub async fn run(
     })?;
 
     let direct_socket = Arc::new(listeners.direct);
+    let lifecycle_store =
+        engine::StoreWrites::new(engine_stores.0, engine_stores.1).map_err(|source| {
+            CoreError::Io {
+                what: "starting the configuration version recorder",
+                source,
+            }
+        })?;
     let table = engine::SessionTable::new(
         config.noise.into_keypair(),
         config.session,
-        index,
+        engine::LifecyclePolicy {
+            rotate_after_secs: config.lifecycle.rotate_after_secs,
+            fraud_action: config.lifecycle.fraud_action,
+        },
+        loaded,
+        Box::new(lifecycle_store),
         metrics.clone(),
     );
     let engine = engine::Engine::new(

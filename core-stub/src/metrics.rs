@@ -4,7 +4,7 @@
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
-use crate::engine::{DropReason, HandshakeResult};
+use crate::engine::{DropReason, FraudReason, HandshakeResult, KeyPhase, Via};
 
 /// Which way a device frame reached the core (`access` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +44,19 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     admin_requests: IntCounterVec,
     lifecycle_events: IntCounterVec,
+    /// `core_provisioned_total`: factory-key handshakes that created or re-keyed a subscription.
+    pub provisioned: IntCounter,
+    key_updates: IntCounterVec,
+    config_pushes: IntCounterVec,
+    rotate_notices: IntCounterVec,
+    fraud_flags: IntCounterVec,
+    /// `core_revocations_sent_total`: session ids named to gateways in `Revoked` messages (one
+    /// per session and gateway).
+    pub revocations_sent: IntCounter,
+    /// `core_devices_claimed_total`: devices claimed (from manifests and releases).
+    pub devices_claimed: IntCounter,
+    /// `core_devices_activated_total`: devices activated (by plans and accepted transfers).
+    pub devices_activated: IntCounter,
 }
 
 /// Every `result` of `core_admin_requests_total`.
@@ -59,7 +72,19 @@ pub const ADMIN_RESULTS: [&str; 8] = [
 ];
 
 /// Every `event` of `core_lifecycle_events_total`.
-pub const LIFECYCLE_EVENTS: [&str; 3] = ["suspend", "resume", "revoke"];
+pub const LIFECYCLE_EVENTS: [&str; 11] = [
+    "suspend",
+    "resume",
+    "revoke",
+    "claim",
+    "activate",
+    "put_profile",
+    "rotate",
+    "transfer",
+    "accept_transfer",
+    "release",
+    "claim_release",
+];
 
 impl Metrics {
     /// Registers every metric, plus `core_build_info{version}`, in a fresh registry.
@@ -126,6 +151,68 @@ impl Metrics {
         )?;
         registry.register(Box::new(admin_requests.clone()))?;
         registry.register(Box::new(lifecycle_events.clone()))?;
+        let provisioned = IntCounter::new(
+            "core_provisioned_total",
+            "Factory-identity handshakes that created or re-keyed a device's subscription.",
+        )?;
+        let key_updates = IntCounterVec::new(
+            Opts::new(
+                "core_key_updates_total",
+                "Credential update steps committed, by phase (announced: next key stored; promoted: old key retired).",
+            ),
+            &["phase"],
+        )?;
+        let config_pushes = IntCounterVec::new(
+            Opts::new(
+                "core_config_pushes_total",
+                "Configurations sent to devices, by carrier (handshake response or acknowledgement).",
+            ),
+            &["via"],
+        )?;
+        let rotate_notices = IntCounterVec::new(
+            Opts::new(
+                "core_rotate_notices_total",
+                "Credential update notices sent to devices, by carrier.",
+            ),
+            &["via"],
+        )?;
+        let fraud_flags = IntCounterVec::new(
+            Opts::new(
+                "core_fraud_flags_total",
+                "Subscriptions flagged by the fraud detector, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let revocations_sent = IntCounter::new(
+            "core_revocations_sent_total",
+            "Session ids named to gateways as revoked (one per session and gateway).",
+        )?;
+        registry.register(Box::new(provisioned.clone()))?;
+        registry.register(Box::new(key_updates.clone()))?;
+        registry.register(Box::new(config_pushes.clone()))?;
+        registry.register(Box::new(rotate_notices.clone()))?;
+        registry.register(Box::new(fraud_flags.clone()))?;
+        registry.register(Box::new(revocations_sent.clone()))?;
+        for phase in KeyPhase::ALL {
+            key_updates.with_label_values(&[phase.label()]);
+        }
+        for via in Via::ALL {
+            config_pushes.with_label_values(&[via.label()]);
+            rotate_notices.with_label_values(&[via.label()]);
+        }
+        for reason in FraudReason::ALL {
+            fraud_flags.with_label_values(&[reason.label()]);
+        }
+        let devices_claimed = IntCounter::new(
+            "core_devices_claimed_total",
+            "Devices claimed by an owner, from shipping manifests and signed releases.",
+        )?;
+        let devices_activated = IntCounter::new(
+            "core_devices_activated_total",
+            "Devices activated, by activation plans and accepted transfers.",
+        )?;
+        registry.register(Box::new(devices_claimed.clone()))?;
+        registry.register(Box::new(devices_activated.clone()))?;
         for result in ADMIN_RESULTS {
             admin_requests.with_label_values(&[result]);
         }
@@ -161,6 +248,14 @@ impl Metrics {
             store_commit_seconds,
             admin_requests,
             lifecycle_events,
+            provisioned,
+            key_updates,
+            config_pushes,
+            rotate_notices,
+            fraud_flags,
+            revocations_sent,
+            devices_claimed,
+            devices_activated,
         })
     }
 
@@ -202,6 +297,46 @@ impl Metrics {
     /// The current value of `core_frames_dropped_total{reason}`.
     pub fn frames_dropped_count(&self, reason: &str) -> u64 {
         self.frames_dropped.with_label_values(&[reason]).get()
+    }
+
+    /// Counts one credential update step.
+    pub fn key_update(&self, phase: KeyPhase) {
+        self.key_updates.with_label_values(&[phase.label()]).inc();
+    }
+
+    /// Counts one configuration sent to a device.
+    pub fn config_push(&self, via: Via) {
+        self.config_pushes.with_label_values(&[via.label()]).inc();
+    }
+
+    /// Counts one credential update notice sent to a device.
+    pub fn rotate_notice(&self, via: Via) {
+        self.rotate_notices.with_label_values(&[via.label()]).inc();
+    }
+
+    /// Counts one subscription flagged by the fraud detector.
+    pub fn fraud_flag(&self, reason: FraudReason) {
+        self.fraud_flags.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// The current value of `core_key_updates_total{phase}`.
+    pub fn key_updates_count(&self, phase: KeyPhase) -> u64 {
+        self.key_updates.with_label_values(&[phase.label()]).get()
+    }
+
+    /// The current value of `core_config_pushes_total{via}`.
+    pub fn config_pushes_count(&self, via: Via) -> u64 {
+        self.config_pushes.with_label_values(&[via.label()]).get()
+    }
+
+    /// The current value of `core_rotate_notices_total{via}`.
+    pub fn rotate_notices_count(&self, via: Via) -> u64 {
+        self.rotate_notices.with_label_values(&[via.label()]).get()
+    }
+
+    /// The current value of `core_fraud_flags_total{reason}`.
+    pub fn fraud_flags_count(&self, reason: FraudReason) -> u64 {
+        self.fraud_flags.with_label_values(&[reason.label()]).get()
     }
 
     /// The current value of `core_handshakes_total{result}`.

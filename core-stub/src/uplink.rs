@@ -7,6 +7,7 @@
 //!          ──control stream: Hello{name}──────────────▶ HelloAck{max_flows}, GatewayUp ─▶ engine
 //!          ──datagram: flow | device frame──────────────▶ EngineInput::Frame (Route::Gateway)
 //!          ◀─datagram / control DeviceFrame──────────────  engine (by route)
+//!          ◀─control Revoked{sessions}───────────────────  engine (sessions dropped by status)
 //!  connection closed ─────────────────────────────────▶ GatewayDown ─▶ engine
 //! ```
 //!
@@ -289,6 +290,9 @@ impl Gateway {
                 UplinkMessage::Hello { .. } => return Err(UplinkError::Protocol("second Hello")),
                 UplinkMessage::HelloAck { .. } => {
                     return Err(UplinkError::Protocol("HelloAck from a gateway"))
+                }
+                UplinkMessage::Revoked { .. } => {
+                    return Err(UplinkError::Protocol("Revoked from a gateway"))
                 }
             }
         }

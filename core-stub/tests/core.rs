@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use core_stub::{CoreConfig, InitOptions, Listeners, Store, SubscriptionStatus};
-use relay_protocol::payload::{Message, ReadingSeq};
+use relay_protocol::payload::{Message, ReadingSeq, RefusalReason};
 use relay_protocol::session::{DeviceEvent, DeviceSession, PublicKey, StaticKeypair};
 use relay_protocol::{FlowId, SessionId, UplinkDatagram, UplinkMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -210,8 +210,24 @@ impl DirectDevice {
         self.session
             .handle_datagram(frame, Instant::now(), &mut pt)?;
         match Message::decode(&pt)? {
-            Message::Ack { seqs } => Ok(seqs.into_iter().map(|s| s.0).collect()),
+            Message::Ack { seqs, .. } => Ok(seqs.into_iter().map(|s| s.0).collect()),
             other => bail!("expected an ack, got {other:?}"),
+        }
+    }
+
+    /// Reads the core's authenticated refusal of the pending handshake.
+    async fn expect_refusal(&mut self) -> Result<RefusalReason> {
+        let frame = self
+            .recv(WAIT)
+            .await?
+            .ok_or_else(|| anyhow!("no refusal"))?;
+        let mut pt = Vec::new();
+        match self
+            .session
+            .handle_datagram(&frame, Instant::now(), &mut pt)?
+        {
+            DeviceEvent::Refused { response } => response.refused.context("no reason"),
+            other => bail!("expected a refusal, got {other:?}"),
         }
     }
 
@@ -252,10 +268,13 @@ async fn direct_device_end_to_end() -> Result<()> {
     core.wait_metric("core_readings_duplicate_total", 1.0)
         .await?;
 
-    // A replayed HandshakeInit gets nothing and is counted.
+    // A replayed HandshakeInit gets nothing and is counted; the subscription is flagged (asked
+    // to update its key) but keeps working: anyone on the path can replay.
     dev.send(&init).await?;
     assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
     core.wait_metric("core_handshakes_total{result=\"replayed\"}", 1.0)
+        .await?;
+    core.wait_metric("core_fraud_flags_total{reason=\"replay\"}", 1.0)
         .await?;
 
     // A tampered transport frame is dropped and counted; the session still works after it.
@@ -269,14 +288,14 @@ async fn direct_device_end_to_end() -> Result<()> {
     dev.send(&good).await?;
     assert_eq!(dev.expect_ack().await?, vec![2]);
 
-    // An unknown key gets no response, and is counted.
+    // An unknown key gets an authenticated refusal, and is counted.
     let stranger = StaticKeypair::generate()?;
     let mut other = DirectDevice::new(stranger, core.core_public, core.direct).await?;
-    let init = other
+    let stranger_init = other
         .session
         .start_handshake(SessionId(7), 1, Instant::now())?;
-    other.send(&init).await?;
-    assert!(other.recv(Duration::from_millis(300)).await?.is_none());
+    other.send(&stranger_init).await?;
+    assert_eq!(other.expect_refusal().await?, RefusalReason::UnknownKey);
     core.wait_metric("core_handshakes_total{result=\"unknown_key\"}", 1.0)
         .await?;
 
@@ -316,14 +335,17 @@ async fn suspended_and_revoked_devices_are_refused() -> Result<()> {
         Ok(())
     })
     .await?;
-    for (i, result) in [(1, "suspended"), (2, "revoked")] {
+    for (i, result, reason) in [
+        (1, "suspended", RefusalReason::Suspended),
+        (2, "revoked", RefusalReason::Revoked),
+    ] {
         let (_, key) = core.device_key(i)?;
         let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
         let init = dev
             .session
             .start_handshake(SessionId(1), 1, Instant::now())?;
         dev.send(&init).await?;
-        assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+        assert_eq!(dev.expect_refusal().await?, reason);
         core.wait_metric(
             &format!("core_handshakes_total{{result=\"{result}\"}}"),
             1.0,
@@ -407,7 +429,7 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
 
     endpoint.set_default_client_config(client_config(core.dir.path(), true)?);
     let conn = endpoint.connect(core.quic, "core.relay.local")?.await?;
-    let (mut control, _recv, max_flows) = hello(&conn).await?;
+    let (mut control, mut control_rx, max_flows) = hello(&conn).await?;
     assert_eq!(max_flows, 1_000_000);
     core.wait_metric("core_gateways_connected", 1.0).await?;
 
@@ -446,7 +468,8 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
     assert_eq!(
         Message::decode(&pt)?,
         Message::Ack {
-            seqs: vec![ReadingSeq(77)]
+            seqs: vec![ReadingSeq(77)],
+            notices: Default::default(),
         }
     );
 
@@ -472,11 +495,41 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
     assert_eq!(
         Message::decode(&pt)?,
         Message::Ack {
-            seqs: vec![ReadingSeq(78)]
+            seqs: vec![ReadingSeq(78)],
+            notices: Default::default(),
         }
     );
     let (serial, _) = core.device_key(2)?;
     assert_eq!(core.store()?.readings_of(&serial)?[1], (78, big));
+
+    // Suspension: before the API answers, the gateway is told which session died.
+    let core_session = dev.current().context("session")?.remote_id();
+    let (status, _) = core
+        .api(
+            "POST",
+            &format!("/v1/devices/{serial}/suspend"),
+            Some(&core.token("operator")?),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 256];
+    let revoked = loop {
+        if let Some(msg) = UplinkMessage::decode(&mut buf)? {
+            break msg;
+        }
+        let n = tokio::time::timeout(WAIT, control_rx.read(&mut chunk))
+            .await??
+            .ok_or_else(|| anyhow!("control stream ended"))?;
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert_eq!(
+        revoked,
+        UplinkMessage::Revoked {
+            sessions: vec![core_session]
+        }
+    );
+    core.wait_metric("core_revocations_sent_total", 1.0).await?;
 
     // A malformed uplink datagram is counted and the connection carries on.
     conn.send_datagram(bytes::Bytes::from_static(&[9, 1, 0, 0, 0, 1, 1]))?;
@@ -512,7 +565,18 @@ impl Core {
         path: &str,
         token: Option<&str>,
     ) -> Result<(u16, serde_json::Value)> {
-        let a = relay_ops::client::request(self.admin, method, path, token, WAIT).await?;
+        self.api_with(method, path, token, None).await
+    }
+
+    /// An admin API call with a body: `(status, JSON body)`.
+    async fn api_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<relay_ops::client::Body<'_>>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let a = relay_ops::client::request(self.admin, method, path, token, body, WAIT).await?;
         Ok((
             a.status,
             serde_json::from_slice(&a.body).unwrap_or_default(),
@@ -599,7 +663,7 @@ async fn admin_api_tokens_roles_suspend_resume_revoke_and_audit() -> Result<()> 
         .session
         .start_handshake(SessionId(7), 2_000, Instant::now())?;
     dev.send(&init).await?;
-    assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+    assert_eq!(dev.expect_refusal().await?, RefusalReason::Suspended);
     core.wait_metric("core_handshakes_total{result=\"suspended\"}", 1.0)
         .await?;
     core.wait_metric("core_lifecycle_events_total{event=\"suspend\"}", 1.0)
@@ -631,7 +695,7 @@ async fn admin_api_tokens_roles_suspend_resume_revoke_and_audit() -> Result<()> 
         .session
         .start_handshake(SessionId(8), 4_000, Instant::now())?;
     dev.send(&init).await?;
-    assert!(dev.recv(Duration::from_millis(300)).await?.is_none());
+    assert_eq!(dev.expect_refusal().await?, RefusalReason::Revoked);
     core.wait_metric("core_handshakes_total{result=\"revoked\"}", 1.0)
         .await?;
 
@@ -735,5 +799,156 @@ fn devices_suspend_through_the_cli() -> Result<()> {
             .map(|s| s.status),
         Some(SubscriptionStatus::Suspended)
     );
+    rt.block_on(core.stop())
+}
+
+/// The lifecycle commands against a running core: claim, activate (a bad plan names its row and
+/// changes nothing), profiles, transfer to a second owner made with `core-stub token`, release.
+#[test]
+fn claim_activate_profiles_transfer_and_release_through_the_cli() -> Result<()> {
+    let bin = env!("CARGO_BIN_EXE_core-stub");
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut acme_token = String::new();
+    let core = rt.block_on(Core::start_with(1, |dir| {
+        let out = std::process::Command::new(bin)
+            .args(["token", "--name", "acme-ops", "--role", "operator"])
+            .args(["--owner", "acme", "--append"])
+            .arg(dir.join("core/admin-tokens.toml"))
+            .output()?;
+        if !out.status.success() {
+            bail!("token: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        acme_token = String::from_utf8(out.stdout)?.trim().to_owned();
+        Ok(())
+    }))?;
+    let op = core.path("admin-operator.token");
+    let run = |args: &[&str], token: &str| {
+        std::process::Command::new(bin)
+            .args(args)
+            .args(["--admin", &core.admin.to_string()])
+            .env("CORE_ADMIN_TOKEN", token)
+            .output()
+    };
+    let op_token = std::fs::read_to_string(&op)?.trim().to_owned();
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+
+    let manifest = core.path("manifest.csv");
+    let mut csv = String::from("serial,factory_public_key,model\n");
+    for i in 1..=3u8 {
+        csv.push_str(&format!("em-{i},{},EM-1\n", hex::encode([i; 32])));
+    }
+    std::fs::write(&manifest, csv)?;
+    let m = manifest.to_string_lossy().into_owned();
+    let out = run(&["claim", &m], &op_token)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("claimed"), "{}", text(&out));
+
+    let plan = core.path("plan.csv");
+    std::fs::write(
+        &plan,
+        "serial,account,profile\nem-1,apt 1,default\nem-9,apt 9,default\nem-2,apt 2,default\n",
+    )?;
+    let p = plan.to_string_lossy().into_owned();
+    let out = run(&["activate", &p], &op_token)?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: HTTP 422"), "{stderr}");
+    assert!(stderr.contains("row 3 (em-9): unknown serial"), "{stderr}");
+    assert_eq!(
+        rt.block_on(core.metric("core_devices_activated_total"))?,
+        0.0
+    );
+    std::fs::write(
+        &plan,
+        "serial,account,profile\nem-1,apt 1,default\nem-2,apt 2,default\n",
+    )?;
+    let out = run(&["activate", &p], &op_token)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        rt.block_on(core.metric("core_devices_activated_total"))?,
+        2.0
+    );
+
+    let out = run(
+        &[
+            "profiles",
+            "set",
+            "heat",
+            "--interval",
+            "300",
+            "--bytes",
+            "16",
+        ],
+        &op_token,
+    )?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&["profiles", "list"], &op_token)?;
+    assert!(text(&out).contains("heat"), "{}", text(&out));
+
+    // Transfer em-1 to acme: offered by the operator, accepted by acme's operator.
+    let out = run(&["devices", "transfer", "em-1", "--to", "acme"], &op_token)?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(
+        &["devices", "accept-transfer", "em-1", "--profile", "heat"],
+        &acme_token,
+    )?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&["devices", "list", "--json"], &acme_token)?;
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["devices"][0]["profile"], "heat");
+    let out = run(&["devices", "readings", "em-1"], &acme_token)?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&["devices", "show", "em-3"], &acme_token)?;
+    assert_eq!(out.status.code(), Some(1), "not acme's");
+
+    // Release em-2 to another core: the signed document on stdout; this core does not trust
+    // its own releases, so claiming it here is refused.
+    let out = run(
+        &[
+            "devices",
+            "release",
+            "em-2",
+            "--core-key",
+            &"ab".repeat(32),
+            "--endpoint",
+            "core-2.example:4433",
+        ],
+        &op_token,
+    )?;
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["serial"], "em-2");
+    assert_eq!(doc["signature"].as_str().map(str::len), Some(128));
+    let release = core.path("release.json");
+    std::fs::write(&release, &out.stdout)?;
+    let r = release.to_string_lossy().into_owned();
+    let out = run(&["claim", "--release", &r], &op_token)?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("not a trusted releaser"),
+        "{}",
+        text(&out)
+    );
+
+    let out = run(&["audit", "--limit", "200"], &op_token)?;
+    let audit = text(&out);
+    for action in [
+        "claim_manifest",
+        "activate_plan",
+        "put_profile",
+        "transfer",
+        "accept_transfer",
+        "release",
+    ] {
+        assert!(audit.contains(action), "{action} not audited: {audit}");
+    }
+    assert!(!audit.contains(&acme_token) && !audit.contains(&op_token));
     rt.block_on(core.stop())
 }

@@ -67,6 +67,8 @@ pub struct GatewayConfig {
     pub uplink: UplinkConfig,
     /// The device flow table.
     pub flows: FlowsConfig,
+    /// Session ids the core revoked.
+    pub revocation: RevocationConfig,
 }
 
 /// The `[uplink]` section, validated.
@@ -218,6 +220,25 @@ pub struct FlowsConfig {
     pub idle_timeout: Duration,
 }
 
+/// The `[revocation]` section, validated: how the gateway remembers the session ids the core
+/// revoked (`UplinkMessage::Revoked`) to drop their frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevocationConfig {
+    /// How long a revoked session id is remembered.
+    pub ttl: Duration,
+    /// The most ids remembered at once (the oldest are forgotten first).
+    pub max_sessions: usize,
+}
+
+/// Default `revocation.ttl_secs`.
+pub const DEFAULT_REVOCATION_TTL_SECS: u64 = 600;
+/// Default `revocation.max_sessions` (about 100 bytes each).
+pub const DEFAULT_REVOCATION_MAX_SESSIONS: usize = 65_536;
+/// The largest `revocation.ttl_secs` accepted, one day.
+pub const MAX_REVOCATION_TTL_SECS: u64 = 24 * 3600;
+/// The largest `revocation.max_sessions` accepted.
+pub const MAX_REVOCATION_SESSIONS: usize = 1 << 22;
+
 /// Default `listen.devices`.
 pub const DEFAULT_LISTEN_DEVICES: &str = "0.0.0.0:5683";
 /// Default `listen.admin`.
@@ -291,6 +312,33 @@ struct FileConfig {
     uplink: FileUplink,
     #[serde(default)]
     flows: FileFlows,
+    #[serde(default)]
+    revocation: FileRevocation,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRevocation {
+    #[serde(default = "default_revocation_ttl_secs")]
+    ttl_secs: u64,
+    #[serde(default = "default_revocation_max_sessions")]
+    max_sessions: usize,
+}
+
+impl Default for FileRevocation {
+    fn default() -> Self {
+        Self {
+            ttl_secs: DEFAULT_REVOCATION_TTL_SECS,
+            max_sessions: DEFAULT_REVOCATION_MAX_SESSIONS,
+        }
+    }
+}
+
+fn default_revocation_ttl_secs() -> u64 {
+    DEFAULT_REVOCATION_TTL_SECS
+}
+fn default_revocation_max_sessions() -> usize {
+    DEFAULT_REVOCATION_MAX_SESSIONS
 }
 
 #[derive(Debug, Deserialize)]
@@ -454,6 +502,20 @@ impl GatewayConfig {
             ));
         }
 
+        let revocation = file.revocation;
+        if revocation.ttl_secs == 0 || revocation.ttl_secs > MAX_REVOCATION_TTL_SECS {
+            return Err(invalid(
+                "revocation.ttl_secs",
+                format!("must be 1 to {MAX_REVOCATION_TTL_SECS}"),
+            ));
+        }
+        if revocation.max_sessions == 0 || revocation.max_sessions > MAX_REVOCATION_SESSIONS {
+            return Err(invalid(
+                "revocation.max_sessions",
+                format!("must be 1 to {MAX_REVOCATION_SESSIONS}"),
+            ));
+        }
+
         let base = path.parent().unwrap_or_else(|| Path::new(""));
         let files = TlsFiles {
             ca: resolve(base, &up.ca),
@@ -488,6 +550,10 @@ impl GatewayConfig {
             flows: FlowsConfig {
                 max: file.flows.max,
                 idle_timeout: Duration::from_secs(file.flows.idle_timeout_secs),
+            },
+            revocation: RevocationConfig {
+                ttl: Duration::from_secs(revocation.ttl_secs),
+                max_sessions: revocation.max_sessions,
             },
         })
     }
@@ -579,6 +645,8 @@ key = "key.pem"
         assert_eq!(c.uplink.queue_frames, 4096);
         assert_eq!(c.flows.max, 100_000);
         assert_eq!(c.flows.idle_timeout, Duration::from_secs(900));
+        assert_eq!(c.revocation.ttl, Duration::from_secs(600));
+        assert_eq!(c.revocation.max_sessions, 65_536);
         assert_eq!(c.uplink.files.ca, dir.path().join("gw/../ca.pem"));
         assert_eq!(c.uplink.files.cert, dir.path().join("gw/cert.pem"));
         assert_eq!(c.uplink.files.key, dir.path().join("gw/key.pem"));
@@ -696,6 +764,14 @@ key = "key.pem"
             assert!(!e.contains('\n'), "{e}");
         };
         check(&format!("{MINIMAL}[flows]\nmax = 0\n"), "flows.max");
+        check(
+            &format!("{MINIMAL}[revocation]\nttl_secs = 0\n"),
+            "revocation.ttl_secs",
+        );
+        check(
+            &format!("{MINIMAL}[revocation]\nmax_sessions = 0\n"),
+            "revocation.max_sessions",
+        );
         check(
             &MINIMAL.replace("\"gateway-1\"", "\"\""),
             "name: must be 1 to 64",

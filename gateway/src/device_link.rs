@@ -2,8 +2,9 @@
 //!
 //! One task receives: it checks each datagram's frame header (version, type, length — all the
 //! gateway can check without keys), maps the source address to a flow, and sends the frame up as
-//! an uplink datagram, or holds it in the bounded queue while the uplink is down. The uplink task
-//! calls [`DeviceLink::deliver`] for frames from the core.
+//! an uplink datagram, or holds it in the bounded queue while the uplink is down. A transport
+//! frame addressed to a session the core revoked is dropped instead. The uplink task calls
+//! [`DeviceLink::deliver`] for frames from the core, and fills the revoked set.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::flows::FlowTable;
 use crate::metrics::{Direction, DropReason, Metrics};
 use crate::queue::{Pending, PendingQueue};
+use crate::revoked::RevokedSessions;
 use crate::tap::{Hooks, TapPoint};
 use crate::uplink::{Link, LinkEvent, LinkSendError, Sent};
 
@@ -33,6 +35,8 @@ pub(crate) struct DeviceLink {
     pub flows: FlowTable,
     pub metrics: Metrics,
     pub hooks: Hooks,
+    /// Sessions the core revoked: their frames stop here.
+    pub revoked: RevokedSessions,
 }
 
 /// The receive task's own state: the uplink (if up) and the queue.
@@ -85,6 +89,12 @@ impl DeviceLink {
         self.metrics.device_frames_received.inc();
         self.hooks.record(TapPoint::DeviceRx, data);
         let frame_type = match DeviceFrame::decode(data) {
+            Ok(DeviceFrame::Transport { receiver, .. })
+                if self.revoked.contains(receiver, Instant::now()) =>
+            {
+                self.metrics.drop_frame(DropReason::Revoked);
+                return;
+            }
             Ok(frame) => frame.frame_type(),
             Err(e) => {
                 tracing::trace!(%from, error = %e, "dropped device datagram");
@@ -209,6 +219,7 @@ impl DeviceLink {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = tick.tick() => {
+                    self.revoked.expire(Instant::now());
                     let (removed, left) = self.flows.expire_idle(Instant::now());
                     self.metrics.flows.set(gauge(left));
                     if removed > 0 {

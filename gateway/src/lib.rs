@@ -13,6 +13,7 @@
 //!                ┌─────────────────────────── gateway ────────────────────────────┐
 //!  device ─UDP─▶ │ device_link::receive ─ DeviceFrame::decode (header only)       │
 //!                │      │ flows: addr ↔ FlowId (one mutex, bounded, idle expiry)  │
+//!                │      │ revoked sessions (from the core's Revoked): dropped     │
 //!                │      ├─ uplink up ───▶ Link::send ─ QUIC datagram ────────────┼─▶ core
 //!                │      │                  └ too big: control-stream message ────┼─▶
 //!                │      └─ uplink down ─▶ queue (bounded; newest dropped;         │
@@ -33,6 +34,7 @@ mod device_link;
 pub mod flows;
 pub mod metrics;
 mod queue;
+pub mod revoked;
 mod tap;
 pub mod tls;
 pub mod uplink;
@@ -48,7 +50,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Cli, ConfigError, CoreAddr, FlowsConfig, GatewayConfig, TlsFiles, UplinkConfig};
+pub use config::{
+    Cli, ConfigError, CoreAddr, FlowsConfig, GatewayConfig, RevocationConfig, TlsFiles,
+    UplinkConfig,
+};
 pub use tap::{FrameTap, Hooks, TapPoint};
 
 use device_link::DeviceLink;
@@ -161,6 +166,10 @@ pub async fn run(
         flows: FlowTable::new(config.flows.max, config.flows.idle_timeout, Instant::now()),
         metrics: metrics.clone(),
         hooks,
+        revoked: revoked::RevokedSessions::new(
+            config.revocation.ttl,
+            config.revocation.max_sessions,
+        ),
     });
     // Up/Down events are rare and consumed at once; a few slots suffice.
     let (events_tx, events_rx) = mpsc::channel(4);

@@ -35,11 +35,13 @@ pub enum DropReason {
     DeviceSend,
     /// Handed to a control stream whose connection was lost before the frame was written.
     UplinkLost,
+    /// A device frame for a session the core revoked (`UplinkMessage::Revoked`).
+    Revoked,
 }
 
 impl DropReason {
     /// Every reason, so that each series exists (at 0) from the start.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Truncated,
         Self::Oversized,
         Self::UnknownVersion,
@@ -52,6 +54,7 @@ impl DropReason {
         Self::UplinkDecode,
         Self::DeviceSend,
         Self::UplinkLost,
+        Self::Revoked,
     ];
 
     /// The `reason` label.
@@ -69,6 +72,7 @@ impl DropReason {
             Self::UplinkDecode => "uplink_decode",
             Self::DeviceSend => "device_send",
             Self::UplinkLost => "uplink_lost",
+            Self::Revoked => "revoked",
         }
     }
 

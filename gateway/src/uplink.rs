@@ -5,7 +5,8 @@
 //! backoff and full jitter, opens the control stream, sends `Hello` and waits for `HelloAck`.
 //! Only then is the uplink up: `/ready` turns 200, and the device-link task is handed a `Link`
 //! through which it sends frames and flushes its queue. While up, the task forwards datagrams and
-//! control-stream `DeviceFrame`s from the core to the device link, and writes the control-stream
+//! control-stream `DeviceFrame`s from the core to the device link, hands the session ids of the
+//! core's `Revoked` messages to the device link's revoked set, and writes the control-stream
 //! messages the device link queued. When the connection ends, for whatever reason, the device link
 //! is told, and the task reconnects.
 
@@ -438,6 +439,10 @@ impl Uplink {
         loop {
             match read_message(recv, buf, &link.hooks).await {
                 Ok(UplinkMessage::DeviceFrame { flow, frame }) => link.deliver(flow, &frame).await,
+                Ok(UplinkMessage::Revoked { sessions }) => {
+                    tracing::debug!(sessions = sessions.len(), "core revoked sessions");
+                    link.revoked.insert(&sessions, Instant::now());
+                }
                 Ok(_) => return UplinkError::Protocol("unexpected control message"),
                 Err(e) => {
                     if matches!(e, UplinkError::Decode(_)) {

@@ -678,6 +678,59 @@ async fn frames_too_big_for_a_datagram_take_the_control_stream() -> Result<()> {
     Ok(())
 }
 
+/// `Revoked` from the core: frames addressed to those sessions stop at the gateway, counted;
+/// other sessions and handshakes go on.
+#[tokio::test]
+async fn drops_frames_of_sessions_the_core_revoked() -> Result<()> {
+    let pki = Pki::new()?;
+    let core_socket = local_udp()?;
+    let core_addr = core_socket.local_addr()?;
+    let mut core = FakeCore::start(core_socket, &pki)?;
+    let gw = start_gateway(pki.gateway_config(core_addr, 16)?, Hooks::default()).await?;
+    let mut session = core.session().await?;
+    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
+    assert_eq!(
+        gw.dropped("revoked").await?,
+        0.0,
+        "series exists from the start"
+    );
+
+    let device = UdpSocket::bind("127.0.0.1:0").await?;
+    let dead = transport(0x0bad, 1, 40);
+    device.send_to(&dead, gw.device_addr).await?;
+    assert_eq!(core.frame().await?.1, dead);
+
+    let mut revoked = BytesMut::new();
+    UplinkMessage::Revoked {
+        sessions: vec![SessionId(0x0bad), SessionId(0x0bae)],
+    }
+    .encode(&mut revoked);
+    session.send.write_all(&revoked).await?;
+    // The gateway applies it on its own time: send until it bites.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut counter = 2;
+    while gw.dropped("revoked").await? < 1.0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never dropped");
+        device
+            .send_to(&transport(0x0bad, counter, 40), gw.device_addr)
+            .await?;
+        counter += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let alive = transport(0x600d, 1, 40);
+    device.send_to(&alive, gw.device_addr).await?;
+    loop {
+        let (_, got, _) = core.frame().await?;
+        if got == alive {
+            break;
+        }
+        // Frames of the dead session sent before the gateway applied the list.
+        assert_eq!(&got[2..6], &0x0badu32.to_be_bytes());
+    }
+    gw.stop().await?;
+    Ok(())
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }

@@ -741,7 +741,12 @@ mod tests {
         let base = [PAYLOAD_VERSION, 0, 0, 0, 0, 0, 0, 0, 7];
         let with = |ext: &[u8]| [&base[..], ext].concat();
         // Unknown types are skipped; a repeated type, a short value or a bad length is refused.
-        assert_eq!(InitPayload::decode(&with(&[0x77, 2, 1, 2])).unwrap().timestamp, 7);
+        assert_eq!(
+            InitPayload::decode(&with(&[0x77, 2, 1, 2]))
+                .unwrap()
+                .timestamp,
+            7
+        );
         assert!(InitPayload::decode(&with(&[0x02, 4, 0, 0, 0, 1, 0x02, 4, 0, 0, 0, 2])).is_err());
         assert!(InitPayload::decode(&with(&[0x02, 4, 0, 0])).is_err());
         assert!(InitPayload::decode(&with(&[0x02, 3, 0, 0, 0])).is_err());
@@ -755,25 +760,41 @@ mod tests {
         let mut release = vec![EXT_RELEASE, 41];
         release.extend_from_slice(&[0; 40]);
         release.push(b' ');
-        assert!(ResponsePayload::decode(&resp(&release)).is_err(), "endpoint must be printable");
+        assert!(
+            ResponsePayload::decode(&resp(&release)).is_err(),
+            "endpoint must be printable"
+        );
         // A refusal or a key on an ack is out of place; an empty ack says nothing.
         assert!(Message::decode(&[MSG_ACK, 0, EXT_REFUSED, 1, 1]).is_err());
         assert!(Message::decode(&[MSG_ACK, 0]).is_err());
         assert_eq!(
             Message::decode(&[MSG_ACK, 0, EXT_ROTATE, 0]).unwrap(),
-            Message::Ack { seqs: vec![], notices: Notices { rotate: true, ..Notices::default() } }
+            Message::Ack {
+                seqs: vec![],
+                notices: Notices {
+                    rotate: true,
+                    ..Notices::default()
+                }
+            }
         );
     }
 
     #[test]
     fn without_extensions_the_encodings_are_version_1() {
         let mut b = Vec::new();
-        InitPayload { timestamp: 1, ..InitPayload::default() }.encode(&mut b);
+        InitPayload {
+            timestamp: 1,
+            ..InitPayload::default()
+        }
+        .encode(&mut b);
         assert_eq!(b, [1, 0, 0, 0, 0, 0, 0, 0, 1]);
         let mut b = Vec::new();
         ResponsePayload::accept(300).encode(&mut b);
         assert_eq!(b, [1, 0, 0, 1, 44]);
-        assert_eq!(Message::ack(vec![ReadingSeq(5)]).to_vec(), [2, 1, 0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(
+            Message::ack(vec![ReadingSeq(5)]).to_vec(),
+            [2, 1, 0, 0, 0, 0, 0, 0, 0, 5]
+        );
     }
 
     #[test]

@@ -734,7 +734,11 @@ impl IncomingHandshake {
 
     /// Answers with an authenticated refusal (`policy.refused` should be set) appended to `out`,
     /// keeping no session: the device learns why, and nobody on the path can forge the answer.
-    pub fn refuse(mut self, policy: &ResponsePayload, out: &mut Vec<u8>) -> Result<(), SessionError> {
+    pub fn refuse(
+        mut self,
+        policy: &ResponsePayload,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SessionError> {
         self.write_response(SessionId(0), policy, out)
     }
 

@@ -66,12 +66,7 @@ impl Pair {
             .device
             .handle_datagram(&resp, self.now, &mut out)
             .unwrap();
-        assert_eq!(
-            ev,
-            DeviceEvent::Established {
-                response: policy()
-            }
-        );
+        assert_eq!(ev, DeviceEvent::Established { response: policy() });
         seen
     }
 
@@ -121,12 +116,8 @@ fn handshake_authenticates_both_sides_and_carries_readings_and_acks() {
 
     let mut ack = Vec::new();
     let t = p.core_session.as_mut().unwrap();
-    t.seal(
-        &Message::ack(vec![ReadingSeq(1)])
-        .to_vec(),
-        &mut ack,
-    )
-    .unwrap();
+    t.seal(&Message::ack(vec![ReadingSeq(1)]).to_vec(), &mut ack)
+        .unwrap();
     let mut out = Vec::new();
     assert_eq!(
         p.device.handle_datagram(&ack, p.now, &mut out).unwrap(),
@@ -334,10 +325,7 @@ mod vectors {
             .unwrap();
         let mut ack = Vec::new();
         core_t
-            .seal(
-                &Message::ack(vec![ReadingSeq(1)]).to_vec(),
-                &mut ack,
-            )
+            .seal(&Message::ack(vec![ReadingSeq(1)]).to_vec(), &mut ack)
             .unwrap();
         // The device side must open what the core sealed, and vice versa.
         device.handle_datagram(&ack, now, &mut out).unwrap();

@@ -275,7 +275,10 @@ mod tests {
                 frame: Bytes::from_static(&[1, 3, 0, 0, 0, 0]),
             },
             UplinkMessage::Revoked {
-                sessions: vec![crate::frame::SessionId(9), crate::frame::SessionId(u32::MAX)],
+                sessions: vec![
+                    crate::frame::SessionId(9),
+                    crate::frame::SessionId(u32::MAX),
+                ],
             },
         ];
         let mut buf = BytesMut::new();
@@ -298,7 +301,10 @@ mod tests {
 
     #[test]
     fn revoked_lists_are_bounded() {
-        for bad in [&[0u8, 4, 1, 0x13, 0, 0][..], &[0, 8, 1, 0x13, 0, 2, 0, 0, 0, 1]] {
+        for bad in [
+            &[0u8, 4, 1, 0x13, 0, 0][..],
+            &[0, 8, 1, 0x13, 0, 2, 0, 0, 0, 1],
+        ] {
             let mut src = BytesMut::from(bad);
             assert!(UplinkMessage::decode(&mut src).is_err(), "{bad:?}");
         }

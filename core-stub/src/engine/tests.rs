@@ -1,0 +1,1150 @@
+//! `SessionTable` driven by real device sessions in memory, with virtual routes and an in-memory
+//! [`LifecycleStore`]: no sockets, no SQLite.
+
+use std::sync::Mutex;
+
+use relay_protocol::session::{DeviceEvent, DeviceSession};
+
+use super::*;
+
+/// The store's side of the lifecycle, in memory, shared with the test for inspection.
+#[derive(Debug, Default)]
+struct FakeState {
+    subs: Vec<IndexEntry>,
+    devices: Vec<FactoryEntry>,
+    calls: Vec<String>,
+    versions: HashMap<SubscriptionId, u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FakeStore(Arc<Mutex<FakeState>>);
+
+impl FakeStore {
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.0.lock().expect("fake store")
+    }
+
+    fn sub(&self, id: SubscriptionId) -> IndexEntry {
+        self.state()
+            .subs
+            .iter()
+            .find(|s| s.id == id)
+            .cloned()
+            .expect("subscription")
+    }
+}
+
+impl LifecycleStore for FakeStore {
+    fn provision(&mut self, serial: &str, key: &PublicKey) -> Result<IndexEntry, StoreError> {
+        let mut s = self.state();
+        s.calls.push(format!("provision {serial}"));
+        let device = s
+            .devices
+            .iter()
+            .find(|d| d.serial == serial)
+            .cloned()
+            .ok_or_else(|| StoreError::NotClaimed(serial.to_owned()))?;
+        let next_id = SubscriptionId(s.subs.iter().map(|e| e.id.0).max().unwrap_or(0) + 1);
+        let live = s
+            .subs
+            .iter_mut()
+            .find(|e| e.serial == serial && e.status != SubscriptionStatus::Revoked);
+        let entry = match live {
+            Some(e) => {
+                e.public_key = *key;
+                e.next_key = None;
+                e.flag = None;
+                e.rotate_requested = false;
+                e.status = SubscriptionStatus::Active;
+                e.key_since_ms = now_ms();
+                e.clone()
+            }
+            None => {
+                let e = IndexEntry {
+                    id: next_id,
+                    public_key: *key,
+                    status: SubscriptionStatus::Active,
+                    serial: serial.to_owned(),
+                    owner: device.owner.clone(),
+                    next_key: None,
+                    profile: device.profile.clone().unwrap_or_else(|| "default".into()),
+                    config_version: None,
+                    rotate_requested: false,
+                    key_since_ms: now_ms(),
+                    flag: None,
+                };
+                s.subs.push(e.clone());
+                e
+            }
+        };
+        Ok(entry)
+    }
+
+    fn set_next_key(&mut self, id: SubscriptionId, key: &PublicKey) -> Result<(), StoreError> {
+        let mut s = self.state();
+        s.calls.push(format!("set_next_key {}", id.0));
+        let e = s.subs.iter_mut().find(|e| e.id == id).expect("known");
+        e.next_key = Some(*key);
+        Ok(())
+    }
+
+    fn promote_next_key(&mut self, id: SubscriptionId, key: &PublicKey) -> Result<(), StoreError> {
+        let mut s = self.state();
+        s.calls.push(format!("promote_next_key {}", id.0));
+        let e = s.subs.iter_mut().find(|e| e.id == id).expect("known");
+        assert_eq!(e.next_key, Some(*key));
+        e.public_key = *key;
+        e.next_key = None;
+        e.rotate_requested = false;
+        Ok(())
+    }
+
+    fn flag(
+        &mut self,
+        id: SubscriptionId,
+        reason: &str,
+        quarantine: bool,
+    ) -> Result<(), StoreError> {
+        let mut s = self.state();
+        s.calls.push(format!("flag {} {reason} {quarantine}", id.0));
+        let e = s.subs.iter_mut().find(|e| e.id == id).expect("known");
+        e.flag = Some(reason.to_owned());
+        if quarantine {
+            e.status = SubscriptionStatus::Quarantined;
+        } else {
+            e.rotate_requested = true;
+        }
+        Ok(())
+    }
+
+    fn record_config_version(&mut self, id: SubscriptionId, version: u32) {
+        self.state().versions.insert(id, version);
+    }
+
+    fn index_entries(&mut self) -> Result<Vec<IndexEntry>, StoreError> {
+        Ok(self.state().subs.clone())
+    }
+}
+
+struct Rig {
+    table: SessionTable,
+    metrics: Metrics,
+    core_public: PublicKey,
+    /// The subscription keys of the statically provisioned subscriptions (id = index + 1).
+    devices: Vec<StaticKeypair>,
+    /// The factory keys of the claimed devices, in the order given.
+    factory: Vec<StaticKeypair>,
+    store: FakeStore,
+}
+
+fn policy() -> SessionConfig {
+    SessionConfig {
+        rekey_after_secs: 60,
+        reject_after: Duration::from_secs(120),
+        max_sessions: 100,
+    }
+}
+
+fn lifecycle(fraud_action: FraudAction) -> LifecyclePolicy {
+    LifecyclePolicy {
+        rotate_after_secs: 0,
+        fraud_action,
+    }
+}
+
+fn profile(version: u32) -> Profile {
+    Profile {
+        name: "default".into(),
+        version,
+        report_interval_secs: 60,
+        report_bytes: 64,
+        threshold: 0,
+    }
+}
+
+/// A claimed device as the store lists it.
+fn claimed(serial: &str, owner: &str, activated: bool, key: &StaticKeypair) -> FactoryEntry {
+    FactoryEntry {
+        serial: serial.into(),
+        factory_key: *key.public(),
+        owner: owner.into(),
+        activated,
+        profile: activated.then(|| "default".to_owned()),
+        release: None,
+    }
+}
+
+fn index_entry(i: usize, key: &PublicKey, status: SubscriptionStatus) -> IndexEntry {
+    IndexEntry {
+        id: SubscriptionId(i as i64 + 1),
+        public_key: *key,
+        status,
+        serial: format!("meter-{i}"),
+        owner: "operator".into(),
+        next_key: None,
+        profile: "default".into(),
+        config_version: None,
+        rotate_requested: false,
+        key_since_ms: now_ms(),
+        flag: None,
+    }
+}
+
+fn rig(statuses: &[SubscriptionStatus], policy: SessionConfig) -> Rig {
+    rig_with(statuses, policy, lifecycle(FraudAction::Quarantine), &[])
+}
+
+/// Statically provisioned subscriptions `meter-{i}` with `statuses`, and claimed devices
+/// (`serial`, `owner`, `activated`) with fresh factory keys.
+fn rig_with(
+    statuses: &[SubscriptionStatus],
+    policy: SessionConfig,
+    lifecycle: LifecyclePolicy,
+    claims: &[(&str, &str, bool)],
+) -> Rig {
+    let core = StaticKeypair::generate().expect("core key");
+    let core_public = *core.public();
+    let devices: Vec<_> = statuses
+        .iter()
+        .map(|_| StaticKeypair::generate().expect("device key"))
+        .collect();
+    let index: Vec<IndexEntry> = devices
+        .iter()
+        .zip(statuses)
+        .enumerate()
+        .map(|(i, (k, s))| index_entry(i, k.public(), *s))
+        .collect();
+    let factory: Vec<_> = claims
+        .iter()
+        .map(|_| StaticKeypair::generate().expect("factory key"))
+        .collect();
+    let claimed: Vec<FactoryEntry> = claims
+        .iter()
+        .zip(&factory)
+        .map(|((serial, owner, activated), k)| claimed(serial, owner, *activated, k))
+        .collect();
+    let store = FakeStore::default();
+    store.state().subs = index.clone();
+    store.state().devices = claimed.clone();
+    let metrics = Metrics::new().expect("metrics");
+    let loaded = Loaded {
+        index,
+        devices: claimed,
+        profiles: vec![profile(1)],
+    };
+    Rig {
+        table: SessionTable::new(
+            core,
+            policy,
+            lifecycle,
+            loaded,
+            Box::new(store.clone()),
+            metrics.clone(),
+        ),
+        metrics,
+        core_public,
+        devices,
+        factory,
+        store,
+    }
+}
+
+fn copy(k: &StaticKeypair) -> StaticKeypair {
+    StaticKeypair::from_private_hex(&k.private_hex_for_storage()).expect("copy key")
+}
+
+fn device(rig: &Rig, i: usize) -> DeviceSession {
+    DeviceSession::new(copy(&rig.devices[i]), rig.core_public)
+}
+
+fn session_with(rig: &Rig, key: &StaticKeypair) -> DeviceSession {
+    DeviceSession::new(copy(key), rig.core_public)
+}
+
+fn handshakes(m: &Metrics, result: HandshakeResult) -> u64 {
+    m.handshakes_count(result)
+}
+
+fn dropped(m: &Metrics, reason: &str) -> u64 {
+    m.frames_dropped_count(reason)
+}
+
+const A: Route = Route::Direct(SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    1000,
+)));
+const B: Route = Route::Gateway {
+    conn: GatewayConnId(7),
+    flow: FlowId(3),
+};
+
+fn ts(timestamp: u64) -> InitPayload {
+    InitPayload {
+        timestamp,
+        ..InitPayload::default()
+    }
+}
+
+/// One handshake; the device's reading of the answer, or `None` when the core sent nothing.
+fn exchange(
+    rig: &mut Rig,
+    dev: &mut DeviceSession,
+    init: InitPayload,
+    route: Route,
+    now: Instant,
+) -> Option<DeviceEvent> {
+    let frame = dev
+        .start_handshake_with_payload(SessionId(init.timestamp as u32 + 1), &init, now)
+        .expect("init");
+    let mut out = Outputs::default();
+    rig.table.handle_frame(&frame, route, now, &mut out);
+    assert!(out.sends.len() <= 1, "one answer at most");
+    let (to, response) = out.sends.pop()?;
+    assert_eq!(to, route);
+    let mut pt = Vec::new();
+    Some(
+        dev.handle_datagram(&response, now, &mut pt)
+            .expect("response"),
+    )
+}
+
+/// The response of an established session.
+fn established(ev: Option<DeviceEvent>) -> ResponsePayload {
+    match ev {
+        Some(DeviceEvent::Established { response }) => response,
+        other => panic!("not established: {other:?}"),
+    }
+}
+
+/// The reason of an authenticated refusal.
+fn refused(ev: Option<DeviceEvent>) -> (RefusalReason, ResponsePayload) {
+    match ev {
+        Some(DeviceEvent::Refused { response }) => (response.refused.expect("reason"), response),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+fn establish(rig: &mut Rig, dev: &mut DeviceSession, ts: u64, route: Route, now: Instant) {
+    let response = established(exchange(rig, dev, self::ts(ts), route, now));
+    assert_eq!(response.rekey_after_secs, 60);
+}
+
+fn reading(dev: &mut DeviceSession, seq: u64) -> Vec<u8> {
+    let mut f = Vec::new();
+    dev.seal(
+        &Message::Reading {
+            seq: ReadingSeq(seq),
+            data: b"42",
+        }
+        .to_vec(),
+        &mut f,
+    )
+    .expect("seal");
+    f
+}
+
+/// A reading, its commit and the acknowledgement as the device opens it.
+fn read_and_ack(
+    rig: &mut Rig,
+    dev: &mut DeviceSession,
+    seq: u64,
+    route: Route,
+    now: Instant,
+) -> (SubscriptionId, Vec<ReadingSeq>, Notices) {
+    let mut out = Outputs::default();
+    rig.table
+        .handle_frame(&reading(dev, seq), route, now, &mut out);
+    assert_eq!(out.readings.len(), 1, "reading accepted");
+    let r = &out.readings[0];
+    let subscription = r.subscription;
+    let durable = vec![(r.slot, r.seq)];
+    let mut out = Outputs::default();
+    rig.table
+        .handle_committed(Committed { durable }, now, &mut out);
+    assert_eq!(out.sends.len(), 1, "one ack");
+    let mut pt = Vec::new();
+    dev.handle_datagram(&out.sends[0].1, now, &mut pt)
+        .expect("ack opens");
+    match Message::decode(&pt).expect("message") {
+        Message::Ack { seqs, notices } => (subscription, seqs, notices),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn core_session_is_compact() {
+    // The per-device memory budget is 1 KiB all included; the session itself is most of it.
+    assert!(
+        std::mem::size_of::<CoreSession>() <= 512,
+        "{}",
+        std::mem::size_of::<CoreSession>()
+    );
+    assert!(
+        std::mem::size_of::<SubscriptionEntry>() <= 48,
+        "{}",
+        std::mem::size_of::<SubscriptionEntry>()
+    );
+}
+
+#[test]
+fn handshake_reading_ack_and_roaming() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let mut dev = device(&rig, 0);
+    let now = Instant::now();
+    establish(&mut rig, &mut dev, 1, A, now);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Accepted), 1);
+
+    // The device moves to a gateway: the reading comes from B, the ack goes to B.
+    let mut out = Outputs::default();
+    rig.table
+        .handle_frame(&reading(&mut dev, 5), B, now, &mut out);
+    assert!(out.sends.is_empty());
+    assert_eq!(out.readings.len(), 1);
+    let r = &out.readings[0];
+    assert_eq!(
+        (r.subscription, r.seq, r.data.as_slice()),
+        (SubscriptionId(1), ReadingSeq(5), &b"42"[..])
+    );
+    let durable = vec![(r.slot, r.seq), (r.slot, r.seq)];
+    let mut out = Outputs::default();
+    rig.table
+        .handle_committed(Committed { durable }, now, &mut out);
+    assert_eq!(out.sends.len(), 1);
+    assert_eq!(out.sends[0].0, B);
+    let mut pt = Vec::new();
+    dev.handle_datagram(&out.sends[0].1, now, &mut pt)
+        .expect("ack opens");
+    assert_eq!(
+        Message::decode(&pt).expect("message"),
+        Message::ack(vec![ReadingSeq(5)])
+    );
+    // A device that reports no configuration version is never sent one.
+    assert_eq!(rig.metrics.config_pushes_count(Via::Ack), 0);
+}
+
+#[test]
+fn long_ack_lists_are_split() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let mut dev = device(&rig, 0);
+    let now = Instant::now();
+    establish(&mut rig, &mut dev, 1, A, now);
+    let durable = (0..150).map(|s| (0, ReadingSeq(s))).collect();
+    let mut out = Outputs::default();
+    rig.table
+        .handle_committed(Committed { durable }, now, &mut out);
+    assert_eq!(out.sends.len(), 3);
+    let mut total = 0;
+    for (_, f) in &out.sends {
+        let mut pt = Vec::new();
+        dev.handle_datagram(f, now, &mut pt).expect("ack");
+        match Message::decode(&pt).expect("message") {
+            Message::Ack { seqs, .. } => total += seqs.len(),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(total, 150);
+}
+
+#[test]
+fn refusals_are_authenticated_and_counted() {
+    let mut rig = rig_with(
+        &[
+            SubscriptionStatus::Active,
+            SubscriptionStatus::Suspended,
+            SubscriptionStatus::Revoked,
+            SubscriptionStatus::Quarantined,
+        ],
+        policy(),
+        // Flag only, so that the replays below leave the subscription active.
+        lifecycle(FraudAction::Flag),
+        &[],
+    );
+    let now = Instant::now();
+    for (i, reason) in [
+        (1, RefusalReason::Suspended),
+        (2, RefusalReason::Revoked),
+        (3, RefusalReason::Quarantined),
+    ] {
+        let mut dev = device(&rig, i);
+        let (got, _) = refused(exchange(&mut rig, &mut dev, ts(1), A, now));
+        assert_eq!(got, reason);
+        assert_eq!(
+            handshakes(&rig.metrics, HandshakeResult::Refused(reason)),
+            1
+        );
+        assert!(!dev.is_established(), "a refusal installs no session");
+    }
+    let stranger = StaticKeypair::generate().expect("key");
+    let mut dev = DeviceSession::new(stranger, rig.core_public);
+    let (got, _) = refused(exchange(&mut rig, &mut dev, ts(1), A, now));
+    assert_eq!(got, RefusalReason::UnknownKey);
+    assert_eq!(
+        handshakes(
+            &rig.metrics,
+            HandshakeResult::Refused(RefusalReason::UnknownKey)
+        ),
+        1
+    );
+
+    // Replay of an accepted initiation, and an older timestamp: dropped silently.
+    let mut dev = device(&rig, 0);
+    let init = dev.start_handshake(SessionId(9), 10, now).expect("init");
+    let mut out = Outputs::default();
+    rig.table.handle_frame(&init, A, now, &mut out);
+    assert_eq!(out.sends.len(), 1);
+    rig.table.handle_frame(&init, A, now, &mut out);
+    let old = dev.start_handshake(SessionId(9), 9, now).expect("init");
+    rig.table.handle_frame(&old, A, now, &mut out);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Replayed), 2);
+
+    // A corrupted initiation fails authentication: nothing to answer.
+    let mut bad = dev.start_handshake(SessionId(9), 11, now).expect("init");
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    rig.table.handle_frame(&bad, A, now, &mut out);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Failed), 1);
+    assert_eq!(out.sends.len(), 1, "no answer to a replay or a forgery");
+    assert_eq!(rig.table.session_count(), 1);
+}
+
+#[test]
+fn refusals_for_suspended_revoked_transferred_and_released_devices() {
+    let mut rig = rig_with(
+        &[
+            SubscriptionStatus::Suspended,
+            SubscriptionStatus::Revoked,
+            SubscriptionStatus::Revoked,
+            SubscriptionStatus::Revoked,
+        ],
+        policy(),
+        lifecycle(FraudAction::Quarantine),
+        &[
+            ("meter-1", "operator", true),
+            ("meter-2", "operator", true),
+            ("meter-3", "operator", true),
+        ],
+    );
+    let now = Instant::now();
+    // meter-2 was sold to another owner, meter-3 released to another operator.
+    let release = Release {
+        core: PublicKey([7; 32]),
+        issued_ms: 1_700_000_000_000,
+        endpoint: "core-b.example:5684".into(),
+    };
+    let mut sold = claimed("meter-2", "bob", true, &rig.factory[1]);
+    sold.profile = None;
+    let mut gone = claimed("meter-3", "operator", true, &rig.factory[2]);
+    gone.release = Some(release.clone());
+    rig.table.devices_changed(vec![sold, gone]);
+
+    let expected = [
+        (0, RefusalReason::Suspended),
+        (1, RefusalReason::Revoked),
+        (2, RefusalReason::Reprovision),
+        (3, RefusalReason::Released),
+    ];
+    for (i, reason) in expected {
+        let mut dev = device(&rig, i);
+        let (got, response) = refused(exchange(&mut rig, &mut dev, ts(1), A, now));
+        assert_eq!(got, reason, "meter-{i}");
+        assert_eq!(
+            response.notices.release.is_some(),
+            reason == RefusalReason::Released
+        );
+        if reason == RefusalReason::Released {
+            assert_eq!(response.notices.release, Some(release.clone()));
+        }
+    }
+    // The released device's factory identity is refused the same way.
+    let mut factory = session_with(&rig, &rig.factory[2]);
+    let next = StaticKeypair::generate().expect("key");
+    let init = InitPayload {
+        timestamp: 5,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    let (got, response) = refused(exchange(&mut rig, &mut factory, init, B, now));
+    assert_eq!(got, RefusalReason::Released);
+    assert_eq!(response.notices.release, Some(release));
+    assert_eq!(rig.table.session_count(), 0);
+    assert!(rig.store.state().calls.is_empty(), "nothing written");
+}
+
+#[test]
+fn provisioning_through_the_factory_key() {
+    let mut rig = rig_with(
+        &[SubscriptionStatus::Active],
+        policy(),
+        lifecycle(FraudAction::Quarantine),
+        &[("sn-2", "acme", false), ("sn-3", "acme", true)],
+    );
+    let now = Instant::now();
+    let next = StaticKeypair::generate().expect("next key");
+    let with_next = |timestamp| InitPayload {
+        timestamp,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+
+    // A factory identity nobody claimed proposing a key.
+    let unclaimed = StaticKeypair::generate().expect("key");
+    let mut dev = session_with(&rig, &unclaimed);
+    let (got, _) = refused(exchange(&mut rig, &mut dev, with_next(1), B, now));
+    assert_eq!(got, RefusalReason::Unclaimed);
+
+    // Claimed, not activated.
+    let mut dev = session_with(&rig, &rig.factory[0]);
+    let (got, _) = refused(exchange(&mut rig, &mut dev, with_next(1), B, now));
+    assert_eq!(got, RefusalReason::NotActivated);
+
+    // Activated, but no key proposed.
+    let mut factory = session_with(&rig, &rig.factory[1]);
+    let (got, _) = refused(exchange(&mut rig, &mut factory, ts(1), B, now));
+    assert_eq!(got, RefusalReason::KeyRequired);
+    assert!(rig.store.state().calls.is_empty());
+
+    // Activated with a key: subscription created, key accepted, configuration given.
+    let response = established(exchange(&mut rig, &mut factory, with_next(2), B, now));
+    assert_eq!(response.key_accepted, Some(*next.public()));
+    assert_eq!(response.notices.config, Some(profile(1).config()));
+    assert_eq!(
+        rig.table.session_count(),
+        0,
+        "no session for the factory key"
+    );
+    assert_eq!(rig.store.state().calls, ["provision sn-3"]);
+    assert_eq!(rig.metrics.provisioned.get(), 1);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Provisioned), 1);
+    assert_eq!(rig.metrics.config_pushes_count(Via::Handshake), 1);
+    let id = SubscriptionId(2);
+    assert_eq!(rig.store.sub(id).public_key, *next.public());
+    assert_eq!(rig.store.state().versions.get(&id), Some(&1));
+
+    // The same factory initiation again is a replay: dropped.
+    let replay = factory
+        .start_handshake_with_payload(SessionId(77), &with_next(2), now)
+        .expect("init");
+    let mut out = Outputs::default();
+    rig.table.handle_frame(&replay, B, now, &mut out);
+    assert!(out.sends.is_empty());
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Replayed), 1);
+
+    // The new key works at once, and its readings are stored under the new subscription.
+    let mut dev = session_with(&rig, &next);
+    let init = InitPayload {
+        timestamp: 3,
+        next_key: None,
+        config_version: Some(1),
+    };
+    let response = established(exchange(&mut rig, &mut dev, init, B, now));
+    assert_eq!(
+        response.notices,
+        Notices::default(),
+        "runs the current configuration"
+    );
+    let (subscription, seqs, notices) = read_and_ack(&mut rig, &mut dev, 1, B, now);
+    assert_eq!(subscription, id);
+    assert_eq!(seqs, [ReadingSeq(1)]);
+    assert!(notices.is_empty());
+}
+
+#[test]
+fn two_phase_key_update() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+    let next = StaticKeypair::generate().expect("next key");
+    let mut old = device(&rig, 0);
+    rig.table.request_rotation(SubscriptionId(1));
+    let response = established(exchange(&mut rig, &mut old, ts(1), A, now));
+    assert!(response.notices.rotate, "rotation requested");
+    assert_eq!(rig.metrics.rotate_notices_count(Via::Handshake), 1);
+
+    // Phase 1: the next key is stored; the session is a normal one.
+    let init = InitPayload {
+        timestamp: 2,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    let response = established(exchange(&mut rig, &mut old, init, A, now));
+    assert_eq!(response.key_accepted, Some(*next.public()));
+    assert!(
+        !response.notices.rotate,
+        "no notice while the update is under way"
+    );
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::KeyAnnounced), 1);
+    assert_eq!(rig.metrics.key_updates_count(KeyPhase::Announced), 1);
+    assert_eq!(
+        rig.store.sub(SubscriptionId(1)).next_key,
+        Some(*next.public())
+    );
+    read_and_ack(&mut rig, &mut old, 1, A, now);
+
+    // Between the phases the old key still works.
+    let response = established(exchange(&mut rig, &mut old, ts(3), A, now));
+    assert_eq!(response.key_accepted, None);
+    read_and_ack(&mut rig, &mut old, 2, A, now);
+
+    // Phase 2: the first handshake with the next key promotes it.
+    let mut new = session_with(&rig, &next);
+    let response = established(exchange(&mut rig, &mut new, ts(4), A, now));
+    assert!(!response.notices.rotate, "the update is done");
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::KeyPromoted), 1);
+    assert_eq!(rig.metrics.key_updates_count(KeyPhase::Promoted), 1);
+    let stored = rig.store.sub(SubscriptionId(1));
+    assert_eq!((stored.public_key, stored.next_key), (*next.public(), None));
+    let (subscription, _, notices) = read_and_ack(&mut rig, &mut new, 3, A, now);
+    assert_eq!(subscription, SubscriptionId(1));
+    assert!(!notices.rotate);
+
+    // The old key is retired.
+    let (got, _) = refused(exchange(&mut rig, &mut old, ts(5), A, now));
+    assert_eq!(got, RefusalReason::Superseded);
+    assert_eq!(
+        rig.store.state().calls,
+        ["set_next_key 1", "promote_next_key 1"]
+    );
+}
+
+#[test]
+fn config_change_rides_on_the_next_ack_exactly_once() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+    let mut dev = device(&rig, 0);
+    let init = InitPayload {
+        timestamp: 1,
+        next_key: None,
+        config_version: Some(1),
+    };
+    let response = established(exchange(&mut rig, &mut dev, init, A, now));
+    assert_eq!(response.notices.config, None, "already runs version 1");
+    assert_eq!(rig.store.state().versions.get(&SubscriptionId(1)), Some(&1));
+    let (_, _, notices) = read_and_ack(&mut rig, &mut dev, 1, A, now);
+    assert!(notices.is_empty());
+
+    rig.table.profile_changed(&profile(2));
+    let (_, seqs, notices) = read_and_ack(&mut rig, &mut dev, 2, A, now);
+    assert_eq!(seqs, [ReadingSeq(2)]);
+    assert_eq!(notices.config, Some(profile(2).config()));
+    assert_eq!(rig.metrics.config_pushes_count(Via::Ack), 1);
+    assert_eq!(rig.store.state().versions.get(&SubscriptionId(1)), Some(&2));
+    for seq in 3..6 {
+        let (_, _, notices) = read_and_ack(&mut rig, &mut dev, seq, A, now);
+        assert!(notices.is_empty(), "sent once");
+    }
+    assert_eq!(rig.metrics.config_pushes_count(Via::Ack), 1);
+
+    // A device that still reports the old version at its next handshake gets it there.
+    let init = InitPayload {
+        timestamp: 2,
+        next_key: None,
+        config_version: Some(1),
+    };
+    let response = established(exchange(&mut rig, &mut dev, init, A, now));
+    assert_eq!(response.notices.config, Some(profile(2).config()));
+    assert_eq!(rig.metrics.config_pushes_count(Via::Handshake), 1);
+}
+
+#[test]
+fn a_key_used_from_two_routes_is_a_clone_and_quarantined() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+    let mut genuine = device(&rig, 0);
+    let mut clone = device(&rig, 0);
+    establish(&mut rig, &mut genuine, 1, A, now);
+    read_and_ack(&mut rig, &mut genuine, 1, A, now);
+    establish(&mut rig, &mut clone, 2, B, now);
+    read_and_ack(&mut rig, &mut clone, 1, B, now);
+    assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 2);
+
+    // The genuine device goes on with its (now older) session from its own route.
+    let mut out = Outputs::default();
+    rig.table
+        .handle_frame(&reading(&mut genuine, 2), A, now, &mut out);
+    assert!(out.readings.is_empty());
+    assert_eq!(dropped(&rig.metrics, "fraud"), 1);
+    assert_eq!(rig.metrics.fraud_flags_count(FraudReason::Clone), 1);
+    assert_eq!(out.revoked.len(), 2, "both sessions named to the gateways");
+    assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 0);
+    assert_eq!(rig.store.state().calls, ["flag 1 clone true"]);
+
+    let (got, _) = refused(exchange(&mut rig, &mut genuine, ts(3), A, now));
+    assert_eq!(got, RefusalReason::Quarantined);
+    let (got, _) = refused(exchange(&mut rig, &mut clone, ts(4), B, now));
+    assert_eq!(got, RefusalReason::Quarantined);
+}
+
+#[test]
+fn the_same_route_on_two_sessions_is_no_clone() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+    let mut dev = device(&rig, 0);
+    establish(&mut rig, &mut dev, 1, A, now);
+    let in_flight = reading(&mut dev, 1);
+    establish(&mut rig, &mut dev, 2, A, now);
+    read_and_ack(&mut rig, &mut dev, 2, A, now);
+    let mut out = Outputs::default();
+    rig.table.handle_frame(&in_flight, A, now, &mut out);
+    assert_eq!(out.readings.len(), 1, "a frame in flight across a rekey");
+    assert_eq!(rig.metrics.fraud_flags_count(FraudReason::Clone), 0);
+}
+
+#[test]
+fn a_replayed_handshake_is_flagged_never_quarantined() {
+    // Even with `fraud.action = "quarantine"`: anyone on the path can replay.
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+    let mut dev = device(&rig, 0);
+    let init = dev.start_handshake(SessionId(5), 10, now).expect("init");
+    let mut out = Outputs::default();
+    rig.table.handle_frame(&init, A, now, &mut out);
+    rig.table.handle_frame(&init, B, now, &mut out);
+    rig.table.handle_frame(&init, B, now, &mut out);
+    assert_eq!(out.sends.len(), 1, "the replay is not answered");
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Replayed), 2);
+    assert_eq!(
+        rig.metrics.fraud_flags_count(FraudReason::Replay),
+        1,
+        "once"
+    );
+    assert_eq!(rig.store.state().calls, ["flag 1 replay false"]);
+    let stored = rig.store.sub(SubscriptionId(1));
+    assert_eq!(stored.flag.as_deref(), Some("replay"));
+    assert!(stored.rotate_requested);
+
+    // The subscription keeps working and is asked to update its key.
+    let response = established(exchange(&mut rig, &mut dev, ts(11), A, now));
+    assert!(response.notices.rotate);
+
+    // A clone found later still quarantines it.
+    let mut clone = device(&rig, 0);
+    read_and_ack(&mut rig, &mut dev, 1, A, now);
+    establish(&mut rig, &mut clone, 12, B, now);
+    read_and_ack(&mut rig, &mut clone, 1, B, now);
+    let mut out = Outputs::default();
+    rig.table
+        .handle_frame(&reading(&mut dev, 2), A, now, &mut out);
+    assert_eq!(rig.metrics.fraud_flags_count(FraudReason::Clone), 1);
+    assert_eq!(
+        rig.store.state().calls,
+        ["flag 1 replay false", "flag 1 clone true"]
+    );
+    let (got, _) = refused(exchange(&mut rig, &mut dev, ts(13), A, now));
+    assert_eq!(got, RefusalReason::Quarantined);
+}
+
+#[test]
+fn flag_only_lets_a_clone_go_on_and_asks_for_a_new_key() {
+    let mut rig = rig_with(
+        &[SubscriptionStatus::Active],
+        policy(),
+        lifecycle(FraudAction::Flag),
+        &[],
+    );
+    let now = Instant::now();
+    let mut genuine = device(&rig, 0);
+    let mut clone = device(&rig, 0);
+    establish(&mut rig, &mut genuine, 1, A, now);
+    read_and_ack(&mut rig, &mut genuine, 1, A, now);
+    establish(&mut rig, &mut clone, 2, B, now);
+    let (_, _, notices) = read_and_ack(&mut rig, &mut clone, 1, B, now);
+    assert!(!notices.rotate);
+    for seq in 2..5 {
+        let mut out = Outputs::default();
+        rig.table
+            .handle_frame(&reading(&mut genuine, seq), A, now, &mut out);
+        assert_eq!(out.readings.len(), 1, "flag only: still served");
+    }
+    assert_eq!(rig.metrics.fraud_flags_count(FraudReason::Clone), 1, "once");
+    assert_eq!(rig.store.state().calls, ["flag 1 clone false"]);
+    // The next acknowledgement asks for a new key, once per session.
+    let (_, _, notices) = read_and_ack(&mut rig, &mut clone, 2, B, now);
+    assert!(notices.rotate);
+    let (_, _, notices) = read_and_ack(&mut rig, &mut clone, 3, B, now);
+    assert!(!notices.rotate);
+    assert_eq!(rig.metrics.rotate_notices_count(Via::Ack), 1);
+}
+
+#[test]
+fn quarantine_then_recovery_with_the_factory_identity() {
+    let mut rig = rig_with(
+        &[],
+        policy(),
+        lifecycle(FraudAction::Quarantine),
+        &[("sn-1", "acme", true)],
+    );
+    let now = Instant::now();
+    let k1 = StaticKeypair::generate().expect("key");
+    let k2 = StaticKeypair::generate().expect("key");
+    let mut factory = session_with(&rig, &rig.factory[0]);
+    let propose = |timestamp, k: &StaticKeypair| InitPayload {
+        timestamp,
+        next_key: Some(*k.public()),
+        config_version: Some(0),
+    };
+    established(exchange(&mut rig, &mut factory, propose(1, &k1), B, now));
+    let id = SubscriptionId(1);
+    let mut dev = session_with(&rig, &k1);
+    establish(&mut rig, &mut dev, 2, B, now);
+    read_and_ack(&mut rig, &mut dev, 1, B, now);
+
+    // The operator (or the fraud detector) quarantines it: the sessions go, the gateways hear.
+    let mut out = Outputs::default();
+    let dropped = rig
+        .table
+        .set_status(id, SubscriptionStatus::Quarantined, now, &mut out);
+    assert_eq!(dropped, 1);
+    assert_eq!(out.revoked.len(), 1);
+    rig.store.state().subs[0].status = SubscriptionStatus::Quarantined;
+    let (got, _) = refused(exchange(&mut rig, &mut dev, ts(3), B, now));
+    assert_eq!(got, RefusalReason::Quarantined);
+
+    // Recovery: the factory identity binds a new key to the same subscription.
+    let response = established(exchange(&mut rig, &mut factory, propose(4, &k2), B, now));
+    assert_eq!(response.key_accepted, Some(*k2.public()));
+    assert_eq!(rig.metrics.provisioned.get(), 2);
+    assert_eq!(rig.store.sub(id).public_key, *k2.public());
+    let (got, _) = refused(exchange(&mut rig, &mut dev, ts(5), B, now));
+    assert_eq!(got, RefusalReason::Superseded, "the old key died at once");
+    let mut recovered = session_with(&rig, &k2);
+    establish(&mut rig, &mut recovered, 6, B, now);
+    let (subscription, _, _) = read_and_ack(&mut rig, &mut recovered, 2, B, now);
+    assert_eq!(subscription, id);
+}
+
+#[test]
+fn bad_frames_leave_the_session_working() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let mut dev = device(&rig, 0);
+    let now = Instant::now();
+    establish(&mut rig, &mut dev, 1, A, now);
+    let mut out = Outputs::default();
+
+    let good = reading(&mut dev, 1);
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x80;
+    rig.table.handle_frame(&tampered, B, now, &mut out);
+    assert_eq!(dropped(&rig.metrics, "authentication"), 1);
+    rig.table.handle_frame(&good, A, now, &mut out);
+    rig.table.handle_frame(&good, A, now, &mut out);
+    assert_eq!(dropped(&rig.metrics, "replay"), 1);
+    assert_eq!(out.readings.len(), 1);
+
+    let mut unknown = good.clone();
+    unknown[2..6].copy_from_slice(&0u32.to_be_bytes());
+    rig.table.handle_frame(&unknown, A, now, &mut out);
+    assert_eq!(dropped(&rig.metrics, "unknown_session"), 1);
+    rig.table.handle_frame(&[1], A, now, &mut out);
+    rig.table.handle_frame(&[9, 9, 9], A, now, &mut out);
+    assert_eq!(dropped(&rig.metrics, "truncated"), 1);
+    assert_eq!(dropped(&rig.metrics, "unknown_version"), 1);
+
+    // A device never sends acks; the session survives that too.
+    let mut f = Vec::new();
+    dev.seal(&Message::ack(vec![ReadingSeq(1)]).to_vec(), &mut f)
+        .expect("seal");
+    rig.table.handle_frame(&f, A, now, &mut out);
+    assert_eq!(dropped(&rig.metrics, "unexpected_message"), 1);
+    rig.table
+        .handle_frame(&reading(&mut dev, 2), A, now, &mut out);
+    assert_eq!(out.readings.len(), 2);
+    assert!(out.sends.is_empty());
+}
+
+#[test]
+fn at_most_two_sessions_per_subscription_and_expiry() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let mut dev = device(&rig, 0);
+    let t0 = Instant::now();
+    establish(&mut rig, &mut dev, 1, A, t0);
+    let first = reading(&mut dev, 1);
+    establish(&mut rig, &mut dev, 2, A, t0);
+    let second = reading(&mut dev, 2);
+    establish(&mut rig, &mut dev, 3, A, t0);
+    assert_eq!(rig.table.session_count(), 2);
+    let mut out = Outputs::default();
+    rig.table.handle_frame(&first, A, t0, &mut out);
+    assert_eq!(
+        dropped(&rig.metrics, "unknown_session"),
+        1,
+        "oldest dropped"
+    );
+    rig.table.handle_frame(&second, A, t0, &mut out);
+    assert_eq!(out.readings.len(), 1, "previous session still opens");
+
+    let late = t0 + Duration::from_secs(121);
+    rig.table
+        .handle_frame(&reading(&mut dev, 3), A, late, &mut out);
+    assert_eq!(dropped(&rig.metrics, "expired"), 1);
+    assert_eq!(rig.table.session_count(), 1);
+    rig.table.sweep(late);
+    assert_eq!(rig.table.session_count(), 0);
+    assert_eq!(rig.metrics.sessions.get(), 0);
+    assert!(out.revoked.is_empty(), "expiry is no revocation");
+}
+
+#[test]
+fn suspension_drops_live_sessions_and_resume_allows_handshakes() {
+    let mut rig = rig(
+        &[SubscriptionStatus::Active, SubscriptionStatus::Active],
+        policy(),
+    );
+    let now = Instant::now();
+    let mut dev = device(&rig, 0);
+    establish(&mut rig, &mut dev, 1, A, now);
+    let mut other = device(&rig, 1);
+    establish(&mut rig, &mut other, 1, A, now);
+    assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 1);
+    let mut out = Outputs::default();
+    assert_eq!(
+        rig.table.set_status(
+            SubscriptionId(1),
+            SubscriptionStatus::Suspended,
+            now,
+            &mut out
+        ),
+        1
+    );
+    assert_eq!(out.revoked.len(), 1, "named to the gateways");
+    assert_eq!(rig.table.live_sessions(SubscriptionId(1)), 0);
+    let mut out = Outputs::default();
+    rig.table
+        .handle_frame(&reading(&mut dev, 1), A, now, &mut out);
+    assert!(out.readings.is_empty());
+    assert_eq!(dropped(&rig.metrics, "unknown_session"), 1);
+    let (got, _) = refused(exchange(&mut rig, &mut dev, ts(2), A, now));
+    assert_eq!(got, RefusalReason::Suspended);
+    // The other device is untouched.
+    rig.table
+        .handle_frame(&reading(&mut other, 1), A, now, &mut out);
+    assert_eq!(out.readings.len(), 1);
+
+    rig.table
+        .set_status(SubscriptionId(1), SubscriptionStatus::Active, now, &mut out);
+    establish(&mut rig, &mut dev, 3, A, now);
+    assert_eq!(
+        rig.table.set_status(
+            SubscriptionId(9),
+            SubscriptionStatus::Revoked,
+            now,
+            &mut out
+        ),
+        0
+    );
+}
+
+#[test]
+fn max_sessions_is_respected() {
+    let mut p = policy();
+    p.max_sessions = 1;
+    let mut rig = rig(&[SubscriptionStatus::Active, SubscriptionStatus::Active], p);
+    let now = Instant::now();
+    let mut d0 = device(&rig, 0);
+    establish(&mut rig, &mut d0, 1, A, now);
+    let mut d1 = device(&rig, 1);
+    assert!(exchange(&mut rig, &mut d1, ts(1), A, now).is_none());
+    assert_eq!(dropped(&rig.metrics, "session_limit"), 1);
+    assert_eq!(rig.table.session_count(), 1);
+}
+
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// A figure, not an assertion on speed: run with
+/// `cargo test -p core-stub --lib -- --ignored --nocapture memory_per_idle_device`.
+#[test]
+#[ignore = "measurement; prints RSS per idle device"]
+fn memory_per_idle_device() {
+    const N: usize = 20_000;
+    let keys: Vec<StaticKeypair> = (0..N)
+        .map(|_| StaticKeypair::generate().expect("key"))
+        .collect();
+    let core = StaticKeypair::generate().expect("core key");
+    let core_public = *core.public();
+    let inits: Vec<Vec<u8>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let mut d = DeviceSession::new(copy(k), core_public);
+            d.start_handshake(SessionId(i as u32 + 1), 1, Instant::now())
+                .expect("init")
+        })
+        .collect();
+    let index: Vec<IndexEntry> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| index_entry(i, k.public(), SubscriptionStatus::Active))
+        .collect();
+    drop(keys);
+    let metrics = Metrics::new().expect("metrics");
+    let before = rss_bytes().expect("rss");
+    let loaded = Loaded {
+        index,
+        devices: Vec::new(),
+        profiles: vec![profile(1)],
+    };
+    let mut table = SessionTable::new(
+        core,
+        policy_with(N),
+        lifecycle(FraudAction::Quarantine),
+        loaded,
+        Box::new(FakeStore::default()),
+        metrics,
+    );
+    let mut out = Outputs::default();
+    for (i, init) in inits.iter().enumerate() {
+        let route = Route::Direct(SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5000)));
+        table.handle_frame(init, route, Instant::now(), &mut out);
+        out.sends.clear();
+    }
+    assert_eq!(table.session_count(), N);
+    let after = rss_bytes().expect("rss");
+    println!(
+        "{N} idle devices: {} bytes of RSS each, subscriptions included (session {} B inline, \
+         subscription {} B)",
+        after.saturating_sub(before) / N as u64,
+        std::mem::size_of::<CoreSession>(),
+        std::mem::size_of::<SubscriptionEntry>(),
+    );
+}
+
+fn policy_with(max_sessions: usize) -> SessionConfig {
+    SessionConfig {
+        max_sessions,
+        ..policy()
+    }
+}
+
+#[test]
+fn junk_never_panics() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+    let mut out = Outputs::default();
+    let mut x: u32 = 1;
+    for len in 0..1300 {
+        let mut b = Vec::with_capacity(len);
+        for _ in 0..len {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            b.push(x as u8);
+        }
+        if len >= 2 {
+            b[0] = 1;
+            b[1] = (len % 4) as u8;
+        }
+        rig.table.handle_frame(&b, A, now, &mut out);
+    }
+    assert!(out.sends.is_empty());
+    assert!(out.readings.is_empty());
+}
+
+#[test]
+fn every_crash_point_has_a_distinct_name() {
+    let names: std::collections::HashSet<_> = CrashPoint::ALL.iter().map(|p| p.name()).collect();
+    assert_eq!(names.len(), CrashPoint::ALL.len());
+    assert!(names.iter().all(|n| n.starts_with("core:")));
+}
