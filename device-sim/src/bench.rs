@@ -814,6 +814,8 @@ mod tests {
             elapsed_secs: 10.0,
             acknowledged_per_sec: acked as f64 / 10.0,
             interrupted: false,
+            lifecycle: None,
+            device_reports: Vec::new(),
             per_device: Vec::new(),
         }
     }

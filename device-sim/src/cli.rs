@@ -2,18 +2,28 @@
 //! and flags into [`FleetOptions`], the live progress line and the exit code.
 //!
 //! ```text
-//! device-sim run --config FILE [--devices N] [--skip K] [--readings R|unlimited] [--interval-ms I]
-//!                [--payload-bytes B] [--duration-secs D] [--via gateway|direct] [--target ADDR]
-//!                [--json]
+//! device-sim run --config FILE [--devices N] [--skip K]                 (pre-provisioned fleet)
+//! device-sim run --devices DIR [--serials A,B | --first N] --target HOST:PORT --core-key HEX
+//!                [--clone-of DEVICE_DIR] [--allow-refused]                (devices with a secure
+//!                                                                          element)
+//!   common:      [--readings R|unlimited] [--interval-ms I] [--payload-bytes B] [--duration-secs D]
+//!                [--via gateway|direct] [--target ADDR] [--json]
+//!                [--wave-size N --wave-interval-ms M] [--sleepy --wake-every-ms M]
+//!                [--follow-config] [--drain-timeout-ms T] [--handshake-retry-ms T]
+//!                [--silence-timeout-ms T] [--refused-retry-ms T] [--refused-retry-max-ms T]
+//! device-sim manufacture --count N --out DIR [--prefix P] [--model M] [--kek-file F]
 //! device-sim bench [--json] [--quick] [--meters M] [--secs S] [--bin-dir DIR]
 //! device-sim probe --config FILE [--udp ADDR] [--tcp ADDR] [--device SERIAL] [--timeout-ms T]
 //! ```
 //!
 //! Exit codes of `run`: 0 everything acknowledged, 1 readings lost (or refused by a full outbox),
-//! 2 bad usage, bad configuration or a local failure (one line `error: …` on stderr). `bench`
-//! exits 0 once every figure was measured, whether or not the targets were met, and 2 when it
-//! could not run. `probe` exits 0 when nothing answered (unreachable), 1 when something did, 2 on
-//! bad usage or a local failure.
+//! 2 bad usage, bad configuration or a local failure (one line `error: …` on stderr), 3 a device
+//! with a secure element ended without a working subscription (unless `--allow-refused`, which
+//! also leaves such devices' readings out of the verdict). `RELAY_CRASH_AT=device:<point>` makes
+//! a device abort the process at that point of a key switch (kill tests). `manufacture` exits 0
+//! or 2. `bench` exits 0 once every figure was measured, whether or not the targets were met, and
+//! 2 when it could not run. `probe` exits 0 when nothing answered (unreachable), 1 when something
+//! did, 2 on bad usage or a local failure.
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -29,8 +39,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bench::{render_table, run_bench, BenchError, BenchOptions};
 use crate::config::{load_config, load_fleet, ConfigError};
-use crate::fleet::{run_fleet, FleetOptions, FleetProgress, FleetSummary};
-use crate::report::{progress_line, summary_table};
+use crate::device_dir::{list_devices, DeviceDir, DeviceDirError};
+use crate::factory::{manufacture, ManufactureOptions};
+use crate::fleet::{
+    crash_point_from_env, run_fleet, FleetOptions, FleetProgress, FleetSummary, Waves,
+};
+use crate::meter::MeterConfig;
+use crate::report::{lifecycle_table, progress_line, summary_table};
+use relay_protocol::session::PublicKey;
 
 /// Everything acknowledged.
 pub const EXIT_OK: u8 = 0;
@@ -40,6 +56,8 @@ pub const EXIT_LOST: u8 = 1;
 pub const EXIT_ERROR: u8 = 2;
 /// `probe`: something answered, the target is reachable from here.
 pub const EXIT_REACHABLE: u8 = 1;
+/// `run`: a device with a secure element ended without a working subscription.
+pub const EXIT_NO_SUBSCRIPTION: u8 = 3;
 
 /// `device-sim`: simulated smart meters.
 #[derive(Debug, Parser)]
@@ -57,8 +75,14 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a fleet of meters against the gateway (or the core's direct port) and report.
+    /// Run a fleet of meters against the gateway (or the core's direct port) and report:
+    /// pre-provisioned meters (`--config`), or devices with a secure element made by
+    /// `manufacture` (`--devices DIR`), which provision themselves and follow the lifecycle.
     Run(RunArgs),
+    /// Make factory-fresh devices (each its own directory, a factory key generated inside its
+    /// sealed key store, a device-unique sealing key) and the shipping manifest
+    /// (`DIR/manifest.csv`: serial,factory_public_key,model) the owner imports into the core.
+    Manufacture(ManufactureArgs),
     /// Start core-stub and gateway and measure the relay's cost: throughput against direct
     /// access, the core's handshake rate against snow's, memory per idle device.
     Bench(BenchArgs),
@@ -102,17 +126,46 @@ pub enum Via {
 /// `device-sim run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// `device-sim.toml`.
+    /// `device-sim.toml`: a pre-provisioned fleet (keys from its `fleet.keys`). Without it,
+    /// `--devices DIR` names devices with a secure element.
     #[arg(long, env = "DEVICE_SIM_CONFIG", value_name = "FILE")]
-    pub config: PathBuf,
-    /// Simulate the first N devices of the fleet file (after --skip) [default: all of them].
-    #[arg(long, env = "DEVICE_SIM_DEVICES", value_name = "N")]
-    pub devices: Option<usize>,
-    /// Leave out the first K devices of the fleet file, so several fleets can share one file.
+    pub config: Option<PathBuf>,
+    /// With --config: simulate the first N devices of the fleet file (after --skip) [default:
+    /// all]. Without --config: the directory `device-sim manufacture --out` made (one
+    /// subdirectory per device; factory-fresh or provisioned, each device's state decides).
+    #[arg(long, env = "DEVICE_SIM_DEVICES", value_name = "N|DIR")]
+    pub devices: Option<String>,
+    /// With --config: leave out the first K devices of the fleet file, so several fleets can
+    /// share one file.
     #[arg(long, env = "DEVICE_SIM_SKIP", value_name = "K", default_value_t = 0)]
     pub skip: usize,
+    /// With --devices DIR: only these serial numbers (comma-separated).
+    #[arg(
+        long,
+        value_name = "A,B",
+        value_delimiter = ',',
+        conflicts_with = "first"
+    )]
+    pub serials: Vec<String>,
+    /// With --devices DIR: only the first N devices (by serial number).
+    #[arg(long, value_name = "N")]
+    pub first: Option<usize>,
+    /// The core's static public key (64 hex digits), for devices with a secure element (a
+    /// device that followed a release uses the one in its state instead).
+    #[arg(long, env = "DEVICE_SIM_CORE_KEY", value_name = "HEX")]
+    pub core_key: Option<String>,
+    /// Also run a clone of this device directory: a copy of its sealed subscription key and
+    /// sealing key, without its factory key (for the fraud detector). May be given without
+    /// --devices.
+    #[arg(long, value_name = "DEVICE_DIR")]
+    pub clone_of: Option<PathBuf>,
+    /// Exit 0 even if a device with a secure element ends without a working subscription (its
+    /// readings then do not count as lost either).
+    #[arg(long)]
+    pub allow_refused: bool,
     /// Readings per device, or `unlimited` (then the run lasts --duration-secs, or without it
-    /// until SIGINT or SIGTERM) [default: 10, or unlimited within --duration-secs].
+    /// until SIGINT or SIGTERM) [default: 10, or unlimited within --duration-secs]. Sleepy
+    /// devices send one per wake.
     #[arg(long, env = "DEVICE_SIM_READINGS", value_name = "R")]
     pub readings: Option<ReadingLimit>,
     /// Milliseconds between a meter's readings; 0 sends as fast as acknowledgements allow.
@@ -134,16 +187,75 @@ pub struct RunArgs {
     /// Stop queuing readings after D seconds (then wait for outstanding acknowledgements).
     #[arg(long, env = "DEVICE_SIM_DURATION_SECS", value_name = "D")]
     pub duration_secs: Option<u64>,
-    /// Send through the gateway or straight to the core.
+    /// Send through the gateway or straight to the core (addresses from --config).
     #[arg(long, env = "DEVICE_SIM_VIA", value_enum, default_value_t = Via::Gateway)]
     pub via: Via,
     /// Send here instead of the config's `gateway` or `direct` address: `IP:PORT` or
-    /// `HOST:PORT` (looked up once, at start).
+    /// `HOST:PORT` (looked up once, at start). Required with --devices DIR.
     #[arg(long, env = "DEVICE_SIM_TARGET", value_name = "ADDR")]
     pub target: Option<String>,
     /// Print the summary as one JSON object instead of a table.
     #[arg(long, env = "DEVICE_SIM_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     pub json: bool,
+    /// Activation waves: start the devices N at a time (with --wave-interval-ms between waves)
+    /// instead of spreading them over the first interval.
+    #[arg(long, value_name = "N")]
+    pub wave_size: Option<usize>,
+    /// Milliseconds between two activation waves.
+    #[arg(long, value_name = "M", default_value_t = 1000, requires = "wave_size")]
+    pub wave_interval_ms: u64,
+    /// Sleepy devices: wake every --wake-every-ms, handshake only if needed, send one reading,
+    /// wait for its acknowledgement, sleep (no keepalives).
+    #[arg(long)]
+    pub sleepy: bool,
+    /// Milliseconds between a sleepy device's wakes.
+    #[arg(long, value_name = "M", default_value_t = 60_000, requires = "sleepy")]
+    pub wake_every_ms: u64,
+    /// Follow the configuration the core sends: report interval and report size replace
+    /// --interval-ms and --payload-bytes once it arrives.
+    #[arg(long)]
+    pub follow_config: bool,
+    /// After its last reading, how long a device waits for acknowledgements (a sleepy device:
+    /// how long it stays awake at most).
+    #[arg(long, value_name = "T", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+    /// An unanswered handshake is retried after this many milliseconds (doubling up to 30 s).
+    #[arg(long, value_name = "T", default_value_t = 1000)]
+    pub handshake_retry_ms: u64,
+    /// With readings outstanding and nothing heard from the core for this long, the session is
+    /// presumed lost and a new handshake starts.
+    #[arg(long, value_name = "T", default_value_t = 3000)]
+    pub silence_timeout_ms: u64,
+    /// After a refused handshake (suspended, not activated yet, …) wait this long before the
+    /// next (doubling up to --refused-retry-max-ms).
+    #[arg(long, value_name = "T", default_value_t = 5000)]
+    pub refused_retry_ms: u64,
+    /// The longest wait after refusals.
+    #[arg(long, value_name = "T", default_value_t = 300_000)]
+    pub refused_retry_max_ms: u64,
+}
+
+/// `device-sim manufacture`.
+#[derive(Debug, Args)]
+pub struct ManufactureArgs {
+    /// How many devices.
+    #[arg(long, value_name = "N")]
+    pub count: usize,
+    /// The output directory: one subdirectory per device and `manifest.csv` (must not exist
+    /// yet).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Serial numbers are this prefix and a zero-padded number from 1 (`dev-000001`, …).
+    #[arg(long, value_name = "SERIAL_PREFIX", default_value = "dev-")]
+    pub prefix: String,
+    /// The model, in the manifest.
+    #[arg(long, value_name = "M", default_value = "relay-meter-1")]
+    pub model: String,
+    /// The sealing key file standing for the chip's device-unique key: a name inside each
+    /// device's directory (one per device), or an absolute path (one shared by all devices:
+    /// weaker, for throwaway fleets).
+    #[arg(long, value_name = "F", default_value = "kek")]
+    pub kek_file: PathBuf,
 }
 
 /// `device-sim bench`.
@@ -196,6 +308,9 @@ pub enum CliError {
     /// A flag's value is out of range.
     #[error("{0}")]
     Usage(String),
+    /// A device directory could not be opened.
+    #[error(transparent)]
+    Device(#[from] DeviceDirError),
 }
 
 /// Parses the command line, runs the subcommand and returns the process's exit code.
@@ -204,6 +319,7 @@ pub fn main() -> ExitCode {
     relay_ops::telemetry::init();
     let code = match cli.command {
         Command::Run(args) => run(args),
+        Command::Manufacture(args) => manufacture_command(args),
         Command::Bench(args) => bench(args),
         Command::Probe(args) => probe(args),
     };
@@ -324,8 +440,42 @@ fn resolve(flag: &str, addr: &str) -> Result<SocketAddr, CliError> {
         .ok_or_else(|| CliError::Usage(format!("{flag} {addr}: no address")))
 }
 
+fn manufacture_command(args: ManufactureArgs) -> u8 {
+    let opts = ManufactureOptions {
+        count: args.count,
+        out: args.out,
+        prefix: args.prefix,
+        model: args.model,
+        kek_file: args.kek_file,
+    };
+    let count = opts.count;
+    // About twenty progress lines for a large batch, none for a small one.
+    let step = (count / 20).max(100);
+    let result = manufacture(&opts, &|done| {
+        if count >= 200 && (done % step == 0 || done == count) {
+            eprintln!("manufactured {done}/{count}");
+        }
+    });
+    match result {
+        Ok(s) => {
+            println!(
+                "manufactured {} devices ({} … {}) in {} in {:.1} s; manifest: {}",
+                s.devices,
+                s.first,
+                s.last,
+                opts.out.display(),
+                s.elapsed.as_secs_f64(),
+                s.manifest.display()
+            );
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 fn run(args: RunArgs) -> u8 {
     let json = args.json;
+    let allow_refused = args.allow_refused;
     let opts = match fleet_options(args) {
         Ok(o) => o,
         Err(e) => return fail(&e),
@@ -348,8 +498,11 @@ fn run(args: RunArgs) -> u8 {
         }
     } else {
         print!("{}", summary_table(&summary));
+        if summary.lifecycle.is_some() {
+            print!("{}", lifecycle_table(&summary));
+        }
     }
-    exit_code(&summary)
+    exit_code_for(&summary, allow_refused)
 }
 
 fn fail(e: &dyn std::fmt::Display) -> u8 {
@@ -359,38 +512,36 @@ fn fail(e: &dyn std::fmt::Display) -> u8 {
 
 /// 0 when every reading generated was acknowledged, else 1.
 pub fn exit_code(s: &FleetSummary) -> u8 {
-    if s.lost == 0 && s.refused == 0 {
+    exit_code_for(s, false)
+}
+
+/// [`EXIT_NO_SUBSCRIPTION`] when a device with a secure element ended without a working
+/// subscription (unless `allow_refused`), else 1 when a reading was lost (not counting, with
+/// `allow_refused`, the readings of such devices), else 0.
+pub fn exit_code_for(s: &FleetSummary, allow_refused: bool) -> u8 {
+    let refused_device = |d: &&crate::fleet::DeviceResult| d.element && !d.working;
+    if !allow_refused && s.per_device.iter().any(|d| refused_device(&d)) {
+        return EXIT_NO_SUBSCRIPTION;
+    }
+    let lost = if allow_refused {
+        s.per_device
+            .iter()
+            .filter(|d| !refused_device(d))
+            .map(|d| d.unacked.len() as u64)
+            .sum()
+    } else {
+        s.lost
+    };
+    if lost == 0 && s.refused == 0 {
         EXIT_OK
     } else {
         EXIT_LOST
     }
 }
 
-/// Loads the config and the fleet named by `args` and builds the options of the run.
+/// Loads the config and the fleet (or the device directories) named by `args` and builds the
+/// options of the run.
 pub fn fleet_options(args: RunArgs) -> Result<FleetOptions, CliError> {
-    let config = load_config(&args.config)?;
-    let mut devices = load_fleet(&config.fleet)?;
-    if args.skip >= devices.len() {
-        return Err(CliError::Usage(format!(
-            "--skip {}, but {} lists only {} devices",
-            args.skip,
-            config.fleet.display(),
-            devices.len()
-        )));
-    }
-    devices.drain(..args.skip);
-    let n = args.devices.unwrap_or(devices.len());
-    if n == 0 {
-        return Err(CliError::Usage("--devices must be at least 1".into()));
-    }
-    if n > devices.len() {
-        return Err(CliError::Usage(format!(
-            "--devices {n}, but {} lists only {} devices",
-            config.fleet.display(),
-            devices.len()
-        )));
-    }
-    devices.truncate(n);
     if args.payload_bytes > MAX_READING {
         return Err(CliError::Usage(format!(
             "--payload-bytes {} exceeds the maximum of {MAX_READING}",
@@ -406,23 +557,173 @@ pub fn fleet_options(args: RunArgs) -> Result<FleetOptions, CliError> {
         (Some(ReadingLimit::Unlimited), None) => Some(u64::MAX),
     };
     let unlimited = readings.is_none() || readings == Some(u64::MAX);
-    if unlimited && args.interval_ms == 0 {
+    let pace_ms = if args.sleepy {
+        args.wake_every_ms
+    } else {
+        args.interval_ms
+    };
+    if unlimited && pace_ms == 0 {
         return Err(CliError::Usage(
             "--interval-ms 0 needs a number of --readings: the run would not end".into(),
         ));
     }
-    let target = match (&args.target, args.via) {
-        (Some(t), _) => resolve("--target", t)?,
-        (None, Via::Gateway) => config.gateway,
-        (None, Via::Direct) => config.direct,
+    let waves = match args.wave_size {
+        None => None,
+        Some(0) => return Err(CliError::Usage("--wave-size must be at least 1".into())),
+        Some(size) => Some(Waves {
+            size,
+            interval: Duration::from_millis(args.wave_interval_ms),
+        }),
+    };
+    if args.refused_retry_ms == 0 || args.handshake_retry_ms == 0 {
+        return Err(CliError::Usage(
+            "--handshake-retry-ms and --refused-retry-ms must be at least 1".into(),
+        ));
+    }
+    let meter = MeterConfig {
+        handshake_retry_initial: Duration::from_millis(args.handshake_retry_ms),
+        handshake_retry_max: Duration::from_millis(args.handshake_retry_ms.max(30_000)),
+        silence_timeout: Duration::from_millis(args.silence_timeout_ms),
+        refused_retry_initial: Duration::from_millis(args.refused_retry_ms),
+        refused_retry_max: Duration::from_millis(
+            args.refused_retry_max_ms.max(args.refused_retry_ms),
+        ),
+        ..MeterConfig::default()
+    };
+    let (target, target_name, core_public_key, devices, element_devices) = match &args.config {
+        Some(config) => {
+            let (target, core, devices) = fixed_fleet(config, &args)?;
+            (target, None, core, devices, Vec::new())
+        }
+        None => {
+            let (target, core, element) = element_fleet(&args)?;
+            (target, args.target.clone(), core, Vec::new(), element)
+        }
     };
     Ok(FleetOptions {
         readings_per_device: readings,
         interval: Duration::from_millis(args.interval_ms),
         payload_bytes: args.payload_bytes,
         duration,
-        ..FleetOptions::new(target, config.core_public_key, devices)
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        meter,
+        element_devices,
+        waves,
+        sleepy: args
+            .sleepy
+            .then(|| Duration::from_millis(args.wake_every_ms)),
+        follow_config: args.follow_config,
+        crash_at: crash_point_from_env(),
+        target_name,
+        ..FleetOptions::new(target, core_public_key, devices)
     })
+}
+
+/// `--config FILE`: the pre-provisioned fleet of `fleet.keys`.
+fn fixed_fleet(
+    config: &std::path::Path,
+    args: &RunArgs,
+) -> Result<(SocketAddr, PublicKey, Vec<crate::config::DeviceIdentity>), CliError> {
+    if !args.serials.is_empty() || args.first.is_some() || args.clone_of.is_some() {
+        return Err(CliError::Usage(
+            "--serials, --first and --clone-of go with --devices DIR, not --config".into(),
+        ));
+    }
+    let config = load_config(config)?;
+    let mut devices = load_fleet(&config.fleet)?;
+    if args.skip >= devices.len() {
+        return Err(CliError::Usage(format!(
+            "--skip {}, but {} lists only {} devices",
+            args.skip,
+            config.fleet.display(),
+            devices.len()
+        )));
+    }
+    devices.drain(..args.skip);
+    let n = match &args.devices {
+        None => devices.len(),
+        Some(n) => n.parse().map_err(|_| {
+            CliError::Usage(format!(
+                "--devices {n}: with --config, a number of devices (a directory goes without \
+                 --config)"
+            ))
+        })?,
+    };
+    if n == 0 {
+        return Err(CliError::Usage("--devices must be at least 1".into()));
+    }
+    if n > devices.len() {
+        return Err(CliError::Usage(format!(
+            "--devices {n}, but {} lists only {} devices",
+            config.fleet.display(),
+            devices.len()
+        )));
+    }
+    devices.truncate(n);
+    let target = match (&args.target, args.via) {
+        (Some(t), _) => resolve("--target", t)?,
+        (None, Via::Gateway) => config.gateway,
+        (None, Via::Direct) => config.direct,
+    };
+    Ok((target, config.core_public_key, devices))
+}
+
+/// `--devices DIR` and `--clone-of`: devices with a secure element.
+fn element_fleet(args: &RunArgs) -> Result<(SocketAddr, PublicKey, Vec<DeviceDir>), CliError> {
+    if args.devices.is_none() && args.clone_of.is_none() {
+        return Err(CliError::Usage(
+            "give --config FILE (a pre-provisioned fleet) or --devices DIR (from `device-sim \
+             manufacture`)"
+                .into(),
+        ));
+    }
+    let target = args.target.as_deref().ok_or_else(|| {
+        CliError::Usage("--target HOST:PORT is required with --devices DIR".into())
+    })?;
+    let target = resolve("--target", target)?;
+    let core = args
+        .core_key
+        .as_deref()
+        .ok_or_else(|| CliError::Usage("--core-key HEX is required with --devices DIR".into()))?;
+    let core =
+        PublicKey::from_hex(core).map_err(|e| CliError::Usage(format!("--core-key: {e}")))?;
+    let mut dirs = Vec::new();
+    if let Some(root) = &args.devices {
+        let root = PathBuf::from(root);
+        let paths = if args.serials.is_empty() {
+            let mut all = list_devices(&root)?;
+            if let Some(n) = args.first {
+                if n == 0 || n > all.len() {
+                    return Err(CliError::Usage(format!(
+                        "--first {n}, but {} holds {} devices",
+                        root.display(),
+                        all.len()
+                    )));
+                }
+                all.truncate(n);
+            }
+            if all.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "{}: no device directories",
+                    root.display()
+                )));
+            }
+            all
+        } else {
+            args.serials.iter().map(|s| root.join(s)).collect()
+        };
+        for path in paths {
+            dirs.push(DeviceDir::open(&path)?);
+        }
+    } else if !args.serials.is_empty() || args.first.is_some() {
+        return Err(CliError::Usage(
+            "--serials and --first select from --devices DIR".into(),
+        ));
+    }
+    if let Some(original) = &args.clone_of {
+        dirs.push(DeviceDir::open(original)?.clone_subscription()?);
+    }
+    Ok((target, core, dirs))
 }
 
 /// Runs the fleet with a progress line on stderr and SIGINT (Ctrl-C) and SIGTERM (`docker stop`,
@@ -521,7 +822,7 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).expect("parses").command {
             Command::Run(a) => a,
-            Command::Bench(_) | Command::Probe(_) => panic!("not run"),
+            _ => panic!("not run"),
         }
     }
 

@@ -12,9 +12,16 @@
 //! ```
 //!
 //! Reading `i` of device `d` has sequence number `seq_base(run start) + i` (see
-//! [`crate::meter::seq_base`]) and body [`crate::meter::reading_payload`]`(serial, seq, size)`.
-//! Each meter starts at a random phase within the first interval so the fleet does not send in
-//! lockstep.
+//! [`crate::meter::seq_base`]; a device with a state file starts at least at its recorded
+//! `next_seq`) and body [`crate::meter::reading_payload`]`(serial, seq, size)`. Each meter starts
+//! at a random phase within the first interval so the fleet does not send in lockstep, unless
+//! [`Waves`] start the devices in bursts.
+//!
+//! Two kinds of device: pre-provisioned ones ([`FleetOptions::devices`], keys from `fleet.keys`)
+//! and devices with a secure element ([`FleetOptions::element_devices`], from `device-sim
+//! manufacture`), which provision themselves, follow update notices and releases, and persist
+//! their state in their directory. A sleepy device ([`FleetOptions::sleepy`]) wakes, sends one
+//! reading, waits for its acknowledgement (and any key switch it brought), and sleeps.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,9 +38,32 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeviceIdentity;
+use crate::device_dir::{DeviceDir, DeviceDirError};
 use crate::meter::{
-    reading_payload, seq_base, Meter, MeterConfig, MeterEvent, MeterStats, QueueError, Timebase,
+    reading_payload, seq_base, CrashHook, CrashPoint, Meter, MeterConfig, MeterEvent, MeterStats,
+    QueueError, RefusalCounts, Timebase,
 };
+use relay_protocol::payload::DeviceConfig;
+
+/// The environment variable naming a [`CrashPoint`] at which a device aborts the process.
+pub const CRASH_ENV: &str = "RELAY_CRASH_AT";
+
+/// The device crash point `RELAY_CRASH_AT` names, if it names one (other values, such as the
+/// core's points, are not the simulator's).
+pub fn crash_point_from_env() -> Option<CrashPoint> {
+    std::env::var(CRASH_ENV)
+        .ok()
+        .and_then(|v| CrashPoint::from_label(v.trim()))
+}
+
+/// Activation waves: devices start `size` at a time, `interval` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Waves {
+    /// Devices per wave (at least 1).
+    pub size: usize,
+    /// Between the starts of two waves.
+    pub interval: Duration,
+}
 
 /// What to run. [`FleetOptions::new`] fills in the defaults.
 #[derive(Debug)]
@@ -63,6 +93,21 @@ pub struct FleetOptions {
     pub seed: Option<u64>,
     /// Cancelling it stops every meter at once (Ctrl-C); the summary counts what was left.
     pub shutdown: CancellationToken,
+    /// Devices with a secure element, run through the credential lifecycle (factory-fresh or
+    /// provisioned: their directories decide), after `devices`.
+    pub element_devices: Vec<DeviceDir>,
+    /// Start the devices in waves instead of spreading them over the first interval.
+    pub waves: Option<Waves>,
+    /// Sleepy devices: wake this often, send one reading, wait for its acknowledgement, sleep (no
+    /// keepalives). `readings_per_device` counts wakes; `interval` is not used.
+    pub sleepy: Option<Duration>,
+    /// Apply the configuration the core sends (report interval and size) to the readings.
+    pub follow_config: bool,
+    /// A device passing this point aborts the process (kill tests); see [`crash_point_from_env`].
+    pub crash_at: Option<CrashPoint>,
+    /// How reports name the target for devices that were not released elsewhere (the `HOST:PORT`
+    /// as given) [default: the address].
+    pub target_name: Option<String>,
 }
 
 impl FleetOptions {
@@ -84,6 +129,12 @@ impl FleetOptions {
             meter: MeterConfig::default(),
             seed: None,
             shutdown: CancellationToken::new(),
+            element_devices: Vec::new(),
+            waves: None,
+            sleepy: None,
+            follow_config: false,
+            crash_at: None,
+            target_name: None,
         }
     }
 }
@@ -119,6 +170,27 @@ pub enum FleetError {
     /// A meter task panicked.
     #[error("meter task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A device directory or its secure element could not be opened.
+    #[error(transparent)]
+    Device(#[from] DeviceDirError),
+    /// A device's key store holds no key at all.
+    #[error("device {serial}: {reason}")]
+    Keys {
+        /// The device.
+        serial: String,
+        /// Why.
+        reason: String,
+    },
+    /// A released device's endpoint does not resolve.
+    #[error("device {serial}: endpoint {endpoint}: {reason}")]
+    Endpoint {
+        /// The device.
+        serial: String,
+        /// The endpoint from its state file.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Live totals over the fleet, updated by every meter task as it goes.
@@ -132,6 +204,8 @@ pub struct FleetProgress {
     handshakes: AtomicU64,
     bad_datagrams: AtomicU64,
     devices_done: AtomicU64,
+    provisionings: AtomicU64,
+    refusals: AtomicU64,
 }
 
 /// A copy of [`FleetProgress`] at one moment.
@@ -153,6 +227,10 @@ pub struct ProgressSnapshot {
     pub bad_datagrams: u64,
     /// Meters finished.
     pub devices_done: u64,
+    /// Provisionings completed.
+    pub provisionings: u64,
+    /// Handshakes refused.
+    pub refusals: u64,
 }
 
 impl ProgressSnapshot {
@@ -175,6 +253,8 @@ impl FleetProgress {
             handshakes: get(&self.handshakes),
             bad_datagrams: get(&self.bad_datagrams),
             devices_done: get(&self.devices_done),
+            provisionings: get(&self.provisionings),
+            refusals: get(&self.refusals),
         }
     }
 
@@ -191,6 +271,8 @@ impl FleetProgress {
         add(&self.acked, now.acked, before.acked);
         add(&self.handshakes, now.handshakes, before.handshakes);
         add(&self.bad_datagrams, now.bad_datagrams, before.bad_datagrams);
+        add(&self.provisionings, now.provisionings, before.provisionings);
+        add(&self.refusals, now.refusals, before.refusals);
     }
 }
 
@@ -209,6 +291,19 @@ pub struct DeviceResult {
     pub unacked: Vec<ReadingSeq>,
     /// Send or receive errors on the device's socket (ICMP unreachable and the like).
     pub socket_errors: u64,
+    /// A device with a secure element (run through the lifecycle).
+    pub element: bool,
+    /// It holds a subscription key at the end (always, for a pre-provisioned device).
+    pub provisioned: bool,
+    /// It ended with a working session: established with its subscription (or pre-provisioned)
+    /// key, no refusal since.
+    pub working: bool,
+    /// The configuration in force at the end.
+    pub config: Option<DeviceConfig>,
+    /// Where it sent at the end (`HOST:PORT`).
+    pub endpoint: String,
+    /// The core key it trusted at the end.
+    pub core_public_key: PublicKey,
 }
 
 /// The fleet's totals. `lost` is what was queued and never acknowledged; `refused` readings never
@@ -249,24 +344,120 @@ pub struct FleetSummary {
     pub acknowledged_per_sec: f64,
     /// Whether the run was cut short by the shutdown token.
     pub interrupted: bool,
+    /// Lifecycle totals, when devices with a secure element ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<LifecycleTotals>,
+    /// One report per device with a secure element (serialized as `per_device`).
+    #[serde(rename = "per_device", skip_serializing_if = "Vec::is_empty")]
+    pub device_reports: Vec<DeviceReport>,
     /// Per-device outcomes, for tests (not serialized).
     #[serde(skip)]
     pub per_device: Vec<DeviceResult>,
 }
 
-/// What one meter task needs besides its identity and socket.
+/// The lifecycle over the devices with a secure element.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LifecycleTotals {
+    /// Devices with a secure element.
+    pub devices: usize,
+    /// Of them, holding a subscription key at the end.
+    pub provisioned: usize,
+    /// Of them, with a working subscription at the end.
+    pub working: usize,
+    /// Of them, without a working subscription at the end.
+    pub without_subscription: usize,
+    /// Provisionings completed (factory identity → subscription key).
+    pub provisionings: u64,
+    /// Credential updates completed.
+    pub key_updates: u64,
+    /// Configurations applied.
+    pub config_updates: u64,
+    /// Releases followed.
+    pub releases: u64,
+    /// Refusals by reason.
+    pub refusals: RefusalCounts,
+}
+
+/// A configuration as reports show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigReport {
+    /// The profile version.
+    pub version: u32,
+    /// Seconds between reports.
+    pub report_interval_secs: u32,
+    /// Bytes per report.
+    pub report_bytes: u16,
+    /// Early-report threshold.
+    pub threshold: u32,
+}
+
+impl From<DeviceConfig> for ConfigReport {
+    fn from(c: DeviceConfig) -> Self {
+        Self {
+            version: c.version,
+            report_interval_secs: c.report_interval_secs,
+            report_bytes: c.report_bytes,
+            threshold: c.threshold,
+        }
+    }
+}
+
+/// One device with a secure element, as `--json` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceReport {
+    /// The serial number.
+    pub serial: String,
+    /// It holds a subscription key.
+    pub provisioned: bool,
+    /// It ended with a working subscription.
+    pub working: bool,
+    /// Provisionings completed during the run.
+    pub provisionings: u64,
+    /// Credential updates completed during the run.
+    pub key_updates: u64,
+    /// The configuration in force (`null`: none received yet).
+    pub config: Option<ConfigReport>,
+    /// Readings acknowledged.
+    pub readings_acknowledged: u64,
+    /// Readings queued and never acknowledged.
+    pub readings_lost: u64,
+    /// Refusals by reason.
+    pub refusals: RefusalCounts,
+    /// Where it sends (`HOST:PORT`).
+    pub endpoint: String,
+    /// The core key it trusts (hex).
+    pub core_public_key: String,
+}
+
+impl From<&DeviceResult> for DeviceReport {
+    fn from(d: &DeviceResult) -> Self {
+        Self {
+            serial: d.serial.clone(),
+            provisioned: d.provisioned,
+            working: d.working,
+            provisionings: d.stats.provisionings,
+            key_updates: d.stats.key_updates,
+            config: d.config.map(ConfigReport::from),
+            readings_acknowledged: d.stats.acked,
+            readings_lost: d.unacked.len() as u64,
+            refusals: d.stats.refusals_by_reason,
+            endpoint: d.endpoint.clone(),
+            core_public_key: d.core_public_key.to_hex(),
+        }
+    }
+}
+
+/// What one meter task needs besides its meter and socket.
 struct Plan {
-    core: PublicKey,
-    meter: MeterConfig,
-    timebase: Timebase,
-    seed: u64,
-    seq_base: u64,
     first_reading: Instant,
     interval: Duration,
     readings: Option<u64>,
     readings_end: Option<Instant>,
     payload_bytes: usize,
     drain_timeout: Duration,
+    outbox_cap: usize,
+    sleepy: Option<Duration>,
+    follow_config: bool,
     shutdown: CancellationToken,
     progress: Option<Arc<FleetProgress>>,
 }
@@ -276,16 +467,36 @@ struct MeterOutcome {
     latencies: Vec<Duration>,
 }
 
+/// A device ready to run: its identity opened, its target resolved.
+enum Prepared {
+    Fixed(DeviceIdentity),
+    Element {
+        dir: DeviceDir,
+        store: Arc<crate::secure_element::SealedKeyStore>,
+    },
+}
+
+impl Prepared {
+    fn serial(&self) -> &str {
+        match self {
+            Self::Fixed(d) => &d.serial,
+            Self::Element { dir, .. } => dir.serial(),
+        }
+    }
+}
+
 /// Runs the fleet to the end: every reading queued and then acknowledged or given up on at the
 /// drain timeout, or until `opts.shutdown` is cancelled. `progress`, if given, is kept current.
 pub async fn run_fleet(
     opts: FleetOptions,
     progress: Option<Arc<FleetProgress>>,
 ) -> Result<FleetSummary, FleetError> {
-    if opts.devices.is_empty() {
+    if opts.devices.is_empty() && opts.element_devices.is_empty() {
         return Err(FleetError::NoDevices);
     }
-    if opts.readings_per_device.is_none() && (opts.duration.is_none() || opts.interval.is_zero()) {
+    let bounded_by_time = opts.duration.is_some()
+        && (!opts.interval.is_zero() || opts.sleepy.is_some_and(|w| !w.is_zero()));
+    if opts.readings_per_device.is_none() && !bounded_by_time {
         return Err(FleetError::Unbounded);
     }
     if opts.payload_bytes > MAX_READING {
@@ -294,13 +505,40 @@ pub async fn run_fleet(
             max: MAX_READING,
         });
     }
-    // Every socket first, so that a setup failure is reported before any traffic.
-    let mut sockets = Vec::with_capacity(opts.devices.len());
-    for d in &opts.devices {
-        let socket = connect(opts.target)
+    let default_endpoint = opts
+        .target_name
+        .clone()
+        .unwrap_or_else(|| opts.target.to_string());
+    let mut prepared: Vec<(Prepared, SocketAddr, String)> =
+        Vec::with_capacity(opts.devices.len() + opts.element_devices.len());
+    for d in opts.devices {
+        prepared.push((Prepared::Fixed(d), opts.target, default_endpoint.clone()));
+    }
+    // Every key store and endpoint first, so that a setup failure is reported before any
+    // traffic.
+    for dir in opts.element_devices {
+        let store = Arc::new(dir.open_store()?);
+        let (target, endpoint) = match dir.memory().release {
+            None => (opts.target, default_endpoint.clone()),
+            Some(r) => (
+                resolve(&r.endpoint)
+                    .await
+                    .map_err(|reason| FleetError::Endpoint {
+                        serial: dir.serial().to_owned(),
+                        endpoint: r.endpoint.clone(),
+                        reason,
+                    })?,
+                r.endpoint,
+            ),
+        };
+        prepared.push((Prepared::Element { dir, store }, target, endpoint));
+    }
+    let mut sockets = Vec::with_capacity(prepared.len());
+    for (device, target, _) in &prepared {
+        let socket = connect(*target)
             .await
             .map_err(|source| FleetError::Socket {
-                serial: d.serial.clone(),
+                serial: device.serial().to_owned(),
                 source,
             })?;
         sockets.push(socket);
@@ -314,31 +552,87 @@ pub async fn run_fleet(
     let base = seq_base(unix_ms);
     let mut rng = StdRng::seed_from_u64(opts.seed.unwrap_or_else(rand::random));
     let readings_end = opts.duration.map(|d| start + d);
-    let devices = opts.devices.len();
+    let devices = prepared.len();
+    let pace = opts.sleepy.unwrap_or(opts.interval);
 
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, (identity, socket)) in opts.devices.into_iter().zip(sockets).enumerate() {
-        let phase = if opts.interval.is_zero() {
-            Duration::ZERO
-        } else {
-            opts.interval.mul_f64(rng.gen_range(0.0..1.0))
+    for (index, ((device, _, endpoint), socket)) in prepared.into_iter().zip(sockets).enumerate() {
+        let phase = match opts.waves {
+            Some(w) => w.interval * u32::try_from(index / w.size.max(1)).unwrap_or(u32::MAX),
+            None if pace.is_zero() => Duration::ZERO,
+            None => pace.mul_f64(rng.gen_range(0.0..1.0)),
         };
+        let seed = rng.gen();
+        let (meter, dir, seq_base) = match device {
+            Prepared::Fixed(identity) => (
+                Meter::new(
+                    identity.serial,
+                    identity.keypair,
+                    opts.core_public_key,
+                    opts.meter.clone(),
+                    timebase,
+                    seed,
+                ),
+                None,
+                base,
+            ),
+            Prepared::Element { dir, store } => {
+                let meter = Meter::with_element(
+                    dir.serial(),
+                    store,
+                    opts.core_public_key,
+                    dir.memory(),
+                    opts.meter.clone(),
+                    timebase,
+                    seed,
+                )
+                .map_err(|e| FleetError::Keys {
+                    serial: dir.serial().to_owned(),
+                    reason: e.to_string(),
+                })?;
+                let seq_base = base.max(dir.state().next_seq);
+                (meter, Some(dir), seq_base)
+            }
+        };
+        let mut meter = meter;
+        if let Some(point) = opts.crash_at {
+            meter.set_crash_hook(CrashHook::new(move |at| {
+                if at == point {
+                    eprintln!("{CRASH_ENV}={point}: aborting");
+                    std::process::abort();
+                }
+                false
+            }));
+        }
         let plan = Plan {
-            core: opts.core_public_key,
-            meter: opts.meter.clone(),
-            timebase,
-            seed: rng.gen(),
-            seq_base: base,
             first_reading: start + phase,
             interval: opts.interval,
             readings: opts.readings_per_device,
             readings_end,
             payload_bytes: opts.payload_bytes,
             drain_timeout: opts.drain_timeout,
+            outbox_cap: opts.meter.outbox_cap,
+            sleepy: opts.sleepy,
+            follow_config: opts.follow_config,
             shutdown: opts.shutdown.clone(),
             progress: progress.clone(),
         };
-        tasks.spawn(async move { (index, run_meter(identity, socket, plan).await) });
+        let driver = Driver {
+            meter,
+            socket,
+            dir,
+            endpoint,
+            seq_base,
+            queued: 0,
+            acked: Vec::new(),
+            latencies: Vec::new(),
+            socket_errors: 0,
+            reported: MeterStats::default(),
+            buf: vec![0u8; MAX_DATAGRAM + 1],
+            progress: plan.progress.clone(),
+            config_change: None,
+        };
+        tasks.spawn(async move { (index, run_meter(driver, plan).await) });
     }
 
     let mut outcomes: Vec<Option<MeterOutcome>> = (0..devices).map(|_| None).collect();
@@ -352,6 +646,15 @@ pub async fn run_fleet(
         elapsed,
         opts.shutdown.is_cancelled(),
     ))
+}
+
+/// `HOST:PORT` to its first address.
+async fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(endpoint)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| "no address".to_owned())
 }
 
 /// A UDP socket connected to `target`, bound to the loopback address for a loopback target (so
@@ -368,24 +671,209 @@ async fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket)
 }
 
-async fn run_meter(identity: DeviceIdentity, socket: UdpSocket, plan: Plan) -> MeterOutcome {
-    let serial = identity.serial;
-    let outbox_cap = plan.meter.outbox_cap;
-    let mut meter = Meter::new(
-        serial.clone(),
-        identity.keypair,
-        plan.core,
-        plan.meter,
-        plan.timebase,
-        plan.seed,
-    );
-    let public_key = *meter.public();
-    let mut acked = Vec::new();
-    let mut latencies = Vec::new();
-    let mut socket_errors = 0u64;
-    let mut reported = MeterStats::default();
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+/// One meter's I/O: its socket, its directory, what it saw.
+struct Driver {
+    meter: Meter,
+    socket: UdpSocket,
+    /// A device with a secure element keeps its state here.
+    dir: Option<DeviceDir>,
+    endpoint: String,
+    seq_base: u64,
+    /// Readings queued so far (reading `i` has sequence number `seq_base + i`).
+    queued: u64,
+    acked: Vec<ReadingSeq>,
+    latencies: Vec<Duration>,
+    socket_errors: u64,
+    reported: MeterStats,
+    buf: Vec<u8>,
+    progress: Option<Arc<FleetProgress>>,
+    /// A configuration arrived that the pacer may follow.
+    config_change: Option<DeviceConfig>,
+}
 
+/// How a wait ended.
+enum Woke {
+    Datagram,
+    Timer,
+    Shutdown,
+}
+
+impl Driver {
+    fn serial(&self) -> &str {
+        self.meter.serial()
+    }
+
+    /// Queues the next reading at `now`.
+    fn queue(&mut self, payload_bytes: usize, now: Instant) {
+        let seq = self.seq_base + self.queued;
+        self.queued += 1;
+        let data = reading_payload(self.meter.serial(), seq, payload_bytes);
+        match self.meter.queue_reading(ReadingSeq(seq), data, now) {
+            // A full outbox is counted by the meter (and in the summary as refused).
+            Ok(()) | Err(QueueError::OutboxFull { .. }) => {}
+            Err(e) => tracing::warn!(serial = %self.serial(), error = %e, "reading not queued"),
+        }
+    }
+
+    /// Sends what the meter has to send and handles its events (a release re-targets the
+    /// socket before the handshake with the new core goes out).
+    async fn flush(&mut self, now: Instant) {
+        self.drain_events().await;
+        loop {
+            while let Some(datagram) = self.meter.poll_transmit(now) {
+                if let Err(e) = self.socket.send(&datagram).await {
+                    // Lost like any datagram: retransmission covers it.
+                    self.socket_errors += 1;
+                    tracing::debug!(serial = %self.serial(), error = %e, "send failed");
+                }
+            }
+            if !self.drain_events().await {
+                break;
+            }
+        }
+        if let Some(p) = &self.progress {
+            p.add(self.meter.stats(), &self.reported);
+            self.reported = *self.meter.stats();
+        }
+    }
+
+    /// Handles the meter's events; `true` if there were any.
+    async fn drain_events(&mut self) -> bool {
+        let mut any = false;
+        while let Some(event) = self.meter.poll_event() {
+            any = true;
+            let serial = self.meter.serial().to_owned();
+            match event {
+                MeterEvent::Acked { seq, latency } => {
+                    self.acked.push(seq);
+                    self.latencies.push(latency);
+                }
+                MeterEvent::Established { rekey_after } => {
+                    tracing::debug!(%serial, ?rekey_after, "session established");
+                }
+                MeterEvent::Refused { reason, slot } => {
+                    tracing::debug!(%serial, reason = reason.label(), ?slot, "handshake refused");
+                }
+                MeterEvent::KeyAccepted { provisioning } => {
+                    tracing::debug!(%serial, provisioning, "the core accepted the new key");
+                }
+                MeterEvent::KeyCommitted { provisioning } => {
+                    tracing::debug!(%serial, provisioning, "new subscription key committed");
+                }
+                MeterEvent::ConfigApplied(config) => {
+                    tracing::debug!(%serial, version = config.version, "configuration applied");
+                    self.config_change = Some(config);
+                }
+                MeterEvent::Released { endpoint } => self.retarget(endpoint).await,
+                MeterEvent::StateChanged => self.persist(),
+            }
+        }
+        any
+    }
+
+    /// Writes the device's state file (devices with a secure element).
+    fn persist(&mut self) {
+        let next_seq = self.seq_base + self.queued;
+        let memory = self.meter.memory();
+        if let Some(dir) = self.dir.as_mut() {
+            if let Err(e) = dir.save(&memory, next_seq) {
+                tracing::warn!(serial = %self.meter.serial(), error = %e, "cannot save state");
+            }
+        }
+    }
+
+    /// A release: from now on the device talks to `endpoint`.
+    async fn retarget(&mut self, endpoint: String) {
+        let serial = self.meter.serial().to_owned();
+        let socket = match resolve(&endpoint).await {
+            Ok(addr) => connect(addr).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match socket {
+            Ok(socket) => {
+                tracing::info!(%serial, %endpoint, "released: now sending to the new core");
+                self.socket = socket;
+                self.endpoint = endpoint;
+            }
+            Err(e) => {
+                self.socket_errors += 1;
+                tracing::warn!(%serial, %endpoint, error = %e, "cannot reach the new core");
+            }
+        }
+    }
+
+    /// Waits for a datagram (handled), `wake`, or the shutdown.
+    async fn wait(&mut self, wake: Option<Instant>, shutdown: &CancellationToken) -> Woke {
+        tokio::select! {
+            _ = shutdown.cancelled() => Woke::Shutdown,
+            received = self.socket.recv(&mut self.buf) => {
+                match received {
+                    Ok(n) => {
+                        if let Err(e) = self.meter.handle_datagram(&self.buf[..n], Instant::now()) {
+                            tracing::debug!(
+                                serial = %self.meter.serial(),
+                                reason = e.reason(),
+                                "bad datagram dropped"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        // ECONNREFUSED from an earlier ICMP error, typically: the target is not
+                        // up.
+                        self.socket_errors += 1;
+                        tracing::debug!(serial = %self.meter.serial(), error = %e, "receive failed");
+                    }
+                }
+                Woke::Datagram
+            }
+            _ = sleep_until(wake), if wake.is_some() => Woke::Timer,
+        }
+    }
+
+    fn finish(mut self) -> MeterOutcome {
+        if let Some(p) = &self.progress {
+            p.add(self.meter.stats(), &self.reported);
+            p.devices_done.fetch_add(1, Ordering::Relaxed);
+        }
+        self.persist();
+        let mut unacked: Vec<ReadingSeq> = self.meter.unacked().collect();
+        unacked.sort();
+        MeterOutcome {
+            result: DeviceResult {
+                serial: self.meter.serial().to_owned(),
+                public_key: *self.meter.public(),
+                stats: *self.meter.stats(),
+                acked: self.acked,
+                unacked,
+                socket_errors: self.socket_errors,
+                element: self.dir.is_some(),
+                provisioned: self.meter.is_provisioned(),
+                working: self.meter.has_working_session(),
+                config: self.meter.device_config().copied(),
+                endpoint: self.endpoint,
+                core_public_key: *self.meter.core(),
+            },
+            latencies: self.latencies,
+        }
+    }
+}
+
+async fn run_meter(mut driver: Driver, plan: Plan) -> MeterOutcome {
+    // Nothing at all before the meter's phase (or wave): its first handshake is spread out too.
+    tokio::select! {
+        _ = plan.shutdown.cancelled() => {}
+        _ = tokio::time::sleep_until(plan.first_reading.into()) => {}
+    }
+    match plan.sleepy {
+        Some(wake_every) => run_sleepy(&mut driver, &plan, wake_every).await,
+        None => run_streaming(&mut driver, &plan).await,
+    }
+    driver.finish()
+}
+
+/// Readings at the interval, the session kept up throughout.
+async fn run_streaming(driver: &mut Driver, plan: &Plan) {
+    let mut payload_bytes = plan.payload_bytes;
     let mut pacer = Pacer {
         next: plan.first_reading,
         index: 0,
@@ -393,100 +881,80 @@ async fn run_meter(identity: DeviceIdentity, socket: UdpSocket, plan: Plan) -> M
         limit: plan.readings,
         end: plan.readings_end,
         drain_timeout: plan.drain_timeout,
-        outbox_cap,
+        outbox_cap: plan.outbox_cap,
         stalled_since: None,
         drain_deadline: None,
     };
-
-    // Nothing at all before the meter's phase: its first handshake is spread out too.
-    tokio::select! {
-        _ = plan.shutdown.cancelled() => {}
-        _ = tokio::time::sleep_until(plan.first_reading.into()) => {}
-    }
-
     loop {
         if plan.shutdown.is_cancelled() {
             break;
         }
         let now = Instant::now();
-        while let Some(index) = pacer.next_due(now, meter.outstanding()) {
-            let seq = plan.seq_base + index;
-            let data = reading_payload(&serial, seq, plan.payload_bytes);
-            match meter.queue_reading(ReadingSeq(seq), data, now) {
-                // A full outbox is counted by the meter (and in the summary as refused).
-                Ok(()) | Err(QueueError::OutboxFull { .. }) => {}
-                Err(e) => tracing::warn!(%serial, error = %e, "reading not queued"),
-            }
+        while pacer.next_due(now, driver.meter.outstanding()).is_some() {
+            driver.queue(payload_bytes, now);
         }
-
-        while let Some(datagram) = meter.poll_transmit(now) {
-            if let Err(e) = socket.send(&datagram).await {
-                // Lost like any datagram: retransmission covers it.
-                socket_errors += 1;
-                tracing::debug!(%serial, error = %e, "send failed");
+        driver.flush(now).await;
+        if let Some(config) = driver.config_change.take().filter(|_| plan.follow_config) {
+            if config.report_interval_secs > 0 {
+                pacer.interval = Duration::from_secs(u64::from(config.report_interval_secs));
             }
-        }
-        while let Some(event) = meter.poll_event() {
-            match event {
-                MeterEvent::Acked { seq, latency } => {
-                    acked.push(seq);
-                    latencies.push(latency);
-                }
-                MeterEvent::Established { rekey_after } => {
-                    tracing::debug!(%serial, ?rekey_after, "session established");
-                }
-            }
-        }
-        if let Some(p) = &plan.progress {
-            p.add(meter.stats(), &reported);
-            reported = *meter.stats();
+            payload_bytes = usize::from(config.report_bytes).min(MAX_READING);
         }
 
         if pacer
             .drain_deadline
-            .is_some_and(|d| meter.outstanding() == 0 || now >= d)
+            .is_some_and(|d| driver.meter.outstanding() == 0 || now >= d)
         {
             break;
         }
-        let wake = [meter.poll_timeout(), pacer.wake(meter.outstanding())]
-            .into_iter()
-            .flatten()
-            .min();
-
-        tokio::select! {
-            _ = plan.shutdown.cancelled() => break,
-            received = socket.recv(&mut buf) => match received {
-                Ok(n) => {
-                    if let Err(e) = meter.handle_datagram(&buf[..n], Instant::now()) {
-                        tracing::debug!(%serial, reason = e.reason(), "bad datagram dropped");
-                    }
-                }
-                Err(e) => {
-                    // ECONNREFUSED from an earlier ICMP error, typically: the target is not up.
-                    socket_errors += 1;
-                    tracing::debug!(%serial, error = %e, "receive failed");
-                }
-            },
-            _ = sleep_until(wake), if wake.is_some() => {}
+        let wake = [
+            driver.meter.poll_timeout(),
+            pacer.wake(driver.meter.outstanding()),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Woke::Shutdown = driver.wait(wake, &plan.shutdown).await {
+            break;
         }
     }
+}
 
-    if let Some(p) = &plan.progress {
-        p.add(meter.stats(), &reported);
-        p.devices_done.fetch_add(1, Ordering::Relaxed);
-    }
-    let mut unacked: Vec<ReadingSeq> = meter.unacked().collect();
-    unacked.sort();
-    MeterOutcome {
-        result: DeviceResult {
-            serial,
-            public_key,
-            stats: *meter.stats(),
-            acked,
-            unacked,
-            socket_errors,
-        },
-        latencies,
+/// A sleepy device: wake, one reading, stay awake until it is acknowledged and nothing else is
+/// under way (a key switch the acknowledgement announced, say) or the drain timeout, sleep.
+async fn run_sleepy(driver: &mut Driver, plan: &Plan, wake_every: Duration) {
+    let mut next_wake = plan.first_reading;
+    let mut wakes = 0u64;
+    'life: loop {
+        if plan.readings.is_some_and(|n| wakes >= n)
+            || plan.readings_end.is_some_and(|end| next_wake >= end)
+        {
+            break;
+        }
+        tokio::select! {
+            _ = plan.shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(next_wake.into()) => {}
+        }
+        wakes += 1;
+        let woke = Instant::now();
+        driver.queue(plan.payload_bytes, woke);
+        let awake_until = woke + plan.drain_timeout;
+        loop {
+            let now = Instant::now();
+            driver.flush(now).await;
+            if driver.meter.is_idle() || now >= awake_until {
+                break;
+            }
+            let wake = [driver.meter.poll_timeout(), Some(awake_until)]
+                .into_iter()
+                .flatten()
+                .min();
+            if let Woke::Shutdown = driver.wait(wake, &plan.shutdown).await {
+                break 'life;
+            }
+        }
+        driver.config_change = None;
+        next_wake = (next_wake + wake_every).max(Instant::now());
     }
 }
 
@@ -589,6 +1057,25 @@ fn summarize(outcomes: Vec<MeterOutcome>, elapsed: Duration, interrupted: bool) 
         per_device.push(o.result);
     }
     latencies.sort();
+    let element: Vec<&DeviceResult> = per_device.iter().filter(|d| d.element).collect();
+    let lifecycle = (!element.is_empty()).then(|| {
+        let mut t = LifecycleTotals {
+            devices: element.len(),
+            ..LifecycleTotals::default()
+        };
+        for d in &element {
+            t.provisioned += usize::from(d.provisioned);
+            t.working += usize::from(d.working);
+            t.provisionings += d.stats.provisionings;
+            t.key_updates += d.stats.key_updates;
+            t.config_updates += d.stats.config_updates;
+            t.releases += d.stats.releases;
+            t.refusals.merge(&d.stats.refusals_by_reason);
+        }
+        t.without_subscription = t.devices - t.working;
+        t
+    });
+    let device_reports = element.into_iter().map(DeviceReport::from).collect();
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let secs = elapsed.as_secs_f64();
     FleetSummary {
@@ -613,6 +1100,8 @@ fn summarize(outcomes: Vec<MeterOutcome>, elapsed: Duration, interrupted: bool) 
             0.0
         },
         interrupted,
+        lifecycle,
+        device_reports,
         per_device,
     }
 }

@@ -8,26 +8,36 @@
 //! when the core's policy says so, retries handshakes with backoff and jitter, and starts a new
 //! handshake when the core goes silent (after a core restart lost the session, say).
 //!
-//! What it does not do: the fleet does not use a secure element yet: device private keys are read
-//! from `fleet.keys` and live in process memory (never logged or printed); [`secure_element`] is
-//! the key store they will move to. It keeps no state between runs; reading sequence numbers stay
-//! unique across runs because they start from the run's start time ([`meter::seq_base`]). It does
-//! not measure the gateway or the core from the inside: it reports what the devices saw.
+//! Two kinds of device. Pre-provisioned meters read their private keys from `fleet.keys` and hold
+//! them in process memory (never logged or printed); they keep no state between runs, and their
+//! reading sequence numbers stay unique because they start from the run's start time
+//! ([`meter::seq_base`]). Devices with a secure element, made by `device-sim manufacture`
+//! ([`factory`]), hold their keys in a [`secure_element::SealedKeyStore`] in their own directory
+//! ([`device_dir`]) and run the credential lifecycle: provisioning with the factory identity,
+//! configuration, credential updates, refusals, release to another operator; they persist what
+//! they must remember and continue from it after a restart. It does not measure the gateway or
+//! the core from the inside: it reports what the devices saw.
 //!
 //! Main types:
 //!
 //! - [`meter::Meter`]: one meter as an I/O-free state machine (`queue_reading`,
 //!   `handle_datagram`, `poll_transmit`, `poll_event`, `poll_timeout`; `now: Instant` passed in),
 //!   with [`meter::MeterEvent`], [`meter::MeterConfig`] and [`meter::MeterStats`];
+//!   [`meter::Meter::with_element`] adds the device rule of the credential lifecycle (a library a
+//!   real device could reuse: the element does the key operations, the caller the I/O and the
+//!   persistence of [`meter::DeviceMemory`]), with [`meter::CrashPoint`]s for kill tests;
 //!   [`meter::reading_payload`] makes the recognisable reading bodies tests look for.
+//! - [`device_dir::DeviceDir`]: a device's directory (sealed key files, KEK, `state.json`), and
+//!   [`factory::manufacture`]: factory-fresh devices and the shipping manifest.
 //! - [`fleet::run_fleet`]: N meters on tokio, one task and one UDP socket each, configured by
-//!   [`fleet::FleetOptions`], ending in a [`fleet::FleetSummary`] (and live
-//!   [`fleet::FleetProgress`]).
+//!   [`fleet::FleetOptions`] (activation waves, sleepy devices, `RELAY_CRASH_AT`), ending in a
+//!   [`fleet::FleetSummary`] (and live [`fleet::FleetProgress`]).
 //! - [`config`]: `device-sim.toml` and `fleet.keys`, validated at the edge.
 //! - [`report`] and [`cli`]: the progress line, the summary table and the `device-sim` command.
-//! - [`secure_element::SealedKeyStore`]: the device's secure element in software (factory and
-//!   subscription keys generated inside, sealed at rest, used by the handshake through
-//!   `relay_protocol::secure_element::SecureElement`, never read out).
+//! - [`secure_element::SealedKeyStore`]: the device's secure element in software (factory,
+//!   subscription and next keys generated inside, sealed at rest, committed and erased
+//!   atomically, used by the handshake through `relay_protocol::secure_element::SecureElement`,
+//!   never read out).
 //! - [`probe`]: `device-sim probe`, whether the core answers a device directly (field-network
 //!   isolation checks).
 //! - [`mod@bench`]: `device-sim bench`, which starts the real `core-stub` and `gateway` and measures
@@ -35,7 +45,8 @@
 //!   idle device ([`bench::run_bench`] → [`bench::BenchReport`]).
 //!
 //! ```text
-//!  device-sim.toml, fleet.keys ─▶ config ─▶ cli ─▶ FleetOptions ─▶ fleet::run_fleet
+//!  device-sim.toml, fleet.keys ─▶ config ─┐
+//!  manufacture ─▶ DIR/<serial>/ (DeviceDir) ┴▶ cli ─▶ FleetOptions ─▶ fleet::run_fleet
 //!                                                                    │ one task per device
 //!   reading tick ─▶ Meter::queue_reading                              ▼
 //!   Meter::poll_transmit ─▶ UdpSocket ══ UDP ══▶ gateway ══ QUIC ══▶ core (Noise responder, store)
@@ -48,6 +59,8 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod device_dir;
+pub mod factory;
 pub mod fleet;
 pub mod meter;
 pub mod probe;
@@ -58,5 +71,9 @@ pub mod secure_element;
 mod test_core;
 
 pub use config::{load_config, load_fleet, parse_fleet, ConfigError, DeviceIdentity, SimConfig};
+pub use device_dir::DeviceDir;
 pub use fleet::{run_fleet, DeviceResult, FleetError, FleetOptions, FleetProgress, FleetSummary};
-pub use meter::{reading_payload, seq_base, Meter, MeterConfig, MeterEvent, MeterStats, Timebase};
+pub use meter::{
+    reading_payload, seq_base, CrashPoint, DeviceMemory, Meter, MeterConfig, MeterEvent,
+    MeterStats, Timebase,
+};

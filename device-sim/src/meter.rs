@@ -1,29 +1,70 @@
 //! One smart meter as an I/O-free state machine: the end-to-end session, the outbox of readings not
-//! yet acknowledged, retransmission with backoff, handshake retry, rekeying, and re-handshaking when
-//! the core has gone silent.
+//! yet acknowledged, retransmission with backoff, handshake retry, rekeying, re-handshaking when
+//! the core has gone silent, and (for a meter with a secure element) the credential lifecycle.
 //!
 //! ```text
 //!  queue_reading ─▶ outbox (≤ outbox_cap) ─▶ poll_transmit ─▶ datagram ─▶ (caller sends it)
 //!                    │  ≤ window in flight     ▲ HandshakeInit when needed
 //!                    ▼                         │
-//!  handle_datagram ◀─ (caller received it) ── acks remove readings ─▶ poll_event: Acked, Established
+//!  handle_datagram ◀─ (caller received it) ── acks remove readings ─▶ poll_event: Acked, ...
 //!  poll_timeout: when to call poll_transmit again
 //! ```
+//!
+//! Two kinds of meter:
+//!
+//! - **Pre-provisioned** ([`Meter::new`], [`Meter::with_session`]): one static key (from
+//!   `fleet.keys`, or one element slot the caller picked), registered at the core beforehand.
+//! - **With a secure element** ([`Meter::with_element`]): the device rule of the credential
+//!   lifecycle (`docs/protocol.md`) picks the slot for every handshake; provisioning with the
+//!   factory identity, credential updates on a `Rotate` notice, configuration, refusals and
+//!   release to another operator are handled here. The element performs the key operations; this
+//!   module decides which (see [the device rule](self#the-device-rule) below).
+//!
+//! # The device rule
+//!
+//! At every handshake (start, rekey, silence, retry):
+//!
+//! 1. `Next` holds a key: handshake with it; established → `commit(Next, Subscription)`.
+//! 2. else (or refused): handshake with `Subscription` if it holds a key (carrying `NextKey`
+//!    while a credential update is being announced).
+//! 3. refused with a reason that [`RefusalReason::needs_factory`], or no subscription key: erase
+//!    `Next`, generate a fresh one, handshake with `Factory` carrying `NextKey`; on `KeyAccepted`
+//!    go to step 1. Nothing is ever sent on a session made with the factory key.
+//! 4. refused `Released` with a [`Release`]: switch the core key and endpoint
+//!    ([`MeterEvent::Released`] tells the caller to re-target), then 3.
+//!
+//! Suspended, Revoked, Unclaimed, NotActivated: back off and try again later (no factory
+//! fallback). A `Rotate` notice (on a handshake response or an acknowledgement) generates `Next`
+//! and starts 2 with `NextKey`, then 1. Crash points ([`CrashPoint`]) let kill tests stop the
+//! device between any two of these steps.
 //!
 //! Nothing here reads a clock, touches a socket or needs tokio: `now: Instant` comes in with every
 //! call, wall-clock time for handshake timestamps comes from a [`Timebase`] the caller anchors,
 //! and randomness (session ids, jitter) from a seed the caller chooses. Tests drive a meter against
-//! an in-memory core in virtual time.
+//! an in-memory core in virtual time. The secure element may write its own files (a software
+//! element seals keys on disk); everything else the device must remember is handed out as
+//! [`DeviceMemory`] for the caller to persist when [`MeterEvent::StateChanged`] says so.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use relay_protocol::frame::SessionId;
-use relay_protocol::payload::{Message, ReadingSeq, MAX_READING};
+use relay_protocol::payload::{
+    DeviceConfig, InitPayload, Message, Notices, ReadingSeq, RefusalReason, Release,
+    ResponsePayload, MAX_READING,
+};
+use relay_protocol::secure_element::{KeySlot, SecureElement};
 use relay_protocol::session::{DeviceEvent, DeviceSession, PublicKey, SessionError, StaticKeypair};
 use relay_protocol::DecodeError;
+
+mod lifecycle;
+
+pub use lifecycle::{CrashHook, CrashPoint, DeviceMemory, RefusalCounts};
+use lifecycle::{Lifecycle, Step};
 
 /// How many bits of a reading sequence number count readings within one run; the bits above hold
 /// the run's start time in Unix milliseconds. See [`seq_base`].
@@ -94,6 +135,14 @@ pub struct MeterConfig {
     /// With readings outstanding and no authenticated frame from the core for this long, the
     /// session is presumed lost (the core restarted, say) and a new handshake starts.
     pub silence_timeout: Duration,
+    /// After an authenticated refusal (suspended, not activated yet, …) the next handshake waits
+    /// this long (plus jitter).
+    pub refused_retry_initial: Duration,
+    /// Refusal backoff doubles up to this.
+    pub refused_retry_max: Duration,
+    /// Handshakes with the `Next` key that may go unanswered in a row before the device rule
+    /// moves on to the subscription (or factory) key for the rest of the contact.
+    pub next_key_attempts: u32,
 }
 
 impl Default for MeterConfig {
@@ -106,14 +155,17 @@ impl Default for MeterConfig {
             handshake_retry_initial: Duration::from_secs(1),
             handshake_retry_max: Duration::from_secs(30),
             silence_timeout: Duration::from_secs(3),
+            refused_retry_initial: Duration::from_secs(5),
+            refused_retry_max: Duration::from_secs(300),
+            next_key_attempts: 3,
         }
     }
 }
 
 /// What the meter tells its driver, drained with [`Meter::poll_event`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeterEvent {
-    /// A handshake completed: readings flow on the new session.
+    /// A handshake completed on which readings flow (never one made with the factory key).
     Established {
         /// The core's rekey policy for the session.
         rekey_after: Duration,
@@ -125,6 +177,33 @@ pub enum MeterEvent {
         /// From the reading's first transmission to its acknowledgement.
         latency: Duration,
     },
+    /// The core refused a handshake (authenticated): no session.
+    Refused {
+        /// Why.
+        reason: RefusalReason,
+        /// The key slot the handshake used (`None` for a pre-provisioned meter).
+        slot: Option<KeySlot>,
+    },
+    /// The core bound the proposed `Next` key (phase 1 of a switch).
+    KeyAccepted {
+        /// Provisioning with the factory identity (else a credential update).
+        provisioning: bool,
+    },
+    /// A handshake with `Next` succeeded and the key is committed as the subscription key.
+    KeyCommitted {
+        /// It completed a provisioning (else a credential update).
+        provisioning: bool,
+    },
+    /// A configuration arrived (handshake response or acknowledgement) and is now in force.
+    ConfigApplied(DeviceConfig),
+    /// The device was released to another operator: its core key is switched; from now on send
+    /// to `endpoint` (`HOST:PORT`).
+    Released {
+        /// The new core's address.
+        endpoint: String,
+    },
+    /// [`Meter::memory`] changed: persist it.
+    StateChanged,
 }
 
 /// Why a reading was not queued. The caller's input or the meter's capacity: count it.
@@ -203,6 +282,21 @@ pub struct MeterStats {
     pub silence_rehandshakes: u64,
     /// Datagrams dropped as bad (see [`DatagramError`]).
     pub bad_datagrams: u64,
+    /// Handshakes the core refused, every reason.
+    pub refusals: u64,
+    /// Refusals by reason.
+    pub refusals_by_reason: RefusalCounts,
+    /// Provisionings with the factory identity completed (a subscription key committed).
+    pub provisionings: u64,
+    /// Credential updates completed (a new subscription key committed after a `Rotate`, or
+    /// after a restart in the middle of one).
+    pub key_updates: u64,
+    /// `Rotate` notices acted on.
+    pub rotations: u64,
+    /// Configurations applied (a new version, or the first).
+    pub config_updates: u64,
+    /// Releases to another operator followed.
+    pub releases: u64,
 }
 
 #[derive(Debug)]
@@ -216,6 +310,9 @@ struct Outgoing {
 #[derive(Debug)]
 struct HandshakeAttempt {
     retry_at: Instant,
+    /// What the handshake in flight does (lifecycle meters); `None` while backing off after a
+    /// refusal or before any attempt.
+    step: Option<Step>,
 }
 
 /// One meter: see the [module docs](self).
@@ -245,6 +342,20 @@ pub struct Meter {
     events: VecDeque<MeterEvent>,
     stats: MeterStats,
     plaintext: Vec<u8>,
+    /// The current session may carry readings: established with a pre-provisioned or subscription
+    /// key, and no refusal since. Never true for a session made with the factory key.
+    usable: bool,
+    /// Start a handshake at the next [`Meter::poll_transmit`] (a step of the device rule).
+    want_handshake: bool,
+    /// The backoff after the next refusal.
+    next_refused_backoff: Duration,
+    /// The configuration in force, reported in every handshake.
+    device_config: Option<DeviceConfig>,
+    /// The credential lifecycle, for a meter with a secure element.
+    lifecycle: Option<Lifecycle>,
+    crash_hook: Option<CrashHook>,
+    /// A crash hook stopped the meter: it does nothing more.
+    crashed: bool,
 }
 
 impl Meter {
@@ -277,6 +388,7 @@ impl Meter {
         seed: u64,
     ) -> Self {
         let next_handshake_backoff = config.handshake_retry_initial;
+        let next_refused_backoff = config.refused_retry_initial;
         Self {
             serial: serial.into(),
             session,
@@ -295,7 +407,106 @@ impl Meter {
             events: VecDeque::new(),
             stats: MeterStats::default(),
             plaintext: Vec::new(),
+            usable: false,
+            want_handshake: false,
+            next_refused_backoff,
+            device_config: None,
+            lifecycle: None,
+            crash_hook: None,
+            crashed: false,
         }
+    }
+
+    /// A meter whose keys are in `element` and which runs the credential lifecycle (see the
+    /// [module docs](self#the-device-rule)): factory-fresh (only the factory key), provisioned,
+    /// or stopped in the middle of a switch, the slots decide. `memory` is what the device
+    /// remembered (configuration, a release: then its core key replaces `core`). Fails if the
+    /// element holds no key at all.
+    pub fn with_element(
+        serial: impl Into<String>,
+        element: Arc<dyn SecureElement>,
+        core: PublicKey,
+        memory: DeviceMemory,
+        config: MeterConfig,
+        timebase: Timebase,
+        seed: u64,
+    ) -> Result<Self, SessionError> {
+        let core = memory.release.as_ref().map_or(core, |r| r.core);
+        let slots = element.slots();
+        let slot = [KeySlot::Next, KeySlot::Subscription, KeySlot::Factory]
+            .into_iter()
+            .find(|s| slots.contains(s))
+            .unwrap_or(KeySlot::Factory);
+        let session = DeviceSession::with_key_store(Arc::clone(&element), slot, core)?;
+        let mut meter = Self::with_session(serial, session, config, timebase, seed);
+        meter.device_config = memory.config;
+        meter.lifecycle = Some(Lifecycle::new(element, memory.release));
+        Ok(meter)
+    }
+
+    /// Called at each [`CrashPoint`]; a hook that returns `true` stops the meter there (a test's
+    /// simulated crash; a real device's hook aborts the process and never returns).
+    pub fn set_crash_hook(&mut self, hook: CrashHook) {
+        self.crash_hook = Some(hook);
+    }
+
+    /// Whether a crash hook stopped the meter.
+    pub fn crashed(&self) -> bool {
+        self.crashed
+    }
+
+    /// The configuration in force, if the core sent one.
+    pub fn device_config(&self) -> Option<&DeviceConfig> {
+        self.device_config.as_ref()
+    }
+
+    /// What the device must remember across restarts besides its keys.
+    pub fn memory(&self) -> DeviceMemory {
+        DeviceMemory {
+            config: self.device_config,
+            release: self.lifecycle.as_ref().and_then(|l| l.release.clone()),
+        }
+    }
+
+    /// Where the device sends after a release (`HOST:PORT`); `None`: where it was configured to.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.lifecycle
+            .as_ref()
+            .and_then(|l| l.release.as_ref())
+            .map(|r| r.endpoint.as_str())
+    }
+
+    /// The core's static public key the meter talks to.
+    pub fn core(&self) -> &PublicKey {
+        self.session.core()
+    }
+
+    /// The element slot of the key the meter handshakes with now (`None`: a key in memory).
+    pub fn slot(&self) -> Option<KeySlot> {
+        self.session.slot()
+    }
+
+    /// Whether the device holds a subscription key (a pre-provisioned meter always does).
+    pub fn is_provisioned(&self) -> bool {
+        self.lifecycle
+            .as_ref()
+            .is_none_or(|l| l.element.public(KeySlot::Subscription).is_ok())
+    }
+
+    /// Whether the meter has a working subscription now: a session readings flow on,
+    /// established with a pre-provisioned or subscription key, no refusal since.
+    pub fn has_working_session(&self) -> bool {
+        self.usable && self.session.is_established()
+    }
+
+    /// Whether nothing is left to do before the device may sleep: every reading acknowledged,
+    /// no handshake under way or due, no key switch in progress, a working session.
+    pub fn is_idle(&self) -> bool {
+        self.outbox.is_empty()
+            && self.handshake.is_none()
+            && !self.want_handshake
+            && self.has_working_session()
+            && self.lifecycle.as_ref().is_none_or(Lifecycle::is_settled)
     }
 
     /// The meter's serial number.
@@ -375,6 +586,9 @@ impl Meter {
     /// [`Meter::poll_event`]. A bad datagram is counted and returned as an error; the meter's
     /// state is as before.
     pub fn handle_datagram(&mut self, datagram: &[u8], now: Instant) -> Result<(), DatagramError> {
+        if self.crashed {
+            return Ok(());
+        }
         let result = self.handle_datagram_inner(datagram, now);
         if result.is_err() {
             self.stats.bad_datagrams += 1;
@@ -390,8 +604,12 @@ impl Meter {
         let mut plaintext = std::mem::take(&mut self.plaintext);
         let event = self.session.handle_datagram(datagram, now, &mut plaintext);
         let result = match event {
-            Ok(DeviceEvent::Established { rekey_after }) => {
-                self.on_established(rekey_after, now);
+            Ok(DeviceEvent::Established { response }) => {
+                self.on_response(response, true, now);
+                Ok(())
+            }
+            Ok(DeviceEvent::Refused { response }) => {
+                self.on_response(response, false, now);
                 Ok(())
             }
             Ok(DeviceEvent::Plaintext) => {
@@ -405,10 +623,59 @@ impl Meter {
         result
     }
 
-    fn on_established(&mut self, rekey_after: Duration, now: Instant) {
-        self.stats.handshakes += 1;
-        self.handshake = None;
+    /// A handshake response: `established` a session, or refused.
+    fn on_response(&mut self, response: ResponsePayload, established: bool, now: Instant) {
+        let step = self.handshake.take().and_then(|a| a.step);
         self.next_handshake_backoff = self.config.handshake_retry_initial;
+        if established {
+            self.stats.handshakes += 1;
+            self.next_refused_backoff = self.config.refused_retry_initial;
+        }
+        if let Some(reason) = response.refused {
+            self.stats.refusals += 1;
+            self.stats.refusals_by_reason.add(reason);
+            self.events.push_back(MeterEvent::Refused {
+                reason,
+                slot: self.session.slot(),
+            });
+        }
+        match (self.lifecycle.is_some(), step) {
+            (true, Some(step)) => self.lifecycle_response(step, &response, now),
+            (true, None) => {
+                // The answer to an initiation the device rule has moved on from (its retry could
+                // not start): which key made it is not known here, so nothing is sent on it and
+                // the rule starts again.
+                self.usable = false;
+                match response.refused {
+                    None => self.want_handshake = true,
+                    Some(_) => self.back_off(now),
+                }
+                return;
+            }
+            (false, _) => match response.refused {
+                None => self.on_usable(response.rekey_after_secs, now),
+                Some(_) => {
+                    self.usable = false;
+                    self.back_off(now);
+                }
+            },
+        }
+        if self.crashed {
+            return;
+        }
+        if established {
+            self.on_notices(&response.notices, now);
+        } else if let (Some(RefusalReason::Released), Some(release)) =
+            (response.refused, &response.notices.release)
+        {
+            self.on_release(release.clone(), now);
+        }
+    }
+
+    /// A session readings may flow on is established.
+    fn on_usable(&mut self, rekey_after_secs: u32, now: Instant) {
+        let rekey_after = Duration::from_secs(u64::from(rekey_after_secs));
+        self.usable = true;
         self.rekey_at = now.checked_add(rekey_after);
         if self.suspect || self.silent(now) {
             // The old session is presumed gone with everything sent on it: resend at once rather
@@ -426,6 +693,30 @@ impl Meter {
             .push_back(MeterEvent::Established { rekey_after });
     }
 
+    /// Waits before the next handshake after a refusal, doubling each time.
+    fn back_off(&mut self, now: Instant) {
+        let backoff = self.next_refused_backoff;
+        self.next_refused_backoff = (backoff * 2).min(self.config.refused_retry_max);
+        let jitter = backoff.mul_f64(self.rng.gen_range(0.0..0.25));
+        self.handshake = Some(HandshakeAttempt {
+            retry_at: now + backoff + jitter,
+            step: None,
+        });
+    }
+
+    /// Configuration, update notice, release: from a handshake response or an acknowledgement.
+    fn on_notices(&mut self, notices: &Notices, now: Instant) {
+        if let Some(config) = notices.config {
+            self.apply_config(config);
+        }
+        if notices.rotate {
+            self.on_rotate(now);
+        }
+        if let Some(release) = &notices.release {
+            self.on_release(release.clone(), now);
+        }
+    }
+
     /// An authenticated frame arrived: the core is alive. Silence counts afresh from here, for
     /// the readings still unacknowledged.
     fn heard(&mut self, now: Instant) {
@@ -435,9 +726,13 @@ impl Meter {
 
     fn on_message(&mut self, plaintext: &[u8], now: Instant) -> Result<(), DatagramError> {
         match Message::decode(plaintext).map_err(DatagramError::Message)? {
-            Message::Ack { seqs } => {
+            Message::Ack { seqs, notices } => {
                 for seq in seqs {
                     self.ack(seq, now);
+                }
+                // The piggyback: configuration, update notice, release ride on acknowledgements.
+                if !notices.is_empty() {
+                    self.on_notices(&notices, now);
                 }
                 Ok(())
             }
@@ -472,6 +767,9 @@ impl Meter {
     /// The next datagram to send, if any is due at `now`. Call it until it returns `None`, then
     /// wait until [`Meter::poll_timeout`], a datagram arrives or a reading is queued.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if self.crashed {
+            return None;
+        }
         if let Some(init) = self.poll_handshake(now) {
             return Some(init);
         }
@@ -490,7 +788,7 @@ impl Meter {
     }
 
     fn can_send(&self) -> bool {
-        self.session.is_established() && !self.suspect
+        self.usable && self.session.is_established() && !self.suspect && !self.crashed
     }
 
     fn silent(&self, now: Instant) -> bool {
@@ -503,9 +801,17 @@ impl Meter {
     fn poll_handshake(&mut self, now: Instant) -> Option<Vec<u8>> {
         match &self.handshake {
             Some(attempt) if now < attempt.retry_at => return None,
-            Some(_) => {}
+            Some(attempt) => {
+                // The attempt went unanswered (or a refusal's backoff is over).
+                let step = attempt.step;
+                if let (Some(l), Some(step)) = (self.lifecycle.as_mut(), step) {
+                    l.unanswered(step);
+                }
+            }
             None => {
-                if self.session.is_established() && !self.session.needs_handshake(now) {
+                if self.want_handshake {
+                    // A step of the device rule: at once.
+                } else if self.usable && !self.session.needs_handshake(now) {
                     if !self.silent(now) {
                         return None;
                     }
@@ -513,10 +819,21 @@ impl Meter {
                     self.silence_from = None;
                     self.stats.silence_rehandshakes += 1;
                     tracing::debug!(serial = %self.serial, "core silent; new handshake");
+                    self.new_contact();
+                } else if self.usable {
+                    // A rekey: a new contact, where the device rule starts from the top.
+                    self.new_contact();
                 }
             }
         }
+        self.want_handshake = false;
         self.start_handshake(now)
+    }
+
+    fn new_contact(&mut self) {
+        if let Some(l) = self.lifecycle.as_mut() {
+            l.new_contact();
+        }
     }
 
     fn start_handshake(&mut self, now: Instant) -> Option<Vec<u8>> {
@@ -526,19 +843,44 @@ impl Meter {
         let jitter = backoff.mul_f64(self.rng.gen_range(0.0..0.25));
         self.handshake = Some(HandshakeAttempt {
             retry_at: now + backoff + jitter,
+            step: None,
         });
-        // The core refuses an initiation not newer than the last it accepted from this key.
-        let timestamp = self.timebase.unix_ms_at(now).max(self.last_timestamp + 1);
-        self.last_timestamp = timestamp;
+        let mut payload = InitPayload {
+            // The core refuses an initiation not newer than the last it accepted from this key.
+            timestamp: self.timebase.unix_ms_at(now).max(self.last_timestamp + 1),
+            next_key: None,
+            config_version: self.device_config.map(|c| c.version),
+        };
+        if self.lifecycle.is_some() {
+            // The device rule picks the key (and may generate one, or stop at a crash point).
+            let step = self.choose_step(now)?;
+            if let Err(e) = self.session.set_slot(step.slot()) {
+                tracing::warn!(serial = %self.serial, error = %e, "key slot unusable");
+                return None;
+            }
+            payload.next_key = step.proposed();
+            // The factory handshake's answer always carries the configuration; every other
+            // handshake reports the version in force, 0 for none (profiles start at 1), so that
+            // a device that lost its configuration gets it again.
+            payload.config_version = match step {
+                Step::Factory { .. } => None,
+                _ => Some(self.device_config.map_or(0, |c| c.version)),
+            };
+            if let Some(attempt) = self.handshake.as_mut() {
+                attempt.step = Some(step);
+            }
+        }
+        self.last_timestamp = payload.timestamp;
         let id = SessionId(self.rng.gen());
-        match self.session.start_handshake(id, timestamp, now) {
+        match self.session.start_handshake_with_payload(id, &payload, now) {
             Ok(init) => {
                 self.stats.handshakes_started += 1;
                 Some(init)
             }
             Err(e) => {
-                // Local key material refused by snow: nothing a retry can fix quickly, but the
-                // retry timer is set, so the meter keeps trying rather than stalling.
+                // Local key material refused by snow, or the element failed: nothing a retry can
+                // fix quickly, but the retry timer is set, so the meter keeps trying rather than
+                // stalling.
                 tracing::warn!(serial = %self.serial, error = %e, "cannot start handshake");
                 None
             }
@@ -598,6 +940,9 @@ impl Meter {
                 at = Some(at.map_or(t, |a| a.min(t)));
             }
         };
+        if self.crashed {
+            return None;
+        }
         match &self.handshake {
             Some(attempt) => consider(Some(attempt.retry_at)),
             None => {

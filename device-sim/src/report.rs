@@ -23,7 +23,61 @@ pub fn progress_line(p: &ProgressSnapshot, elapsed: Duration) -> String {
     if p.bad_datagrams > 0 {
         let _ = write!(line, "  bad {}", p.bad_datagrams);
     }
+    if p.provisionings > 0 {
+        let _ = write!(line, "  provisioned {}", p.provisionings);
+    }
+    if p.refusals > 0 {
+        let _ = write!(line, "  handshakes refused {}", p.refusals);
+    }
     line
+}
+
+/// The lifecycle part of the summary (devices with a secure element): totals, refusals by reason,
+/// and the devices left without a working subscription (the first 20).
+pub fn lifecycle_table(s: &FleetSummary) -> String {
+    let Some(l) = &s.lifecycle else {
+        return String::new();
+    };
+    let mut rows: Vec<(String, String)> = vec![
+        ("devices with an element".into(), l.devices.to_string()),
+        ("provisioned".into(), l.provisioned.to_string()),
+        ("working subscription".into(), l.working.to_string()),
+        (
+            "without subscription".into(),
+            l.without_subscription.to_string(),
+        ),
+        ("provisionings".into(), l.provisionings.to_string()),
+        ("key updates".into(), l.key_updates.to_string()),
+        ("config updates".into(), l.config_updates.to_string()),
+        ("releases followed".into(), l.releases.to_string()),
+    ];
+    for (reason, n) in l.refusals.iter() {
+        rows.push((format!("refused: {}", reason.label()), n.to_string()));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in rows {
+        let _ = writeln!(out, "{k:<width$}  {v}");
+    }
+    for d in s.device_reports.iter().filter(|d| !d.working).take(20) {
+        let refusals: Vec<String> = d
+            .refusals
+            .iter()
+            .map(|(r, n)| format!("{}×{n}", r.label()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  no subscription: {} (provisioned {}, refusals {})",
+            d.serial,
+            d.provisioned,
+            if refusals.is_empty() {
+                "none".to_owned()
+            } else {
+                refusals.join(" ")
+            }
+        );
+    }
+    out
 }
 
 /// The summary as an aligned two-column table, one line per figure, ending with a newline.
@@ -94,6 +148,8 @@ mod tests {
             elapsed_secs: 2.0,
             acknowledged_per_sec: 5.0,
             interrupted: false,
+            lifecycle: None,
+            device_reports: Vec::new(),
             per_device: Vec::new(),
         };
         let t = summary_table(&s);

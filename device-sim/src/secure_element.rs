@@ -10,12 +10,22 @@
 //!    ─▶ MemoryKeyStore (in memory, zeroed on drop) ─▶ dh(slot, peer) for the Noise handshake
 //!  SealedKeyStore::open(dir, serial, kek)
 //!    drop leftover temp files ─▶ unseal each <slot>.key ─▶ MemoryKeyStore
+//!  SecureElement::commit(Next, Subscription)
+//!    unseal next.key ─▶ seal under "subscription" ─▶ write subscription.key atomically
+//!    ─▶ remove next.key ─▶ fsync dir ─▶ move in memory
+//!  SecureElement::erase(slot)
+//!    remove <slot>.key ─▶ fsync dir ─▶ drop from memory (zeroed)
 //! ```
 //!
-//! Slots: [`KeySlot::Factory`] (the device's identity, generated at manufacture) and
-//! [`KeySlot::Subscription`] (generated later). The serial number and the slot name are the
+//! Slots: [`KeySlot::Factory`] (the device's identity, generated at manufacture, never moved,
+//! replaced or erased), [`KeySlot::Subscription`] (the committed subscription key) and
+//! [`KeySlot::Next`] (a key being switched to). The serial number and the slot name are the
 //! associated data, so a key file copied to another device, or renamed to another slot, does not
-//! open.
+//! open; a commit therefore seals the key again for its new slot.
+//!
+//! A crash inside a commit leaves either the old arrangement (before the rename) or the key in
+//! both `next.key` and `subscription.key` (after it): never a slot without a whole key. The
+//! device rule (handshake with Next first, commit on success) finishes the move on restart.
 //!
 //! A crash never leaves a torn key file: a key file appears only by `rename` of a complete,
 //! fsynced temporary file, so `<slot>.key` is either absent or whole; a leftover temporary file is
@@ -193,8 +203,9 @@ pub struct SealedKeyStore {
     serial: String,
     kek: KeyEncryptionKey,
     keys: MemoryKeyStore,
-    /// Serialises `generate`: the slot check, the file write and the import are one step.
-    generating: Mutex<()>,
+    /// Serialises the commands that write: `generate` (slot check, file write, import),
+    /// `commit` and `erase`.
+    writing: Mutex<()>,
 }
 
 impl SealedKeyStore {
@@ -214,7 +225,7 @@ impl SealedKeyStore {
             serial: serial.to_owned(),
             kek,
             keys: MemoryKeyStore::new(),
-            generating: Mutex::new(()),
+            writing: Mutex::new(()),
         };
         for slot in KeySlot::ALL {
             let name = file_name(slot);
@@ -246,7 +257,7 @@ impl SealedKeyStore {
 
     /// Generates the key of the empty `slot`: sealed and durably on disk before it is usable.
     pub fn generate_sealed(&self, slot: KeySlot) -> Result<PublicKey, SealedStoreError> {
-        let _generating = lock(&self.generating);
+        let _writing = lock(&self.writing);
         if self.keys.public(slot).is_ok() {
             return Err(KeyStoreError::Occupied(slot).into());
         }
@@ -263,6 +274,80 @@ impl SealedKeyStore {
             .and_then(|keypair| Ok(self.keys.import(slot, keypair)?));
         private.fill(0);
         result
+    }
+
+    /// Moves the key in `from` to `to` on disk and in memory (see [`SecureElement::commit`]):
+    /// the key is re-sealed under `to`'s associated data and written atomically over `to`'s
+    /// file, and only then is `from`'s file removed. A crash between the two steps leaves the
+    /// same key in both slots, which the device rule resolves: it handshakes with `from` (still
+    /// [`KeySlot::Next`]) and commits again.
+    pub fn commit_sealed(&self, from: KeySlot, to: KeySlot) -> Result<(), SealedStoreError> {
+        if from == KeySlot::Factory || to == KeySlot::Factory {
+            return Err(factory_is_fixed());
+        }
+        if from == to {
+            return Ok(());
+        }
+        let _writing = lock(&self.writing);
+        self.keys.public(from)?;
+        self.copy_sealed(from, to)?;
+        self.remove_file(from)?;
+        self.keys.commit(from, to)?;
+        Ok(())
+    }
+
+    /// Destroys the key in `slot`: its file first (durably), then the copy in memory. The factory
+    /// slot refuses.
+    pub fn erase_sealed(&self, slot: KeySlot) -> Result<(), SealedStoreError> {
+        if slot == KeySlot::Factory {
+            return Err(factory_is_fixed());
+        }
+        let _writing = lock(&self.writing);
+        self.remove_file(slot)?;
+        self.keys.erase(slot)?;
+        Ok(())
+    }
+
+    /// The first step of a commit: `from`'s key, unsealed from its file and sealed again for
+    /// `to`, written atomically as `to`'s file. `from`'s file stays (and the keys in memory are
+    /// untouched): what a crash inside [`SealedKeyStore::commit_sealed`] leaves on disk, which
+    /// crash tests recreate with it.
+    pub(crate) fn copy_sealed(&self, from: KeySlot, to: KeySlot) -> Result<(), SealedStoreError> {
+        let path = self.key_file(from);
+        let mut sealed = read_secret_file(&path)?.ok_or(KeyStoreError::Empty(from))?;
+        let private = self.unseal_scalar(from, &path, &mut sealed);
+        sealed.fill(0);
+        let mut private = private?;
+        let result = StaticKeypair::from_private(&private)
+            .map_err(|_| SealedStoreError::Crypto)
+            .and_then(|keypair| {
+                if *keypair.public() == self.keys.public(from)? {
+                    Ok(())
+                } else {
+                    // The file changed behind the store's back since it was opened.
+                    Err(SealedStoreError::Malformed {
+                        path: path.clone(),
+                        reason: "the key file no longer holds the key in use",
+                    })
+                }
+            })
+            .and_then(|()| self.seal(to, &private, &SystemRandom::new()))
+            .and_then(|sealed| write_atomic(&self.dir, &file_name(to), &sealed));
+        private.fill(0);
+        result
+    }
+
+    /// Removes `slot`'s key file, if any, and makes the removal durable.
+    fn remove_file(&self, slot: KeySlot) -> Result<(), SealedStoreError> {
+        let path = self.key_file(slot);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(io_error(&path)(source)),
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.dir))
     }
 
     fn aad(&self, slot: KeySlot) -> Vec<u8> {
@@ -308,6 +393,23 @@ impl SealedKeyStore {
         path: &Path,
         file: &mut [u8],
     ) -> Result<StaticKeypair, SealedStoreError> {
+        let mut private = self.unseal_scalar(slot, path, file)?;
+        let keypair =
+            StaticKeypair::from_private(&private).map_err(|_| SealedStoreError::Malformed {
+                path: path.to_owned(),
+                reason: "bad key length",
+            });
+        private.fill(0);
+        keypair
+    }
+
+    /// The private scalar sealed in `file` (the contents of `path`, `slot`'s key file).
+    fn unseal_scalar(
+        &self,
+        slot: KeySlot,
+        path: &Path,
+        file: &mut [u8],
+    ) -> Result<[u8; KEY_LEN], SealedStoreError> {
         let malformed = |reason| SealedStoreError::Malformed {
             path: path.to_owned(),
             reason,
@@ -324,16 +426,16 @@ impl SealedKeyStore {
         let (head, sealed) = file.split_at_mut(HEADER_LEN + NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(&head[HEADER_LEN..])
             .map_err(|_| malformed("bad nonce"))?;
-        let private = self
+        let opened = self
             .kek
             .aead()?
             .open_in_place(nonce, Aad::from(self.aad(slot)), sealed)
             .map_err(|_| SealedStoreError::Unseal {
                 path: path.to_owned(),
             })?;
-        let keypair = StaticKeypair::from_private(private).map_err(|_| malformed("bad key length"));
-        private.fill(0);
-        keypair
+        let private = <[u8; KEY_LEN]>::try_from(&*opened).map_err(|_| malformed("bad key length"));
+        opened.fill(0);
+        private
     }
 }
 
@@ -347,10 +449,7 @@ impl SecureElement for SealedKeyStore {
     }
 
     fn generate(&self, slot: KeySlot) -> Result<PublicKey, KeyStoreError> {
-        self.generate_sealed(slot).map_err(|e| match e {
-            SealedStoreError::KeyStore(e) => e,
-            other => KeyStoreError::Backend(Box::new(other)),
-        })
+        self.generate_sealed(slot).map_err(into_key_store_error)
     }
 
     fn dh(
@@ -361,6 +460,27 @@ impl SecureElement for SealedKeyStore {
     ) -> Result<(), KeyStoreError> {
         self.keys.dh(slot, peer_public, out)
     }
+
+    fn commit(&self, from: KeySlot, to: KeySlot) -> Result<(), KeyStoreError> {
+        self.commit_sealed(from, to).map_err(into_key_store_error)
+    }
+
+    fn erase(&self, slot: KeySlot) -> Result<(), KeyStoreError> {
+        self.erase_sealed(slot).map_err(into_key_store_error)
+    }
+}
+
+fn into_key_store_error(e: SealedStoreError) -> KeyStoreError {
+    match e {
+        SealedStoreError::KeyStore(e) => e,
+        other => KeyStoreError::Backend(Box::new(other)),
+    }
+}
+
+fn factory_is_fixed() -> SealedStoreError {
+    SealedStoreError::KeyStore(KeyStoreError::Backend(
+        "the factory identity is never moved, replaced or erased".into(),
+    ))
 }
 
 impl fmt::Debug for SealedKeyStore {
@@ -382,7 +502,7 @@ fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
 }
 
 /// Creates `dir` (and parents) if missing, the last component 0700.
-fn create_private_dir(dir: &Path) -> Result<(), SealedStoreError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), SealedStoreError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -395,7 +515,7 @@ fn create_private_dir(dir: &Path) -> Result<(), SealedStoreError> {
 
 /// The contents of the secret file at `path`, or `None` if there is none. Refuses a file that
 /// group or others may read or write.
-fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SealedStoreError> {
+pub(crate) fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SealedStoreError> {
     let contents = match fs::read(path) {
         Ok(c) => c,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -422,7 +542,7 @@ fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SealedStoreError> {
 }
 
 /// Removes temporary files for `name` that a crash between create and rename left in `dir`.
-fn remove_leftovers(dir: &Path, name: &str) -> Result<(), SealedStoreError> {
+pub(crate) fn remove_leftovers(dir: &Path, name: &str) -> Result<(), SealedStoreError> {
     let prefix = format!(".{name}{TEMP_MARKER}");
     for entry in fs::read_dir(dir).map_err(io_error(dir))? {
         let entry = entry.map_err(io_error(dir))?;
@@ -445,7 +565,11 @@ fn remove_leftovers(dir: &Path, name: &str) -> Result<(), SealedStoreError> {
 /// Writes `contents` to `dir/name` so that a crash at any point leaves either the old file or
 /// the complete new one: a fresh 0600 temporary file in the same directory, fsync, rename over
 /// `name`, fsync the directory (which makes the rename durable).
-fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), SealedStoreError> {
+pub(crate) fn write_atomic(
+    dir: &Path,
+    name: &str,
+    contents: &[u8],
+) -> Result<(), SealedStoreError> {
     let mut suffix = [0u8; 8];
     SystemRandom::new()
         .fill(&mut suffix)

@@ -1,21 +1,64 @@
 //! Test only: a minimal in-memory core built on `relay_protocol::session::Responder`, enough to
-//! drive meters against: it accepts any device key, refuses initiations whose timestamp does not
-//! grow, stores readings once per `(device, seq)` and acknowledges every reading it opens. It is
-//! not `core-stub`.
+//! drive meters against. By default it accepts any device key, refuses initiations whose timestamp
+//! does not grow, stores readings once per `(device, seq)` and acknowledges every reading it opens.
+//!
+//! Devices [`TestCore::register`]ed by their factory key run the credential lifecycle of the
+//! design (a model of the core's engine, not `core-stub`): claim and activation, provisioning with
+//! the factory key (`KeyAccepted` + `Config`, no session kept), two-phase credential updates,
+//! `Rotate` and `Config` notices on handshake responses and piggybacked on acknowledgements,
+//! suspension, quarantine, ownership change (`Reprovision`) and release (`Released` + `Release`).
+//! Their readings are stored under the factory key, whatever subscription key carried them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use relay_protocol::frame::{DeviceFrame, SessionId};
-use relay_protocol::payload::{Message, ReadingSeq, ResponsePayload, MAX_ACKS};
-use relay_protocol::session::{PublicKey, Responder, StaticKeypair, Transport};
+use relay_protocol::payload::{
+    DeviceConfig, InitPayload, Message, Notices, ReadingSeq, RefusalReason, Release,
+    ResponsePayload, MAX_ACKS,
+};
+use relay_protocol::session::{IncomingHandshake, PublicKey, Responder, StaticKeypair, Transport};
+
+/// A registered device's subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Subscription {
+    pub key: PublicKey,
+    pub next: Option<PublicKey>,
+    pub status: Status,
+    pub rotate: bool,
+    pub config_version: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    Active,
+    Suspended,
+    Revoked,
+    Quarantined,
+    /// Revoked by an ownership change: the device re-provisions.
+    Transferred,
+}
+
+/// A registered device (by its factory key).
+#[derive(Clone, Debug)]
+pub(crate) struct Registered {
+    pub factory: PublicKey,
+    pub claimed: bool,
+    pub activated: bool,
+    pub subscription: Option<Subscription>,
+    pub retired: Vec<PublicKey>,
+    pub released: Option<Release>,
+    pub provisionings: u64,
+}
 
 pub(crate) struct TestCore {
     key_hex: String,
     responder: Responder,
+    /// Session → (transport, the device's identity: its key, or a registered device's factory
+    /// key).
     sessions: HashMap<SessionId, (Transport, PublicKey)>,
     next_id: u32,
-    /// The last accepted handshake timestamp per device; kept across restarts, as if persisted.
+    /// The last accepted handshake timestamp per key; kept across restarts, as if persisted.
     last_timestamp: HashMap<PublicKey, u64>,
     pub store: HashMap<PublicKey, BTreeMap<u64, Vec<u8>>>,
     pub rekey_after_secs: u32,
@@ -25,6 +68,17 @@ pub(crate) struct TestCore {
     pub handshakes: u64,
     pub duplicates: u64,
     pub dropped: u64,
+    /// Refuse (`UnknownKey`) keys that are neither registered nor a subscription's, instead of
+    /// accepting any key.
+    pub refuse_unknown: bool,
+    /// Registered devices by serial.
+    pub devices: BTreeMap<String, Registered>,
+    /// The profile every registered device gets.
+    pub profile: DeviceConfig,
+    /// Refusals sent, by reason.
+    pub refusals: HashMap<RefusalReason, u64>,
+    /// Every authenticated initiation: the device key and its payload.
+    pub inits: Vec<(PublicKey, InitPayload)>,
 }
 
 impl TestCore {
@@ -44,6 +98,16 @@ impl TestCore {
             handshakes: 0,
             duplicates: 0,
             dropped: 0,
+            refuse_unknown: false,
+            devices: BTreeMap::new(),
+            profile: DeviceConfig {
+                version: 1,
+                report_interval_secs: 60,
+                report_bytes: 64,
+                threshold: 0,
+            },
+            refusals: HashMap::new(),
+            inits: Vec::new(),
         }
     }
 
@@ -51,13 +115,72 @@ impl TestCore {
         *self.responder.public()
     }
 
-    /// A restart: every session is forgotten; the key, the store and the timestamps survive.
+    /// A restart: every session is forgotten; the key, the store, the registry and the timestamps
+    /// survive.
     pub fn restart(&mut self) {
         let kp = StaticKeypair::from_private_hex(&self.key_hex).expect("stored key");
         self.responder = Responder::new(kp);
         self.sessions.clear();
         self.pending_acks.clear();
         self.next_id += 0x1000;
+    }
+
+    /// Registers a device by its factory key (the manifest import), claimed and activated as
+    /// given.
+    pub fn register(&mut self, serial: &str, factory: PublicKey, claimed: bool, activated: bool) {
+        self.devices.insert(
+            serial.to_owned(),
+            Registered {
+                factory,
+                claimed,
+                activated,
+                subscription: None,
+                retired: Vec::new(),
+                released: None,
+                provisionings: 0,
+            },
+        );
+    }
+
+    pub fn device(&mut self, serial: &str) -> &mut Registered {
+        self.devices.get_mut(serial).expect("registered device")
+    }
+
+    pub fn subscription(&self, serial: &str) -> Option<&Subscription> {
+        self.devices.get(serial)?.subscription.as_ref()
+    }
+
+    /// Asks for a credential update (operator or fraud detector).
+    pub fn request_rotate(&mut self, serial: &str) {
+        if let Some(s) = self.device(serial).subscription.as_mut() {
+            s.rotate = true;
+        }
+    }
+
+    /// Sets the subscription's status and drops the device's sessions.
+    pub fn set_status(&mut self, serial: &str, status: Status) {
+        if let Some(s) = self.device(serial).subscription.as_mut() {
+            s.status = status;
+        }
+        if status != Status::Active {
+            self.drop_sessions(serial);
+        }
+    }
+
+    /// Releases the device to another operator; its sessions end.
+    pub fn release(&mut self, serial: &str, release: Release) {
+        self.device(serial).released = Some(release);
+        self.drop_sessions(serial);
+    }
+
+    fn drop_sessions(&mut self, serial: &str) {
+        let factory = self.device(serial).factory;
+        self.sessions.retain(|_, (_, id)| *id != factory);
+    }
+
+    /// The readings stored for a registered device.
+    pub fn readings_of(&self, serial: &str) -> Option<&BTreeMap<u64, Vec<u8>>> {
+        self.store.get(&self.devices.get(serial)?.factory)
     }
 
     /// Handles one datagram from a device; returns the datagrams to send back to it.
@@ -81,15 +204,23 @@ impl TestCore {
                     return None;
                 }
                 self.last_timestamp.insert(device, incoming.timestamp());
-                self.next_id += 1;
-                let id = SessionId(self.next_id);
+                self.inits.push((device, *incoming.init()));
                 let mut out = Vec::new();
-                let policy = ResponsePayload {
-                    rekey_after_secs: self.rekey_after_secs,
-                };
-                let transport = incoming.accept(id, policy, now, &mut out).ok()?;
-                self.sessions.insert(id, (transport, device));
-                self.handshakes += 1;
+                match self.decide(&incoming) {
+                    Decision::Accept { identity, policy } => {
+                        self.next_id += 1;
+                        let id = SessionId(self.next_id);
+                        let transport = incoming.accept(id, &policy, now, &mut out).ok()?;
+                        self.sessions.insert(id, (transport, identity));
+                        self.handshakes += 1;
+                    }
+                    Decision::Answer(policy) => {
+                        if let Some(r) = policy.refused {
+                            *self.refusals.entry(r).or_default() += 1;
+                        }
+                        incoming.refuse(&policy, &mut out).ok()?;
+                    }
+                }
                 Some(vec![out])
             }
             DeviceFrame::Transport {
@@ -98,12 +229,13 @@ impl TestCore {
                 ciphertext,
             } => {
                 let (transport, device) = self.sessions.get_mut(&receiver)?;
+                let device = *device;
                 let mut plain = Vec::new();
                 transport.open(counter, ciphertext, &mut plain).ok()?;
                 let Message::Reading { seq, data } = Message::decode(&plain).ok()? else {
                     return Some(Vec::new());
                 };
-                let stored = self.store.entry(*device).or_default();
+                let stored = self.store.entry(device).or_default();
                 match stored.entry(seq.0) {
                     std::collections::btree_map::Entry::Occupied(_) => self.duplicates += 1,
                     std::collections::btree_map::Entry::Vacant(v) => {
@@ -114,15 +246,144 @@ impl TestCore {
                     self.pending_acks.entry(receiver).or_default().push(seq);
                     return Some(Vec::new());
                 }
-                Some(vec![self.seal_ack(receiver, vec![seq])?])
+                let notices = self.ack_notices(&device);
+                let ack = Message::Ack {
+                    seqs: vec![seq],
+                    notices,
+                };
+                Some(vec![self.seal(receiver, &ack)?])
             }
             DeviceFrame::HandshakeResponse { .. } => None,
         }
     }
 
+    /// What rides on the next acknowledgement to the device `identity`: a rotation notice while
+    /// one is requested, the configuration when the device runs another version (then recorded
+    /// as delivered).
+    fn ack_notices(&mut self, identity: &PublicKey) -> Notices {
+        let profile = self.profile;
+        let Some(sub) = self
+            .devices
+            .values_mut()
+            .find(|d| d.factory == *identity)
+            .and_then(|d| d.subscription.as_mut())
+        else {
+            return Notices::default();
+        };
+        let mut notices = Notices {
+            rotate: sub.rotate,
+            ..Notices::default()
+        };
+        if sub.config_version != Some(profile.version) {
+            notices.config = Some(profile);
+            sub.config_version = Some(profile.version);
+        }
+        notices
+    }
+
+    /// The engine's decision on an authenticated initiation.
+    fn decide(&mut self, incoming: &IncomingHandshake) -> Decision {
+        let key = *incoming.device();
+        let init = *incoming.init();
+        let profile = self.profile;
+        let rekey = self.rekey_after_secs;
+        let refuse_unknown = self.refuse_unknown;
+        let refuse = |reason| Decision::Answer(ResponsePayload::refuse(reason));
+        let Some(d) = self.devices.values_mut().find(|d| {
+            d.factory == key
+                || d.retired.contains(&key)
+                || d.subscription
+                    .as_ref()
+                    .is_some_and(|s| s.key == key || s.next == Some(key))
+        }) else {
+            return if refuse_unknown {
+                refuse(RefusalReason::UnknownKey)
+            } else {
+                Decision::Accept {
+                    identity: key,
+                    policy: ResponsePayload::accept(rekey),
+                }
+            };
+        };
+        if let Some(release) = &d.released {
+            let mut policy = ResponsePayload::refuse(RefusalReason::Released);
+            policy.notices.release = Some(release.clone());
+            return Decision::Answer(policy);
+        }
+        if d.factory == key {
+            // Provisioning with the factory identity.
+            if !d.claimed {
+                return refuse(RefusalReason::Unclaimed);
+            }
+            if !d.activated {
+                return refuse(RefusalReason::NotActivated);
+            }
+            let Some(next) = init.next_key else {
+                return refuse(RefusalReason::KeyRequired);
+            };
+            if d.subscription
+                .as_ref()
+                .is_some_and(|s| s.status == Status::Suspended)
+            {
+                return refuse(RefusalReason::Suspended);
+            }
+            if let Some(old) = d.subscription.take() {
+                if old.key != next {
+                    d.retired.push(old.key);
+                }
+            }
+            d.subscription = Some(Subscription {
+                key: next,
+                next: None,
+                status: Status::Active,
+                rotate: false,
+                config_version: Some(profile.version),
+            });
+            d.provisionings += 1;
+            let mut policy = ResponsePayload::accept(rekey);
+            policy.key_accepted = Some(next);
+            policy.notices.config = Some(profile);
+            return Decision::Answer(policy);
+        }
+        if d.retired.contains(&key) {
+            return refuse(RefusalReason::Superseded);
+        }
+        let identity = d.factory;
+        let Some(sub) = d.subscription.as_mut() else {
+            return refuse(RefusalReason::UnknownKey);
+        };
+        match sub.status {
+            Status::Active => {}
+            Status::Suspended => return refuse(RefusalReason::Suspended),
+            Status::Revoked => return refuse(RefusalReason::Revoked),
+            Status::Quarantined => return refuse(RefusalReason::Quarantined),
+            Status::Transferred => return refuse(RefusalReason::Reprovision),
+        }
+        let mut policy = ResponsePayload::accept(rekey);
+        if sub.next == Some(key) {
+            // Phase 2: the new key is used; the old one retires.
+            d.retired.push(sub.key);
+            sub.key = key;
+            sub.next = None;
+            sub.rotate = false;
+        } else if let Some(next) = init.next_key {
+            // Phase 1: the old key still works until the new one is used.
+            sub.next = Some(next);
+            policy.key_accepted = Some(next);
+        } else if sub.rotate {
+            policy.notices.rotate = true;
+        }
+        sub.config_version = init.config_version;
+        if init.config_version != Some(profile.version) {
+            policy.notices.config = Some(profile);
+            sub.config_version = Some(profile.version);
+        }
+        Decision::Accept { identity, policy }
+    }
+
     /// Seals an acknowledgement of `seqs` on session `id`.
     pub fn seal_ack(&mut self, id: SessionId, seqs: Vec<ReadingSeq>) -> Option<Vec<u8>> {
-        self.seal(id, &Message::Ack { seqs })
+        self.seal(id, &Message::ack(seqs))
     }
 
     /// Seals any message on session `id`.
@@ -149,4 +410,14 @@ impl TestCore {
     pub fn session_ids(&self) -> Vec<SessionId> {
         self.sessions.keys().copied().collect()
     }
+}
+
+enum Decision {
+    /// Establish a session for the device `identity`.
+    Accept {
+        identity: PublicKey,
+        policy: ResponsePayload,
+    },
+    /// Answer without keeping a session (a refusal, or a provisioning's `KeyAccepted`).
+    Answer(ResponsePayload),
 }

@@ -1,5 +1,7 @@
 //! The `device-sim` binary against a minimal in-process core (the `relay-protocol` responder on a
 //! loopback UDP socket, acknowledging every reading): config files, flags, output, exit codes.
+//! For devices from `device-sim manufacture` the core knows the factory keys of the manifest it
+//! was given and provisions them (`KeyAccepted` + `Config`, no session for the factory key).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, UdpSocket};
@@ -10,15 +12,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use relay_protocol::frame::{DeviceFrame, SessionId};
-use relay_protocol::payload::{Message, ResponsePayload};
+use relay_protocol::payload::{DeviceConfig, Message, RefusalReason, ResponsePayload};
 use relay_protocol::session::{PublicKey, Responder, StaticKeypair, Transport};
 
 type Store = Arc<Mutex<HashMap<PublicKey, BTreeMap<u64, Vec<u8>>>>>;
+
+/// Factory keys the core provisions, and subscription key → factory key.
+#[derive(Default)]
+struct Provisioning {
+    factory: std::collections::HashSet<PublicKey>,
+    subscriptions: HashMap<PublicKey, PublicKey>,
+}
 
 struct Core {
     addr: SocketAddr,
     public: PublicKey,
     store: Store,
+    provisioning: Arc<Mutex<Provisioning>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -32,14 +42,29 @@ impl Core {
         let responder = Responder::new(StaticKeypair::generate().expect("keypair"));
         let public = *responder.public();
         let store = Store::default();
+        let provisioning = Arc::new(Mutex::new(Provisioning::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (store.clone(), stop.clone());
-        std::thread::spawn(move || serve(socket, responder, st, sp));
+        let (st, pr, sp) = (store.clone(), provisioning.clone(), stop.clone());
+        std::thread::spawn(move || serve(socket, responder, st, pr, sp));
         Self {
             addr,
             public,
             store,
+            provisioning,
             stop,
+        }
+    }
+
+    /// Claims the devices of a manifest (all but `except`).
+    fn claim(&self, manifest: &Path, except: &[&str]) {
+        let text = std::fs::read_to_string(manifest).expect("manifest");
+        let mut p = self.provisioning.lock().expect("provisioning");
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split(',').collect();
+            if !except.contains(&fields[0]) {
+                p.factory
+                    .insert(PublicKey::from_hex(fields[1]).expect("key"));
+            }
         }
     }
 }
@@ -50,7 +75,23 @@ impl Drop for Core {
     }
 }
 
-fn serve(socket: UdpSocket, responder: Responder, store: Store, stop: Arc<AtomicBool>) {
+/// The configuration a provisioned device gets (and again when it reports another version).
+fn config() -> DeviceConfig {
+    DeviceConfig {
+        version: 1,
+        report_interval_secs: 60,
+        report_bytes: 64,
+        threshold: 0,
+    }
+}
+
+fn serve(
+    socket: UdpSocket,
+    responder: Responder,
+    store: Store,
+    provisioning: Arc<Mutex<Provisioning>>,
+    stop: Arc<AtomicBool>,
+) {
     let mut sessions: HashMap<SessionId, (Transport, PublicKey)> = HashMap::new();
     let mut next = 1u32;
     let mut buf = [0u8; 2048];
@@ -64,13 +105,43 @@ fn serve(socket: UdpSocket, responder: Responder, store: Store, stop: Arc<Atomic
                 let Ok(incoming) = responder.read_init(sender, noise) else {
                     continue;
                 };
-                let device = *incoming.device();
-                next += 1;
+                let mut device = *incoming.device();
                 let mut out = Vec::new();
-                let policy = ResponsePayload {
-                    rekey_after_secs: 3600,
-                };
-                if let Ok(t) = incoming.accept(SessionId(next), policy, now, &mut out) {
+                let mut provisioned = false;
+                {
+                    let mut p = provisioning.lock().expect("provisioning");
+                    if p.factory.contains(&device) {
+                        let Some(next) = incoming.init().next_key else {
+                            continue;
+                        };
+                        p.subscriptions.insert(next, device);
+                        let mut policy = ResponsePayload::accept(3600);
+                        policy.key_accepted = Some(next);
+                        policy.notices.config = Some(config());
+                        if incoming.refuse(&policy, &mut out).is_ok() {
+                            let _ = socket.send_to(&out, from);
+                        }
+                        continue;
+                    }
+                    if let Some(factory) = p.subscriptions.get(&device) {
+                        // Readings of a provisioned device are kept under its factory key.
+                        device = *factory;
+                        provisioned = true;
+                    } else if !p.factory.is_empty() {
+                        // A core that claimed devices knows every key it accepts.
+                        let policy = ResponsePayload::refuse(RefusalReason::UnknownKey);
+                        if incoming.refuse(&policy, &mut out).is_ok() {
+                            let _ = socket.send_to(&out, from);
+                        }
+                        continue;
+                    }
+                }
+                next += 1;
+                let mut policy = ResponsePayload::accept(3600);
+                if provisioned && incoming.init().config_version != Some(1) {
+                    policy.notices.config = Some(config());
+                }
+                if let Ok(t) = incoming.accept(SessionId(next), &policy, now, &mut out) {
                     sessions.insert(SessionId(next), (t, device));
                     let _ = socket.send_to(&out, from);
                 }
@@ -98,9 +169,7 @@ fn serve(socket: UdpSocket, responder: Responder, store: Store, stop: Arc<Atomic
                     .entry(seq.0)
                     .or_insert_with(|| data.to_vec());
                 let mut out = Vec::new();
-                if t.seal(&Message::Ack { seqs: vec![seq] }.to_vec(), &mut out)
-                    .is_ok()
-                {
+                if t.seal(&Message::ack(vec![seq]).to_vec(), &mut out).is_ok() {
                     let _ = socket.send_to(&out, from);
                 }
             }
@@ -269,4 +338,138 @@ fn bad_config_is_one_error_line_and_exit_two() {
             && stderr.contains("cargo build --release -p core-stub -p gateway"),
         "{stderr}"
     );
+}
+
+fn run_json(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn manufactured_devices_provision_themselves_through_the_command_line() {
+    let core = Core::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let batch = dir.path().join("batch");
+    let out = device_sim()
+        .args(["manufacture", "--count", "3", "--prefix", "dev-", "--out"])
+        .arg(&batch)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("manufactured 3 devices"), "{stdout}");
+    let manifest = std::fs::read_to_string(batch.join("manifest.csv")).expect("manifest");
+    let lines: Vec<&str> = manifest.lines().collect();
+    assert_eq!(lines[0], "serial,factory_public_key,model");
+    assert_eq!(lines.len(), 4);
+    assert!(lines[1].starts_with("dev-000001,") && lines[1].ends_with(",relay-meter-1"));
+    // Never over an existing batch.
+    let again = device_sim()
+        .args(["manufacture", "--count", "1", "--out"])
+        .arg(&batch)
+        .output()
+        .expect("runs");
+    assert_eq!(again.status.code(), Some(2));
+
+    // dev-000003 is not claimed at this core.
+    core.claim(&batch.join("manifest.csv"), &["dev-000003"]);
+    let run = |extra: &[&str], crash: Option<&str>| {
+        let mut c = device_sim();
+        c.arg("run");
+        if !extra.contains(&"--clone-of") {
+            c.arg("--devices").arg(&batch);
+        }
+        c.args(["--target", &core.addr.to_string()])
+            .args(["--core-key", &core.public.to_hex()])
+            .args(["--readings", "3", "--interval-ms", "20", "--json"])
+            .args(["--refused-retry-ms", "100", "--drain-timeout-ms", "1000"])
+            .args(extra);
+        match crash {
+            Some(point) => c.env("RELAY_CRASH_AT", point),
+            None => c.env_remove("RELAY_CRASH_AT"),
+        };
+        c.output().expect("runs")
+    };
+
+    // Killed between the core's acceptance and the first handshake with the new key.
+    let out = run(&["--serials", "dev-000001"], Some("device:key_accepted"));
+    assert_eq!(out.status.code(), None, "aborted: {out:?}");
+    let out = run(&["--first", "2"], None);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = run_json(&out);
+    assert_eq!(v["acknowledged"], 6);
+    assert_eq!(v["lifecycle"]["provisioned"], 2);
+    assert_eq!(v["lifecycle"]["working"], 2);
+    let devices = v["per_device"].as_array().expect("per device");
+    assert_eq!(devices.len(), 2);
+    for d in devices {
+        assert_eq!(d["provisioned"], true);
+        assert_eq!(d["config"]["version"], 1);
+        assert_eq!(d["readings_acknowledged"], 3);
+        assert_eq!(d["endpoint"], core.addr.to_string());
+    }
+    // dev-000001 completed the provisioning the crash interrupted (no new factory handshake).
+    assert_eq!(devices[0]["provisionings"], 1);
+    assert_eq!(core.store.lock().expect("store").len(), 2);
+
+    // The unclaimed device ends without a subscription: exit 3, or 0 with --allow-refused.
+    let out = run(&["--serials", "dev-000003"], None);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(run_json(&out)["lifecycle"]["without_subscription"], 1);
+    let out = run(&["--serials", "dev-000003", "--allow-refused"], None);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // A clone: dev-000002's subscription key without its factory key.
+    let out = run(
+        &[
+            "--clone-of",
+            batch.join("dev-000002").to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = run_json(&out);
+    assert_eq!(v["devices"], 1);
+    assert_eq!(v["per_device"][0]["serial"], "dev-000002");
+    assert_eq!(v["per_device"][0]["provisioned"], true);
+    let out = run(
+        &[
+            "--clone-of",
+            batch.join("dev-000003").to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "nothing to clone: {out:?}");
+}
+
+#[test]
+fn help_names_every_lifecycle_flag() {
+    let out = device_sim().args(["run", "--help"]).output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--devices <N|DIR>",
+        "--serials",
+        "--first",
+        "--core-key",
+        "--clone-of",
+        "--allow-refused",
+        "--wave-size",
+        "--wave-interval-ms",
+        "--sleepy",
+        "--wake-every-ms",
+        "--follow-config",
+        "--drain-timeout-ms",
+    ] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+    let out = device_sim()
+        .args(["manufacture", "--help"])
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--count", "--out", "--prefix", "--model", "--kek-file"] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
 }

@@ -43,12 +43,13 @@ pub(super) fn raw_responder_rate(
         .generate_keypair()
         .map_err(noise)?;
     let mut init_payload = Vec::new();
-    InitPayload { timestamp: 1 }.encode(&mut init_payload);
-    let mut response_payload = Vec::new();
-    ResponsePayload {
-        rekey_after_secs: 3600,
+    InitPayload {
+        timestamp: 1,
+        ..InitPayload::default()
     }
-    .encode(&mut response_payload);
+    .encode(&mut init_payload);
+    let mut response_payload = Vec::new();
+    ResponsePayload::accept(3600).encode(&mut response_payload);
 
     let mut messages = Vec::with_capacity(distinct);
     let mut buf = [0u8; 256];

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use relay_protocol::session::StaticKeypair;
 
 use super::*;
+use crate::device_dir::DeviceDir;
 use crate::test_core::TestCore;
 
 /// Datagram loss on the test core's side, deterministic.
@@ -304,4 +305,233 @@ fn percentiles_use_nearest_rank() {
     assert_eq!(percentile(&v, 99.0), Some(&Duration::from_millis(99)));
     assert_eq!(percentile(&v[..1], 99.0), Some(&Duration::from_millis(1)));
     assert_eq!(percentile(&[], 50.0), None);
+}
+
+/// `n` factory-fresh devices in `root`, registered (claimed and activated) at `core`.
+fn manufactured(root: &std::path::Path, core: &Mutex<TestCore>, n: usize) -> Vec<DeviceDir> {
+    let mut c = core.lock().expect("core");
+    c.refuse_unknown = true;
+    (1..=n)
+        .map(|i| {
+            let serial = format!("dev-{i:06}");
+            let (dir, factory) = DeviceDir::manufacture(
+                &root.join(&serial),
+                &serial,
+                "m1",
+                std::path::Path::new(crate::device_dir::DEFAULT_KEK_FILE),
+            )
+            .expect("manufacture");
+            c.register(&serial, factory, true, true);
+            dir
+        })
+        .collect()
+}
+
+fn reopen(root: &std::path::Path, n: usize) -> Vec<DeviceDir> {
+    (1..=n)
+        .map(|i| DeviceDir::open(&root.join(format!("dev-{i:06}"))).expect("open"))
+        .collect()
+}
+
+fn element_options(
+    target: SocketAddr,
+    core: PublicKey,
+    dirs: Vec<DeviceDir>,
+    readings: u64,
+) -> FleetOptions {
+    FleetOptions {
+        element_devices: dirs,
+        ..options(target, core, 0, readings)
+    }
+}
+
+#[tokio::test]
+async fn factory_fresh_devices_provision_themselves_and_continue_after_a_restart() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = manufactured(tmp.path(), &core.core, 4);
+    let opts = FleetOptions {
+        waves: Some(Waves {
+            size: 2,
+            interval: Duration::from_millis(200),
+        }),
+        ..element_options(core.addr, public, dirs, 10)
+    };
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!((s.devices, s.acknowledged, s.lost), (4, 40, 0), "{s:?}");
+    let l = s.lifecycle.as_ref().expect("lifecycle totals");
+    assert_eq!(
+        (l.devices, l.provisioned, l.working, l.without_subscription),
+        (4, 4, 4, 0)
+    );
+    assert_eq!(
+        (l.provisionings, l.key_updates, l.config_updates),
+        (4, 0, 4)
+    );
+    for d in &s.per_device {
+        assert!(d.element && d.provisioned && d.working, "{d:?}");
+        let c = core.core.lock().expect("core");
+        let stored = c.readings_of(&d.serial).expect("stored");
+        for seq in &d.acked {
+            assert_eq!(
+                stored.get(&seq.0),
+                Some(&reading_payload(&d.serial, seq.0, 100))
+            );
+        }
+        assert_eq!(
+            c.subscription(&d.serial).expect("sub").key,
+            d.public_key,
+            "the device ends on its subscription key"
+        );
+        assert_eq!(d.endpoint, core.addr.to_string());
+    }
+    let json = serde_json::to_value(&s).expect("json");
+    assert_eq!(json["lifecycle"]["provisioned"], 4);
+    let reports = json["per_device"].as_array().expect("per device");
+    assert_eq!(reports.len(), 4);
+    assert_eq!(reports[0]["serial"], "dev-000001");
+    assert_eq!(reports[0]["provisioned"], true);
+    assert_eq!(reports[0]["readings_acknowledged"], 10);
+    assert_eq!(reports[0]["config"]["version"], 1);
+    assert_eq!(reports[0]["refusals"], serde_json::json!({}));
+
+    // A second run continues from the directories: no provisioning, later sequence numbers.
+    let last: Vec<u64> = s
+        .per_device
+        .iter()
+        .map(|d| d.acked.iter().map(|q| q.0).max().expect("acked"))
+        .collect();
+    let s = run_fleet(
+        element_options(core.addr, public, reopen(tmp.path(), 4), 3),
+        None,
+    )
+    .await
+    .expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (12, 0), "{s:?}");
+    let l = s.lifecycle.as_ref().expect("lifecycle");
+    assert_eq!((l.provisionings, l.working), (0, 4));
+    for (d, last) in s.per_device.iter().zip(last) {
+        assert!(d.acked.iter().all(|q| q.0 > last), "{}", d.serial);
+    }
+}
+
+#[tokio::test]
+async fn sleepy_devices_wake_send_one_reading_and_rotate_when_told() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = manufactured(tmp.path(), &core.core, 2);
+    let opts = FleetOptions {
+        sleepy: Some(Duration::from_millis(300)),
+        ..element_options(core.addr, public, dirs, 4)
+    };
+    let handle = core.core.clone();
+    tokio::spawn(async move {
+        // After the first wake: the operator forces a credential update of one device.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        handle.lock().expect("core").request_rotate("dev-000001");
+    });
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (8, 0), "{s:?}");
+    let d = &s.per_device[0];
+    assert_eq!(d.stats.key_updates, 1, "{d:?}");
+    assert_eq!(s.per_device[1].stats.key_updates, 0);
+    // One reading per wake, each its own first transmission; no keepalives exist.
+    assert_eq!(d.stats.sent, 4);
+    let c = core.core.lock().expect("core");
+    assert_eq!(c.subscription("dev-000001").expect("sub").key, d.public_key);
+}
+
+#[tokio::test]
+async fn a_released_device_retargets_to_the_new_core() {
+    let a = CoreLoop::start(Loss::default()).await;
+    let b = CoreLoop::start(Loss::default()).await;
+    let a_key = a.core.lock().expect("core").public();
+    let b_key = b.core.lock().expect("core").public();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = manufactured(tmp.path(), &a.core, 1);
+    let factory = a.core.lock().expect("core").device("dev-000001").factory;
+    {
+        let mut b = b.core.lock().expect("core");
+        b.refuse_unknown = true;
+        b.register("dev-000001", factory, true, true);
+    }
+    let opts = FleetOptions {
+        interval: Duration::from_millis(50),
+        ..element_options(a.addr, a_key, dirs, 30)
+    };
+    let handle = a.core.clone();
+    let endpoint = b.addr.to_string();
+    let release = relay_protocol::payload::Release {
+        core: b_key,
+        issued_ms: 1,
+        endpoint: endpoint.clone(),
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        handle.lock().expect("core").release("dev-000001", release);
+    });
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (30, 0), "{s:?}");
+    let d = &s.per_device[0];
+    assert_eq!(d.endpoint, endpoint);
+    assert_eq!(d.core_public_key, b_key);
+    assert_eq!(d.stats.provisionings, 2);
+    let json = serde_json::to_value(&s).expect("json");
+    assert_eq!(json["per_device"][0]["endpoint"], endpoint);
+    assert_eq!(json["per_device"][0]["refusals"]["released"], 1);
+    let on_a = a
+        .core
+        .lock()
+        .expect("core")
+        .readings_of("dev-000001")
+        .map_or(0, |r| r.len());
+    let on_b = b
+        .core
+        .lock()
+        .expect("core")
+        .readings_of("dev-000001")
+        .map_or(0, |r| r.len());
+    assert!(on_a > 0 && on_b > 0 && on_a + on_b == 30, "{on_a} + {on_b}");
+    // The state file remembers the new core for the next run.
+    let state = DeviceDir::open(&tmp.path().join("dev-000001")).expect("open");
+    assert_eq!(state.memory().release.map(|r| r.endpoint), Some(endpoint));
+}
+
+#[tokio::test]
+async fn an_unactivated_device_ends_without_a_subscription() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = manufactured(tmp.path(), &core.core, 2);
+    core.core
+        .lock()
+        .expect("core")
+        .device("dev-000002")
+        .activated = false;
+    let opts = FleetOptions {
+        drain_timeout: Duration::from_millis(500),
+        meter: MeterConfig {
+            refused_retry_initial: Duration::from_millis(100),
+            ..quick_meter()
+        },
+        ..element_options(core.addr, public, dirs, 3)
+    };
+    let s = run_fleet(opts, None).await.expect("ran");
+    let l = s.lifecycle.as_ref().expect("lifecycle");
+    assert_eq!((l.working, l.without_subscription), (1, 1));
+    assert!(
+        l.refusals
+            .get(relay_protocol::payload::RefusalReason::NotActivated)
+            >= 1
+    );
+    let d = &s.per_device[1];
+    assert!(!d.working && !d.provisioned);
+    assert_eq!(d.unacked.len(), 3);
+    assert_eq!(
+        crate::cli::exit_code_for(&s, false),
+        crate::cli::EXIT_NO_SUBSCRIPTION
+    );
+    assert_eq!(crate::cli::exit_code_for(&s, true), crate::cli::EXIT_OK);
 }

@@ -74,7 +74,7 @@ fn keys_survive_a_restart_and_work_the_same() {
     drop(store);
 
     let store = device.open().expect("reopen");
-    assert_eq!(store.slots(), KeySlot::ALL.to_vec());
+    assert_eq!(store.slots(), vec![KeySlot::Factory, KeySlot::Subscription]);
     assert_eq!(store.public(KeySlot::Factory).expect("factory"), factory);
     assert_eq!(
         store.public(KeySlot::Subscription).expect("subscription"),
@@ -329,5 +329,118 @@ fn a_meter_handshakes_with_its_sealed_factory_key() {
     assert!(
         core.store.contains_key(&factory),
         "the core stored it under the factory key"
+    );
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn commit_moves_next_to_subscription_durably() {
+    let device = Device::new();
+    let (store, factory) = device.manufacture();
+    let old = store.generate(KeySlot::Subscription).expect("subscription");
+    let next = store.generate(KeySlot::Next).expect("next");
+    let peer = *StaticKeypair::generate().expect("keypair").public();
+    let next_dh = dh(&store, KeySlot::Next, &peer);
+
+    store
+        .commit(KeySlot::Next, KeySlot::Subscription)
+        .expect("commit");
+    assert_eq!(store.slots(), vec![KeySlot::Factory, KeySlot::Subscription]);
+    assert_eq!(store.public(KeySlot::Subscription).expect("sub"), next);
+    assert_ne!(next, old);
+    assert_eq!(dh(&store, KeySlot::Subscription, &peer), next_dh);
+    assert_eq!(file_names(&device.dir), ["factory.key", "subscription.key"]);
+    drop(store);
+
+    // After a restart: the committed key, sealed for its new slot.
+    let store = device.open().expect("reopen");
+    assert_eq!(store.slots(), vec![KeySlot::Factory, KeySlot::Subscription]);
+    assert_eq!(store.public(KeySlot::Subscription).expect("sub"), next);
+    assert_eq!(store.public(KeySlot::Factory).expect("factory"), factory);
+    assert_eq!(dh(&store, KeySlot::Subscription, &peer), next_dh);
+    #[cfg(unix)]
+    assert_eq!(mode(&store.key_file(KeySlot::Subscription)), 0o600);
+
+    // Nothing to move, and the factory identity never moves nor is replaced.
+    assert!(matches!(
+        store.commit(KeySlot::Next, KeySlot::Subscription),
+        Err(KeyStoreError::Empty(KeySlot::Next))
+    ));
+    assert!(store
+        .commit(KeySlot::Subscription, KeySlot::Factory)
+        .is_err());
+    assert!(store.commit(KeySlot::Factory, KeySlot::Next).is_err());
+    assert_eq!(store.public(KeySlot::Factory).expect("factory"), factory);
+}
+
+#[test]
+fn erase_destroys_a_key_but_never_the_factory_identity() {
+    let device = Device::new();
+    let (store, factory) = device.manufacture();
+    store.generate(KeySlot::Next).expect("next");
+    store.erase(KeySlot::Next).expect("erase");
+    assert_eq!(store.slots(), vec![KeySlot::Factory]);
+    store
+        .erase(KeySlot::Next)
+        .expect("erasing an empty slot is nothing");
+    assert!(store.erase(KeySlot::Factory).is_err());
+    assert_eq!(file_names(&device.dir), ["factory.key"]);
+    // The slot can be generated afresh: a different key.
+    let again = store.generate(KeySlot::Next).expect("next again");
+    drop(store);
+    let store = device.open().expect("reopen");
+    assert_eq!(store.public(KeySlot::Next).expect("next"), again);
+    assert_eq!(store.public(KeySlot::Factory).expect("factory"), factory);
+}
+
+#[test]
+fn a_crash_inside_a_commit_leaves_the_key_in_both_slots_and_a_second_commit_finishes() {
+    let device = Device::new();
+    let (store, _) = device.manufacture();
+    store.generate(KeySlot::Subscription).expect("subscription");
+    let next = store.generate(KeySlot::Next).expect("next");
+    // The first step only (sealed for the destination, renamed into place), then the "crash".
+    store
+        .copy_sealed(KeySlot::Next, KeySlot::Subscription)
+        .expect("first step");
+    drop(store);
+
+    let store = device.open().expect("open after crash");
+    assert_eq!(store.slots(), KeySlot::ALL.to_vec());
+    assert_eq!(store.public(KeySlot::Next).expect("next"), next);
+    assert_eq!(store.public(KeySlot::Subscription).expect("sub"), next);
+    // The device rule handshakes with Next and commits again: idempotent.
+    store
+        .commit(KeySlot::Next, KeySlot::Subscription)
+        .expect("commit again");
+    assert_eq!(store.slots(), vec![KeySlot::Factory, KeySlot::Subscription]);
+    drop(store);
+    let store = device.open().expect("reopen");
+    assert_eq!(store.public(KeySlot::Subscription).expect("sub"), next);
+    assert_eq!(file_names(&device.dir), ["factory.key", "subscription.key"]);
+
+    // A crash before the rename: a leftover temporary file, the old arrangement intact.
+    let other = store.generate(KeySlot::Next).expect("next");
+    let sealed = fs::read(store.key_file(KeySlot::Next)).expect("read");
+    drop(store);
+    fs::write(
+        device.dir.join(".subscription.key.tmp-0123abcd"),
+        &sealed[..KEY_FILE_LEN - 3],
+    )
+    .expect("write");
+    let store = device.open().expect("open after crash");
+    assert_eq!(store.public(KeySlot::Subscription).expect("sub"), next);
+    assert_eq!(store.public(KeySlot::Next).expect("next"), other);
+    assert_eq!(
+        file_names(&device.dir),
+        ["factory.key", "next.key", "subscription.key"]
     );
 }
