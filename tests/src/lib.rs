@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod hostile;
+pub mod lifecycle;
 pub mod metrics;
 pub mod procs;
 pub mod recorder;

@@ -30,6 +30,17 @@ impl Daemon {
         log: Option<(&str, &Path)>,
         limit: Duration,
     ) -> Result<Self> {
+        Self::start_with_env(program, args, log, &[], limit).await
+    }
+
+    /// As [`Daemon::start_logged`], with extra environment variables (a crash point, say).
+    pub async fn start_with_env(
+        program: &Path,
+        args: &[String],
+        log: Option<(&str, &Path)>,
+        env: &[(&str, &str)],
+        limit: Duration,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ready_file: PathBuf = dir.path().join("ready.json");
         let mut cmd = Command::new(program);
@@ -40,6 +51,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if let Some((filter, path)) = log {
@@ -73,6 +85,14 @@ impl Daemon {
             .with_context(|| format!("no {key} in ready file"))?
             .parse()
             .context("bad address in ready file")
+    }
+
+    /// Waits for the process to exit by itself (a crash point) for at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .context("the process did not exit")?
+            .context("waiting for the process")
     }
 
     /// SIGKILL, no chance to clean up: what a crash or power loss looks like.
@@ -152,4 +172,76 @@ fn is_stale(binary: &Path) -> bool {
         }
     }
     newest.is_some_and(|n| n > built)
+}
+
+/// What a one-shot command printed and how it ended.
+#[derive(Debug)]
+pub struct Output {
+    /// The exit status.
+    pub status: std::process::ExitStatus,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Output {
+    /// Fails with both streams when the command did not exit 0.
+    pub fn ok(self) -> Result<Self> {
+        if !self.status.success() {
+            bail!(
+                "exited with {}\nstdout:\n{}\nstderr:\n{}",
+                self.status,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self)
+    }
+
+    /// Standard output parsed as JSON.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.stdout).with_context(|| {
+            format!(
+                "stdout is not JSON:\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs `program args…` to completion with `env` set (at most `limit`; killed after).
+pub async fn run(
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Result<Output> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawn {}", program.display()))?;
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .with_context(|| {
+            format!(
+                "{} {args:?} did not finish within {limit:?}",
+                program.display()
+            )
+        })??;
+    Ok(Output {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }

@@ -65,6 +65,8 @@ async fn metrics_pass_promtool_and_carry_no_device_labels() -> anyhow::Result<()
                         "result",
                         "access",
                         "event",
+                        "via",
+                        "phase",
                         "le"
                     ]
                     .contains(&label),
