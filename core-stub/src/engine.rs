@@ -1406,7 +1406,11 @@ impl SessionTable {
             }
             None => self.add_subscription(&entry, device),
         };
-        self.metrics.provisioned.inc();
+        if !unchanged {
+            // A retransmitted factory handshake (its answer was lost) is answered again but is
+            // not a second provisioning.
+            self.metrics.provisioned.inc();
+        }
         if let Some(rec) = self.devices.get_mut(device as usize) {
             rec.last_factory = Some(init.timestamp);
         }

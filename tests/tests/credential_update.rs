@@ -24,7 +24,7 @@ const DEVICE_POINTS: [&str; 4] = [
 ];
 const CORE_POINTS: [&str; 2] = ["core:next_key_committed", "core:promote_committed"];
 /// The key lifetime of the periodic tests.
-const PERIOD_SECS: u64 = 5;
+const PERIOD_SECS: u64 = 8;
 
 /// How a test asks for an update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
