@@ -1463,6 +1463,57 @@ mod tests {
         assert_eq!(status, 400);
         assert_eq!(rig.seen(), ["profile heat 1"]);
 
+        // A gateway policy: stored, shown, handed to the engine; the version stays.
+        let policy = br#"{"report_interval_secs":300,"report_bytes":16,"threshold":2,
+            "gateways":["gateway-1"],"allow_direct":false}"#;
+        let (status, body) = rig.call("op", "PUT", "/v1/profiles/heat", policy).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (
+                &body["changed"],
+                &body["profile"]["version"],
+                &body["profile"]["gateways"],
+                &body["profile"]["allow_direct"]
+            ),
+            (
+                &serde_json::json!(true),
+                &serde_json::json!(1),
+                &serde_json::json!(["gateway-1"]),
+                &serde_json::json!(false)
+            )
+        );
+        assert_eq!(rig.seen(), ["profile heat 1"]);
+        let (_, body) = rig.call("op", "GET", "/v1/profiles", b"").await;
+        assert_eq!(
+            body["profiles"][1]["gateways"],
+            serde_json::json!(["gateway-1"])
+        );
+        let (status, _) = rig
+            .call(
+                "op",
+                "PUT",
+                "/v1/profiles/heat",
+                br#"{"report_interval_secs":300,"report_bytes":16,"threshold":2,"gateways":["a b"]}"#,
+            )
+            .await;
+        assert_eq!(status, 400, "not a gateway name");
+        let (status, _) = rig
+            .call(
+                "op",
+                "PUT",
+                "/v1/profiles/heat",
+                br#"{"report_interval_secs":300,"report_bytes":16,"threshold":2,"allow_direct":"no"}"#,
+            )
+            .await;
+        assert_eq!(status, 400);
+        // Back to the default policy (fields left out).
+        let (_, body) = rig.call("op", "PUT", "/v1/profiles/heat", settings).await;
+        assert_eq!(
+            (&body["changed"], &body["profile"]["allow_direct"]),
+            (&serde_json::json!(true), &serde_json::json!(true))
+        );
+        rig.seen();
+
         rig.call("op", "POST", "/v1/claims", &manifest(&[("m-1", 1)]))
             .await;
         rig.call(

@@ -35,6 +35,15 @@
 //! - **Revocation reach**: sessions dropped for a status change are named to every connected
 //!   gateway (`UplinkMessage::Revoked`) before the admin API answers.
 //!
+//! # Gateway policy
+//!
+//! A profile may name the gateways its devices may use (by the name in the gateway's verified
+//! client certificate, which the uplink acceptor hands over with `GatewayUp`) and forbid direct
+//! access. Every handshake, with the subscription key or the factory key, is checked against the
+//! policy of the device's profile for the path it arrived on, and refused `NotPermitted` (no
+//! session, nothing stored) when the path is not allowed. A policy change therefore applies at
+//! each device's next handshake; sessions already open are left alone.
+//!
 //! Every refused handshake gets an authenticated refusal (`Refused` + reason), except a replayed
 //! one (dropped silently) and one refused for `session.max_sessions`.
 //!
@@ -141,6 +150,9 @@ pub enum DropReason {
     Unroutable,
     /// An authenticated frame that made the fraud detector quarantine its subscription.
     Fraud,
+    /// An authenticated frame that arrived on a path (gateway or direct access) its device's
+    /// profile does not allow: a session does not roam where a handshake would be refused.
+    NotPermitted,
 }
 
 impl DropReason {
@@ -164,6 +176,7 @@ impl DropReason {
             Self::SessionLimit => "session_limit",
             Self::Unroutable => "unroutable",
             Self::Fraud => "fraud",
+            Self::NotPermitted => "not_permitted",
         }
     }
 
@@ -189,6 +202,7 @@ impl DropReason {
                 Self::SessionLimit,
                 Self::Unroutable,
                 Self::Fraud,
+                Self::NotPermitted,
             ])
             .map(Self::label)
     }
@@ -216,7 +230,7 @@ pub enum HandshakeResult {
 
 impl HandshakeResult {
     /// Every outcome.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::Accepted,
         Self::Provisioned,
         Self::KeyAnnounced,
@@ -231,6 +245,7 @@ impl HandshakeResult {
         Self::Refused(RefusalReason::Released),
         Self::Refused(RefusalReason::KeyRequired),
         Self::Refused(RefusalReason::Reprovision),
+        Self::Refused(RefusalReason::NotPermitted),
         Self::Replayed,
         Self::Failed,
     ];
@@ -403,9 +418,11 @@ pub(crate) trait LifecycleStore: Send {
 pub(crate) enum EngineInput {
     /// A device frame and where it came from.
     Frame { bytes: Bytes, route: Route },
-    /// A gateway finished `Hello`: frames for its flows go out through `link`.
+    /// A gateway finished `Hello`: frames for its flows go out through `link`. `name` is the
+    /// name in its verified client certificate, what profile policies name it by.
     GatewayUp {
         conn: GatewayConnId,
+        name: Arc<str>,
         link: GatewayLink,
     },
     /// A gateway connection ended; sessions routed through it wait for their device's next frame.
@@ -560,6 +577,26 @@ struct DeviceRecord {
     live: u32,
     /// The timestamp of the last factory-key handshake that provisioned (in memory only).
     last_factory: Option<u64>,
+    /// Index in [`SessionTable::profiles`] of the profile it was activated with, or
+    /// [`NO_PROFILE`]: the policy its factory-key handshakes are checked against.
+    profile: u16,
+}
+
+/// Which paths a profile's devices may use (`docs/protocol.md` §11.9).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PathPolicy {
+    /// Gateway certificate names; empty: any gateway.
+    gateways: Box<[Box<str>]>,
+    allow_direct: bool,
+}
+
+impl PathPolicy {
+    fn of(profile: &Profile) -> Self {
+        Self {
+            gateways: profile.gateways.iter().map(|g| g.as_str().into()).collect(),
+            allow_direct: profile.allow_direct,
+        }
+    }
 }
 
 /// What `by_key` says about a key: the subscription's slot, and whether the key was retired.
@@ -626,7 +663,11 @@ pub(crate) struct SessionTable {
     owners: Vec<Box<str>>,
     owner_ids: HashMap<Box<str>, u32>,
     profiles: Vec<DeviceConfig>,
+    /// Beside `profiles`, by the same index.
+    policies: Vec<PathPolicy>,
     profile_ids: HashMap<String, u16>,
+    /// The certificate name of each connected gateway.
+    gateway_names: HashMap<GatewayConnId, Arc<str>>,
     /// Session ids named to the gateways as revoked, not to be handed out again for a while.
     recently_revoked: HashMap<SessionId, Instant>,
     store: Box<dyn LifecycleStore>,
@@ -738,7 +779,9 @@ impl SessionTable {
             owners: Vec::new(),
             owner_ids: HashMap::new(),
             profiles: Vec::with_capacity(profiles.len()),
+            policies: Vec::with_capacity(profiles.len()),
             profile_ids: HashMap::with_capacity(profiles.len()),
+            gateway_names: HashMap::new(),
             recently_revoked: HashMap::new(),
             store,
             crash_at: CrashPoint::from_env(),
@@ -794,8 +837,12 @@ impl SessionTable {
 
     fn upsert_profile(&mut self, profile: &Profile) {
         let config = profile.config();
+        let policy = PathPolicy::of(profile);
         match self.profile_ids.get(&profile.name) {
-            Some(&i) => self.profiles[usize::from(i)] = config,
+            Some(&i) => {
+                self.profiles[usize::from(i)] = config;
+                self.policies[usize::from(i)] = policy;
+            }
             None => {
                 let i = match u16::try_from(self.profiles.len()) {
                     Ok(i) if i != NO_PROFILE => i,
@@ -805,6 +852,7 @@ impl SessionTable {
                     }
                 };
                 self.profiles.push(config);
+                self.policies.push(policy);
                 self.profile_ids.insert(profile.name.clone(), i);
             }
         }
@@ -892,12 +940,13 @@ impl SessionTable {
         for f in devices {
             let owner = self.intern_owner(&f.owner);
             let release = f.release.map(Box::new);
+            let profile = f.profile.as_deref().map(|p| self.profile_index(p));
             match self.device_by_key.get(&f.factory_key) {
                 Some(&d) => {
-                    let profile = f.profile.as_deref().map(|p| self.profile_index(p));
                     let Some(rec) = self.devices.get_mut(d as usize) else {
                         continue;
                     };
+                    rec.profile = profile.unwrap_or(NO_PROFILE);
                     rec.owner = owner;
                     rec.activated = f.activated;
                     rec.release = release;
@@ -918,6 +967,7 @@ impl SessionTable {
                         release,
                         live: NONE,
                         last_factory: None,
+                        profile: profile.unwrap_or(NO_PROFILE),
                     });
                     self.device_by_key.insert(f.factory_key, d);
                     new = true;
@@ -975,6 +1025,49 @@ impl SessionTable {
     pub fn profile_changed(&mut self, profile: &Profile) {
         self.upsert_profile(profile);
         tracing::debug!(profile = %profile.name, version = profile.version, "profile applied");
+    }
+
+    /// A gateway connected; `name` is the name in its verified certificate.
+    pub fn gateway_up(&mut self, conn: GatewayConnId, name: Arc<str>) {
+        self.gateway_names.insert(conn, name);
+    }
+
+    /// A gateway connection ended.
+    pub fn gateway_down(&mut self, conn: GatewayConnId) {
+        self.gateway_names.remove(&conn);
+    }
+
+    /// Whether the profile at index `profile` lets its devices use `route`. A device without a
+    /// profile (a subscription whose profile the engine does not know) is not restricted.
+    fn permits(&self, profile: u16, route: Route) -> bool {
+        let Some(policy) = self.policies.get(usize::from(profile)) else {
+            return true;
+        };
+        match route {
+            Route::Direct(_) => policy.allow_direct,
+            Route::Gateway { .. } if policy.gateways.is_empty() => true,
+            // A connection the engine has no name for is on no list.
+            Route::Gateway { conn, .. } => self
+                .gateway_names
+                .get(&conn)
+                .is_some_and(|name| policy.gateways.iter().any(|g| **g == **name)),
+        }
+    }
+
+    /// Refuses a handshake on a path its profile does not allow.
+    fn refuse_path(
+        &self,
+        incoming: IncomingHandshake,
+        route: Route,
+        out: &mut Outputs,
+    ) -> HandshakeResult {
+        let gateway = origin(route).and_then(|c| self.gateway_names.get(&c));
+        tracing::info!(
+            ?route,
+            gateway = gateway.map(|g| &**g),
+            "path not permitted by the device's profile"
+        );
+        self.refuse(incoming, RefusalReason::NotPermitted, None, route, out)
     }
 
     /// Asks the device for a credential update at its next contact.
@@ -1151,6 +1244,9 @@ impl SessionTable {
         if entry.has(flag::SEEN) && init.timestamp <= entry.last_handshake {
             self.fraud(slot, FraudReason::Replay, now, out);
             return Ok(HandshakeResult::Replayed);
+        }
+        if !self.permits(entry.profile, route) {
+            return Ok(self.refuse_path(incoming, route, out));
         }
         let id = entry.id;
         // A third session replaces the subscription's oldest, so it never raises the count.
@@ -1380,6 +1476,9 @@ impl SessionTable {
             // on the path must not be able to quarantine a device by replaying its provisioning.
             return HandshakeResult::Replayed;
         }
+        if !self.permits(rec.profile, route) {
+            return self.refuse_path(incoming, route, out);
+        }
         if !self.key_is_free(&next, live) {
             return self.refuse(incoming, RefusalReason::KeyRequired, None, route, out);
         }
@@ -1516,7 +1615,18 @@ impl SessionTable {
                 SessionError::Replay(_) | SessionError::Exhausted => DropReason::Replay,
                 _ => DropReason::Authentication,
             })?;
-        // Authenticated: this is where the device is now (it may have moved).
+        // Authenticated: this is where the device is now (it may have moved), if its profile lets
+        // it use this path; a move is checked like a handshake would be.
+        if session.route != route {
+            let slot = session.slot;
+            let profile = self.subs.get(slot as usize).map(|e| e.profile);
+            if profile.is_some_and(|p| !self.permits(p, route)) {
+                return Err(DropReason::NotPermitted);
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&receiver) else {
+            return Err(DropReason::UnknownSession);
+        };
         session.route = route;
         session.used = true;
         let slot = session.slot;
@@ -1756,10 +1866,12 @@ impl Engine {
                 self.flush_sends();
                 self.flush_readings().await;
             }
-            EngineInput::GatewayUp { conn, link } => {
+            EngineInput::GatewayUp { conn, name, link } => {
+                self.table.gateway_up(conn, name);
                 self.gateways.insert(conn, link);
             }
             EngineInput::GatewayDown { conn } => {
+                self.table.gateway_down(conn);
                 self.gateways.remove(&conn);
             }
         }

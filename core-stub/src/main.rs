@@ -82,8 +82,9 @@ struct ProfilesArgs {
 enum ProfilesCommand {
     /// Every profile with its version.
     List,
-    /// Create a profile or change it (its version goes up; its devices get the new configuration
-    /// at their next contact). Operator token.
+    /// Create a profile or replace its settings (its version goes up when the configuration
+    /// changes; its devices get it at their next contact; a gateway policy applies at their next
+    /// handshake). Operator token.
     Set {
         /// The profile's name.
         name: String,
@@ -96,6 +97,13 @@ enum ProfilesCommand {
         /// The change that triggers an early report (0: none).
         #[arg(long, default_value_t = 0)]
         threshold: u32,
+        /// The only gateways its devices may use, by certificate name (comma-separated).
+        /// Default: any gateway.
+        #[arg(long, value_delimiter = ',')]
+        gateways: Vec<String>,
+        /// Refuse its devices direct access (default: allowed).
+        #[arg(long)]
+        no_direct: bool,
     },
 }
 
@@ -316,11 +324,15 @@ fn main() -> ExitCode {
                 interval,
                 bytes,
                 threshold,
+                gateways,
+                no_direct,
             } => {
                 let body = serde_json::json!({
                     "report_interval_secs": interval,
                     "report_bytes": bytes,
                     "threshold": threshold,
+                    "gateways": gateways,
+                    "allow_direct": !no_direct,
                 });
                 api_call(
                     &args.api,
@@ -570,8 +582,17 @@ fn print_human(body: &serde_json::Value) {
         }
     } else if let Some(profiles) = body["profiles"].as_array() {
         for p in profiles {
+            let gateways = match p["gateways"].as_array() {
+                Some(g) if !g.is_empty() => g.iter().map(s).collect::<Vec<_>>().join(","),
+                _ => "any".to_owned(),
+            };
+            let direct = if p["allow_direct"].as_bool() == Some(false) {
+                "no"
+            } else {
+                "yes"
+            };
             println!(
-                "{:<16} v{:<5} every {:>6} s  {:>5} B  threshold {}",
+                "{:<16} v{:<5} every {:>6} s  {:>5} B  threshold {:<6} gateways {gateways}  direct {direct}",
                 s(&p["name"]),
                 s(&p["version"]),
                 s(&p["report_interval_secs"]),

@@ -12,9 +12,9 @@
 //!  engine ◀──Committed (seqs to ack)── writer thread
 //! ```
 //!
-//! Schema version 3 (the device credential lifecycle) is in [`SCHEMA`]: `devices` (claimed
-//! factory identities, their owner, plan and release), `profiles` (versioned service
-//! parameters), `subscriptions` (one per provisioning of a device under an owner; at most one
+//! Schema version 4 is in [`SCHEMA`]: `devices` (claimed factory identities, their owner, plan
+//! and release), `profiles` (versioned service parameters, and the gateway policy: which gateways
+//! their devices may use, whether direct access is allowed; version 4 added the policy), `subscriptions` (one per provisioning of a device under an owner; at most one
 //! not revoked per serial, enforced by a partial unique index) and `readings` (keyed by
 //! subscription, so a new owner's subscription never sees the old owner's readings). Every
 //! lifecycle change (`store/lifecycle.rs`) is one `BEGIN IMMEDIATE` transaction that also appends its
@@ -43,8 +43,8 @@ pub use lifecycle::{
 };
 
 /// The schema this code writes, kept in `PRAGMA user_version`. Version 1 had no audit log,
-/// version 2 no device lifecycle.
-pub const SCHEMA_VERSION: i64 = 3;
+/// version 2 no device lifecycle, version 3 no gateway policy on profiles.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The owner of subscriptions provisioned statically (`init`) and of those a version 2 store
 /// held: the operator running the core.
@@ -53,7 +53,7 @@ pub const LEGACY_OWNER: &str = "operator";
 /// The profile every store has, and devices without a profile of their own use.
 pub const DEFAULT_PROFILE: &str = "default";
 
-/// Schema version 3, created whole in a new store.
+/// Schema version 4, created whole in a new store.
 pub const SCHEMA: &str = "
 CREATE TABLE profiles (
     name TEXT PRIMARY KEY,
@@ -61,7 +61,9 @@ CREATE TABLE profiles (
     report_interval_secs INTEGER NOT NULL,
     report_bytes INTEGER NOT NULL,
     threshold INTEGER NOT NULL,
-    updated_at_ms INTEGER NOT NULL
+    updated_at_ms INTEGER NOT NULL,
+    gateways TEXT NOT NULL DEFAULT '',
+    allow_direct INTEGER NOT NULL DEFAULT 1 CHECK (allow_direct IN (0, 1))
 );
 CREATE TABLE devices (
     serial TEXT PRIMARY KEY,
@@ -170,6 +172,14 @@ CREATE TABLE devices (
     released TEXT
 );
 CREATE INDEX devices_by_owner ON devices(owner, serial);
+";
+
+/// Version 3 -> 4: the gateway policy on profiles. Existing profiles allow every gateway
+/// (`gateways` empty: any) and direct access, so nothing that worked before is refused.
+const MIGRATE_V3_V4: &str = "
+ALTER TABLE profiles ADD COLUMN gateways TEXT NOT NULL DEFAULT '';
+ALTER TABLE profiles ADD COLUMN allow_direct INTEGER NOT NULL DEFAULT 1
+    CHECK (allow_direct IN (0, 1));
 ";
 
 /// The default profile as the migration creates it: version 1, a report every 60 s of 64 bytes,
@@ -561,12 +571,15 @@ impl Store {
                 tx.execute_batch(AUDIT_SCHEMA)?;
                 tx.execute(DEFAULT_PROFILE_ROW, [now_ms()])?;
             }
-            1 | 2 => {
+            1..=3 => {
                 if version == 1 {
                     tx.execute_batch(AUDIT_SCHEMA)?;
                 }
-                tx.execute_batch(MIGRATE_V2_V3)?;
-                tx.execute(DEFAULT_PROFILE_ROW, [now_ms()])?;
+                if version < 3 {
+                    tx.execute_batch(MIGRATE_V2_V3)?;
+                    tx.execute(DEFAULT_PROFILE_ROW, [now_ms()])?;
+                }
+                tx.execute_batch(MIGRATE_V3_V4)?;
                 let dangling: Option<String> = tx
                     .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
                     .optional()?;
@@ -1417,7 +1430,60 @@ mod tests {
     }
 
     #[test]
-    fn a_version_2_store_migrates_to_version_3_keeping_subscriptions_and_readings() {
+    fn a_version_3_store_migrates_to_version_4_with_profiles_allowing_every_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).expect("open");
+        // A version 3 store, built the way version 3 built it.
+        conn.execute_batch(SCHEMA_V1).expect("schema");
+        conn.execute_batch(AUDIT_SCHEMA).expect("audit");
+        conn.execute_batch(MIGRATE_V2_V3).expect("v3");
+        conn.execute(DEFAULT_PROFILE_ROW, [1000]).expect("default");
+        conn.execute(
+            "INSERT INTO profiles (name, version, report_interval_secs, report_bytes, threshold, updated_at_ms)
+             VALUES ('heat', 3, 900, 32, 5, 1000)",
+            [],
+        )
+        .expect("profile");
+        conn.execute(
+            "INSERT INTO subscriptions (id, serial, owner, public_key, status, created_at_ms, key_since_ms)
+             VALUES (1, 'm1', 'operator', ?1, 'active', 1000, 1000)",
+            [&[1u8; KEY_LEN][..]],
+        )
+        .expect("sub");
+        conn.execute("INSERT INTO readings VALUES (1, 1, 2000, x'01')", [])
+            .expect("reading");
+        conn.pragma_update(None, "user_version", 3)
+            .expect("version");
+        drop(conn);
+
+        let store = Store::open(&path).expect("migrate");
+        assert_eq!(store.schema_version().expect("version"), 4);
+        let profiles = store.profiles().expect("profiles");
+        assert_eq!(
+            profiles
+                .iter()
+                .map(|p| (
+                    p.name.as_str(),
+                    p.version,
+                    p.report_interval_secs,
+                    p.gateways.is_empty(),
+                    p.allow_direct
+                ))
+                .collect::<Vec<_>>(),
+            [("default", 1, 60, true, true), ("heat", 3, 900, true, true)],
+            "kept, and every path allowed"
+        );
+        assert_eq!(store.readings_of("m1").expect("readings").len(), 1);
+        assert_eq!(store.index_entries().expect("index").len(), 1);
+        drop(store);
+        // Opening again is a no-op.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.profiles().expect("profiles").len(), 2);
+    }
+
+    #[test]
+    fn a_version_2_store_migrates_to_the_current_version_keeping_subscriptions_and_readings() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.db");
         let conn = Connection::open(&path).expect("open");
@@ -1449,7 +1515,7 @@ mod tests {
         drop(conn);
 
         let mut store = Store::open(&path).expect("migrate");
-        assert_eq!(store.schema_version().expect("version"), 3);
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
         let subs = store.subscriptions().expect("subs");
         assert_eq!(
             subs.iter()
@@ -1499,7 +1565,7 @@ mod tests {
                 .expect("reopen")
                 .schema_version()
                 .expect("v"),
-            3
+            SCHEMA_VERSION
         );
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
@@ -65,4 +66,116 @@ pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(crypto)?));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// The name a gateway's verified client certificate gives it: its first DNS subjectAltName, else
+/// its subject's common name (`core-stub init` puts the gateway's name in both). `None` when the
+/// certificate names nothing usable.
+pub fn certificate_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
+    if let Some(dns) = parsed.valid_dns_names().next() {
+        return Some(dns.to_owned());
+    }
+    common_name(parsed.subject())
+}
+
+/// The last `CN` in a DER `Name` (its contents, without the outer SEQUENCE): the most specific
+/// one, as RFC 6125 reads it.
+fn common_name(mut name: &[u8]) -> Option<String> {
+    const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
+    let mut found = None;
+    while !name.is_empty() {
+        let (tag, mut rdn, rest) = der_tlv(name)?;
+        name = rest;
+        if tag != 0x31 {
+            return None;
+        }
+        while !rdn.is_empty() {
+            let (tag, attr, rest) = der_tlv(rdn)?;
+            rdn = rest;
+            if tag != 0x30 {
+                return None;
+            }
+            let (oid_tag, oid, value) = der_tlv(attr)?;
+            let (value_tag, value, _) = der_tlv(value)?;
+            // UTF8String, PrintableString, IA5String.
+            if oid_tag == 0x06 && oid == CN_OID && matches!(value_tag, 0x0c | 0x13 | 0x16) {
+                found = std::str::from_utf8(value).ok().map(str::to_owned);
+            }
+        }
+    }
+    found
+}
+
+/// One DER tag-length-value: (tag, value, what follows). Definite lengths up to 4 bytes.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (value, rest) = rest.split_at(len);
+    Some((tag, value, rest))
+}
+
+/// The gateway's certificate name, from a connection whose client certificate was verified.
+pub fn peer_certificate_name(connection: &quinn::Connection) -> Option<String> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
+    certificate_name(chain.first()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+
+    fn cert(sans: Vec<String>, cn: Option<&str>) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::new(sans).expect("params");
+        let mut dn = DistinguishedName::new();
+        if let Some(cn) = cn {
+            dn.push(DnType::CommonName, cn);
+        }
+        dn.push(DnType::OrganizationName, "relay");
+        params.distinguished_name = dn;
+        params.self_signed(&key).expect("cert").der().clone()
+    }
+
+    #[test]
+    fn the_name_is_the_first_dns_san_else_the_common_name() {
+        assert_eq!(
+            certificate_name(&cert(vec!["gateway-1".into()], Some("other"))).as_deref(),
+            Some("gateway-1")
+        );
+        assert_eq!(
+            certificate_name(&cert(Vec::new(), Some("gateway-2"))).as_deref(),
+            Some("gateway-2")
+        );
+        assert_eq!(certificate_name(&cert(Vec::new(), None)), None);
+        assert_eq!(
+            certificate_name(&CertificateDer::from(vec![0x30, 0x03, 1])),
+            None
+        );
+        for bad in [
+            &[][..],
+            &[0x31],
+            &[0x31, 0x85, 1, 1, 1, 1, 1],
+            &[0x31, 0x05, 0x30],
+        ] {
+            assert_eq!(common_name(bad), None);
+        }
+    }
 }

@@ -11,6 +11,10 @@
 //!  connection closed ─────────────────────────────────▶ GatewayDown ─▶ engine
 //! ```
 //!
+//! A gateway is known by the name in its verified client certificate (first DNS subjectAltName,
+//! else common name): that is the name profile policies list (`docs/protocol.md` §11.9). The name
+//! it declares in `Hello` is only logged; when the two differ, the certificate's wins.
+//!
 //! A gateway is untrusted beyond its certificate: anything malformed it sends is counted and
 //! dropped, and a broken control stream ends its own connection, never the process.
 
@@ -145,7 +149,15 @@ struct Gateway {
 
 impl Gateway {
     async fn serve(self) {
-        let (send, mut recv, mut buf) = match self.hello().await {
+        let Some(name) = crate::tls::peer_certificate_name(&self.connection) else {
+            // The CA signed a certificate that names nothing: policies could not name it.
+            tracing::warn!("gateway refused: its certificate names no gateway (no DNS SAN, no CN)");
+            self.connection
+                .close(close_code::PROTOCOL.into(), b"certificate names no gateway");
+            return;
+        };
+        tracing::Span::current().record("name", name.as_str());
+        let (send, mut recv, mut buf) = match self.hello(&name).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(error = %e, "gateway refused");
@@ -166,6 +178,7 @@ impl Gateway {
             .engine
             .send(EngineInput::GatewayUp {
                 conn: self.id,
+                name: name.into(),
                 link,
             })
             .await
@@ -199,8 +212,12 @@ impl Gateway {
         }
     }
 
-    /// Accepts the control stream, reads `Hello`, answers `HelloAck`.
-    async fn hello(&self) -> Result<(quinn::SendStream, quinn::RecvStream, BytesMut), UplinkError> {
+    /// Accepts the control stream, reads `Hello`, answers `HelloAck`. `certified` is the name in
+    /// the gateway's certificate; a different name in `Hello` is logged and otherwise ignored.
+    async fn hello(
+        &self,
+        certified: &str,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, BytesMut), UplinkError> {
         let exchange = async {
             let (mut send, mut recv) = self.connection.accept_bi().await?;
             let mut buf = BytesMut::with_capacity(4096);
@@ -209,7 +226,13 @@ impl Gateway {
                 Some(_) => return Err(UplinkError::Protocol("first message is not Hello")),
                 None => return Err(UplinkError::Protocol("control stream ended before Hello")),
             };
-            tracing::Span::current().record("name", name.as_str());
+            if name != certified {
+                tracing::warn!(
+                    hello = %name,
+                    certificate = %certified,
+                    "gateway's Hello name differs from its certificate's: using the certificate's"
+                );
+            }
             let mut ack = BytesMut::with_capacity(8);
             UplinkMessage::HelloAck {
                 max_flows: self.max_flows,

@@ -890,6 +890,38 @@ fn claim_activate_profiles_transfer_and_release_through_the_cli() -> Result<()> 
     assert!(out.status.success(), "{}", text(&out));
     let out = run(&["profiles", "list"], &op_token)?;
     assert!(text(&out).contains("heat"), "{}", text(&out));
+    let out = run(
+        &[
+            "profiles",
+            "set",
+            "building-a",
+            "--interval",
+            "300",
+            "--bytes",
+            "16",
+            "--gateways",
+            "gateway-1,gateway-3",
+            "--no-direct",
+        ],
+        &op_token,
+    )?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&["profiles", "list"], &op_token)?;
+    let listed = text(&out);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("building-a"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("gateways gateway-1,gateway-3") && line.contains("direct no"),
+        "{listed}"
+    );
+    assert!(
+        listed.lines().any(|l| l.starts_with("heat")
+            && l.contains("gateways any")
+            && l.contains("direct yes")),
+        "{listed}"
+    );
 
     // Transfer em-1 to acme: offered by the operator, accepted by acme's operator.
     let out = run(&["devices", "transfer", "em-1", "--to", "acme"], &op_token)?;

@@ -33,7 +33,7 @@
 //! 4. refused `Released` with a [`Release`]: switch the core key and endpoint
 //!    ([`MeterEvent::Released`] tells the caller to re-target), then 3.
 //!
-//! Suspended, Revoked, Unclaimed, NotActivated: back off and try again later (no factory
+//! Suspended, Revoked, Unclaimed, NotActivated, NotPermitted: back off and try again later (no factory
 //! fallback). A `Rotate` notice (on a handshake response or an acknowledgement) generates `Next`
 //! and starts 2 with `NextKey`, then 1. Crash points ([`CrashPoint`]) let kill tests stop the
 //! device between any two of these steps.

@@ -49,6 +49,8 @@ pub(crate) struct Registered {
     pub retired: Vec<PublicKey>,
     pub released: Option<Release>,
     pub provisionings: u64,
+    /// Its profile does not allow the path it uses: every handshake is refused `NotPermitted`.
+    pub not_permitted: bool,
 }
 
 pub(crate) struct TestCore {
@@ -138,6 +140,7 @@ impl TestCore {
                 retired: Vec::new(),
                 released: None,
                 provisionings: 0,
+                not_permitted: false,
             },
         );
     }
@@ -173,7 +176,8 @@ impl TestCore {
         self.drop_sessions(serial);
     }
 
-    fn drop_sessions(&mut self, serial: &str) {
+    /// Forgets the device's sessions (as a core restart or a session's expiry would).
+    pub fn drop_sessions(&mut self, serial: &str) {
         let factory = self.device(serial).factory;
         self.sessions.retain(|_, (_, id)| *id != factory);
     }
@@ -305,6 +309,9 @@ impl TestCore {
                 }
             };
         };
+        if d.not_permitted {
+            return refuse(RefusalReason::NotPermitted);
+        }
         if let Some(release) = &d.released {
             let mut policy = ResponsePayload::refuse(RefusalReason::Released);
             policy.notices.release = Some(release.clone());

@@ -171,11 +171,14 @@ pub enum RefusalReason {
     KeyRequired = 9,
     /// The subscription ended (ownership change): re-provision with the factory identity.
     Reprovision = 10,
+    /// The device's profile does not allow this path (that gateway, or direct access): retry
+    /// later, or through another path.
+    NotPermitted = 11,
 }
 
 impl RefusalReason {
     /// Every reason.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::UnknownKey,
         Self::Unclaimed,
         Self::NotActivated,
@@ -186,6 +189,7 @@ impl RefusalReason {
         Self::Released,
         Self::KeyRequired,
         Self::Reprovision,
+        Self::NotPermitted,
     ];
 
     /// The reason for a code.
@@ -206,6 +210,7 @@ impl RefusalReason {
             Self::Released => "released",
             Self::KeyRequired => "key_required",
             Self::Reprovision => "reprovision",
+            Self::NotPermitted => "not_permitted",
         }
     }
 
@@ -699,7 +704,7 @@ mod tests {
             next in proptest::option::of(any::<[u8; 32]>()),
             cv in proptest::option::of(any::<u32>()),
             secs in any::<u32>(),
-            refused in proptest::option::of(1u8..=10),
+            refused in proptest::option::of(1u8..=11),
             accepted in proptest::option::of(any::<[u8; 32]>()),
             notices in arb_notices(),
             seqs in proptest::collection::vec(any::<u64>(), 0..=MAX_ACKS),
@@ -754,7 +759,13 @@ mod tests {
         assert!(InitPayload::decode(&with(&[0x01])).is_err());
         let resp = |ext: &[u8]| [&[PAYLOAD_VERSION, 0, 0, 0, 60][..], ext].concat();
         assert!(ResponsePayload::decode(&resp(&[EXT_REFUSED, 1, 0])).is_err());
-        assert!(ResponsePayload::decode(&resp(&[EXT_REFUSED, 1, 11])).is_err());
+        assert_eq!(
+            ResponsePayload::decode(&resp(&[EXT_REFUSED, 1, 11]))
+                .unwrap()
+                .refused,
+            Some(RefusalReason::NotPermitted)
+        );
+        assert!(ResponsePayload::decode(&resp(&[EXT_REFUSED, 1, 12])).is_err());
         assert!(ResponsePayload::decode(&resp(&[EXT_ROTATE, 1, 0])).is_err());
         assert!(ResponsePayload::decode(&resp(&[EXT_CONFIG, 13])).is_err());
         let mut release = vec![EXT_RELEASE, 41];

@@ -159,6 +159,8 @@ fn profile(version: u32) -> Profile {
         report_interval_secs: 60,
         report_bytes: 64,
         threshold: 0,
+        gateways: Vec::new(),
+        allow_direct: true,
     }
 }
 
@@ -1147,4 +1149,213 @@ fn every_crash_point_has_a_distinct_name() {
     let names: std::collections::HashSet<_> = CrashPoint::ALL.iter().map(|p| p.name()).collect();
     assert_eq!(names.len(), CrashPoint::ALL.len());
     assert!(names.iter().all(|n| n.starts_with("core:")));
+}
+
+// Gateway policy (`docs/protocol.md` §11.9).
+
+const GW_A: Route = Route::Gateway {
+    conn: GatewayConnId(1),
+    flow: FlowId(1),
+};
+const GW_B: Route = Route::Gateway {
+    conn: GatewayConnId(2),
+    flow: FlowId(1),
+};
+/// A gateway connection the engine was never told the name of.
+const GW_UNNAMED: Route = Route::Gateway {
+    conn: GatewayConnId(9),
+    flow: FlowId(1),
+};
+
+/// A building's profile: only through gateway `gw-a`, no direct access.
+fn building_a() -> Profile {
+    Profile {
+        name: "building-a".into(),
+        gateways: vec!["gw-a".into()],
+        allow_direct: false,
+        ..profile(1)
+    }
+}
+
+/// A rig with gateways `gw-a` (conn 1) and `gw-b` (conn 2) up, one legacy subscription
+/// (`meter-0`, profile default) and one claimed device `sn-1` activated with `building-a`.
+fn policy_rig() -> Rig {
+    let mut rig = rig_with(
+        &[SubscriptionStatus::Active],
+        policy(),
+        lifecycle(FraudAction::Quarantine),
+        &[("sn-1", "acme", true)],
+    );
+    rig.table.profile_changed(&building_a());
+    let mut device = rig.store.state().devices[0].clone();
+    device.profile = Some("building-a".into());
+    rig.store.state().devices[0] = device.clone();
+    rig.table.devices_changed(vec![device]);
+    rig.table.gateway_up(GatewayConnId(1), "gw-a".into());
+    rig.table.gateway_up(GatewayConnId(2), "gw-b".into());
+    rig
+}
+
+fn not_permitted(rig: &Rig) -> u64 {
+    handshakes(
+        &rig.metrics,
+        HandshakeResult::Refused(RefusalReason::NotPermitted),
+    )
+}
+
+#[test]
+fn provisioning_is_refused_off_the_profiles_gateways_and_admitted_through_them() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    let next = StaticKeypair::generate().expect("next key");
+    let with_next = |timestamp| InitPayload {
+        timestamp,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    let mut factory = session_with(&rig, &rig.factory[0]);
+    for (t, route) in [(1, GW_B), (2, A), (3, GW_UNNAMED)] {
+        let (got, response) = refused(exchange(&mut rig, &mut factory, with_next(t), route, now));
+        assert_eq!(got, RefusalReason::NotPermitted, "{route:?}");
+        assert_eq!(response.key_accepted, None);
+    }
+    assert_eq!(not_permitted(&rig), 3);
+    assert!(rig.store.state().calls.is_empty(), "nothing provisioned");
+    assert_eq!(rig.table.session_count(), 0);
+
+    let response = established(exchange(&mut rig, &mut factory, with_next(4), GW_A, now));
+    assert_eq!(response.key_accepted, Some(*next.public()));
+    assert_eq!(rig.store.state().calls, ["provision sn-1"]);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Provisioned), 1);
+}
+
+#[test]
+fn a_subscription_handshake_is_refused_on_a_path_its_profile_does_not_allow() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    let next = StaticKeypair::generate().expect("next key");
+    let mut factory = session_with(&rig, &rig.factory[0]);
+    let init = InitPayload {
+        timestamp: 1,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    established(exchange(&mut rig, &mut factory, init, GW_A, now));
+
+    let mut dev = session_with(&rig, &next);
+    // Through gateway A: a session, and its readings are stored.
+    establish(&mut rig, &mut dev, 10, GW_A, now);
+    assert_eq!(rig.table.session_count(), 1);
+    let (_, seqs, _) = read_and_ack(&mut rig, &mut dev, 1, GW_A, now);
+    assert_eq!(seqs, [ReadingSeq(1)]);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Accepted), 1);
+
+    // Through gateway B, an unnamed gateway, or directly: refused, no new session.
+    for (t, route) in [(11, GW_B), (12, GW_UNNAMED), (13, A)] {
+        let mut dev = session_with(&rig, &next);
+        let (got, _) = refused(exchange(&mut rig, &mut dev, ts(t), route, now));
+        assert_eq!(got, RefusalReason::NotPermitted, "{route:?}");
+    }
+    assert_eq!(not_permitted(&rig), 3);
+    assert_eq!(
+        rig.table.session_count(),
+        1,
+        "the session through A is untouched"
+    );
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Accepted), 1);
+
+    // A gateway that went away loses its name: it is no longer on the list.
+    rig.table.gateway_down(GatewayConnId(1));
+    let mut dev2 = session_with(&rig, &next);
+    let (got, _) = refused(exchange(&mut rig, &mut dev2, ts(14), GW_A, now));
+    assert_eq!(got, RefusalReason::NotPermitted);
+}
+
+#[test]
+fn direct_access_is_refused_only_when_the_profile_forbids_it() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    // Every gateway allowed, direct access not.
+    rig.table.profile_changed(&Profile {
+        gateways: Vec::new(),
+        ..building_a()
+    });
+    let next = StaticKeypair::generate().expect("next key");
+    let mut factory = session_with(&rig, &rig.factory[0]);
+    let init = InitPayload {
+        timestamp: 1,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    established(exchange(&mut rig, &mut factory, init, GW_B, now));
+    let mut dev = session_with(&rig, &next);
+    let (got, _) = refused(exchange(&mut rig, &mut dev, ts(2), A, now));
+    assert_eq!(got, RefusalReason::NotPermitted);
+    establish(&mut rig, &mut dev, 3, GW_UNNAMED, now);
+    // Direct access allowed again.
+    rig.table.profile_changed(&Profile {
+        allow_direct: true,
+        gateways: Vec::new(),
+        ..building_a()
+    });
+    let mut dev = session_with(&rig, &next);
+    establish(&mut rig, &mut dev, 4, A, now);
+    assert_eq!(not_permitted(&rig), 1);
+}
+
+#[test]
+fn the_default_profile_allows_every_path_and_a_restriction_applies_at_the_next_handshake() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    // A legacy subscription (profile default): any gateway, named or not, and direct access.
+    for (t, route) in [(1, A), (2, GW_A), (3, GW_B), (4, GW_UNNAMED)] {
+        let mut dev = device(&rig, 0);
+        establish(&mut rig, &mut dev, t, route, now);
+    }
+    let mut dev = device(&rig, 0);
+    establish(&mut rig, &mut dev, 5, GW_B, now);
+    assert_eq!(not_permitted(&rig), 0);
+
+    // The operator restricts the default profile to gateway A: the open session through B keeps
+    // working (nothing is dropped) ...
+    rig.table.profile_changed(&Profile {
+        gateways: vec!["gw-a".into()],
+        ..profile(1)
+    });
+    let (_, seqs, _) = read_and_ack(&mut rig, &mut dev, 1, GW_B, now);
+    assert_eq!(seqs, [ReadingSeq(1)]);
+    // ... and its next handshake through B is refused, through A admitted.
+    let mut again = device(&rig, 0);
+    let (got, _) = refused(exchange(&mut rig, &mut again, ts(6), GW_B, now));
+    assert_eq!(got, RefusalReason::NotPermitted);
+    establish(&mut rig, &mut again, 7, GW_A, now);
+    assert_eq!(not_permitted(&rig), 1);
+}
+
+#[test]
+fn an_open_session_does_not_roam_onto_a_path_its_profile_forbids() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    let next = StaticKeypair::generate().expect("next key");
+    let mut factory = session_with(&rig, &rig.factory[0]);
+    let init = InitPayload {
+        timestamp: 1,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    established(exchange(&mut rig, &mut factory, init, GW_A, now));
+    let mut dev = session_with(&rig, &next);
+    establish(&mut rig, &mut dev, 2, GW_A, now);
+
+    // The same session's frames through gateway B and directly: authenticated, but dropped,
+    // and the route stays on gateway A.
+    for (seq, route) in [(1, GW_B), (2, A)] {
+        let mut out = Outputs::default();
+        rig.table
+            .handle_frame(&reading(&mut dev, seq), route, now, &mut out);
+        assert!(out.readings.is_empty(), "{route:?}: stored");
+    }
+    assert_eq!(dropped(&rig.metrics, "not_permitted"), 2);
+    let (_, seqs, _) = read_and_ack(&mut rig, &mut dev, 3, GW_A, now);
+    assert_eq!(seqs, [ReadingSeq(3)]);
 }

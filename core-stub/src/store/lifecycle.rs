@@ -26,6 +26,10 @@ use crate::release::{ReleaseDocument, ReleasedDevice};
 
 /// The longest reporting interval a profile may set: 30 days (sleepy meters wake once a day).
 pub const MAX_REPORT_INTERVAL_SECS: u32 = 30 * 24 * 3600;
+/// The most gateways a profile's policy may name.
+pub const MAX_PROFILE_GATEWAYS: usize = 64;
+/// The longest gateway name (a DNS name, as in the gateway's certificate).
+pub const MAX_GATEWAY_NAME: usize = 253;
 /// The longest fraud flag reason kept.
 const MAX_FLAG: usize = 128;
 
@@ -64,9 +68,18 @@ pub struct Profile {
     pub report_bytes: u16,
     /// The change that triggers an early report (0: none).
     pub threshold: u32,
+    /// The gateways (by the name in their certificate) its devices may use; empty: any.
+    pub gateways: Vec<String>,
+    /// Whether its devices may use direct access.
+    pub allow_direct: bool,
 }
 
 impl Profile {
+    /// Whether the policy lets a device use the gateway whose certificate names it `gateway`.
+    pub fn allows_gateway(&self, gateway: &str) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == gateway)
+    }
+
     /// What a device of this profile is told.
     pub fn config(&self) -> DeviceConfig {
         DeviceConfig {
@@ -78,8 +91,9 @@ impl Profile {
     }
 }
 
-/// A profile's settings, as `PUT /v1/profiles/{name}` takes them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+/// A profile's settings, as `PUT /v1/profiles/{name}` takes them. `PUT` replaces the whole
+/// profile: a policy field left out takes its default (any gateway, direct access allowed).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileSettings {
     /// How often devices report, 1 s to 30 days.
@@ -88,10 +102,56 @@ pub struct ProfileSettings {
     pub report_bytes: u16,
     /// The change that triggers an early report (0: none).
     pub threshold: u32,
+    /// The gateways its devices may use, by certificate name; empty (the default): any.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Whether its devices may use direct access (default: yes).
+    #[serde(default = "allow_direct_default")]
+    pub allow_direct: bool,
+}
+
+fn allow_direct_default() -> bool {
+    true
+}
+
+/// Whether `name` can be a gateway's certificate name: 1 to 253 of `A-Z a-z 0-9 - _ .`.
+pub fn is_valid_gateway_name(name: &str) -> bool {
+    (1..=MAX_GATEWAY_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// `profiles.gateways`: the names joined by commas (no valid name holds one).
+fn gateways_column(gateways: &[String]) -> String {
+    gateways.join(",")
+}
+
+fn gateways_from_column(text: &str) -> Vec<String> {
+    text.split(',')
+        .filter(|g| !g.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl ProfileSettings {
+    /// Sorts and deduplicates the gateway names, so equal policies compare equal.
+    fn normalize(&mut self) {
+        self.gateways.sort();
+        self.gateways.dedup();
+    }
+
     fn check(&self) -> Result<(), StoreError> {
+        if self.gateways.len() > MAX_PROFILE_GATEWAYS {
+            return Err(StoreError::Invalid(format!(
+                "a profile names at most {MAX_PROFILE_GATEWAYS} gateways"
+            )));
+        }
+        if let Some(bad) = self.gateways.iter().find(|g| !is_valid_gateway_name(g)) {
+            return Err(StoreError::Invalid(format!(
+                "gateway name {bad:?}: 1 to {MAX_GATEWAY_NAME} of A-Z a-z 0-9 - _ ."
+            )));
+        }
         if !(1..=MAX_REPORT_INTERVAL_SECS).contains(&self.report_interval_secs) {
             return Err(StoreError::Invalid(format!(
                 "report_interval_secs must be between 1 and {MAX_REPORT_INTERVAL_SECS}"
@@ -345,21 +405,36 @@ fn index_entry_in(conn: &Connection, id: i64) -> Result<IndexEntry, StoreError> 
     }
 }
 
+/// The columns [`profile_from_columns`] reads, in its order.
+const PROFILE_COLUMNS: &str =
+    "name, version, report_interval_secs, report_bytes, threshold, gateways, allow_direct";
+
+type ProfileColumns = (String, i64, i64, i64, i64, String, bool);
+
+fn profile_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProfileColumns> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
 fn profile_in(conn: &Connection, name: &str) -> Result<Option<Profile>, StoreError> {
-    let row: Option<(String, i64, i64, i64, i64)> = conn
-        .prepare_cached(
-            "SELECT name, version, report_interval_secs, report_bytes, threshold
-             FROM profiles WHERE name = ?1",
-        )?
-        .query_row([name], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
+    let row: Option<ProfileColumns> = conn
+        .prepare_cached(&format!(
+            "SELECT {PROFILE_COLUMNS} FROM profiles WHERE name = ?1"
+        ))?
+        .query_row([name], profile_columns)
         .optional()?;
     row.map(profile_from_columns).transpose()
 }
 
 fn profile_from_columns(
-    (name, version, interval, bytes, threshold): (String, i64, i64, i64, i64),
+    (name, version, interval, bytes, threshold, gateways, allow_direct): ProfileColumns,
 ) -> Result<Profile, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt {
         table: "profiles",
@@ -370,6 +445,8 @@ fn profile_from_columns(
         report_interval_secs: u32_column(interval)?,
         report_bytes: u16::try_from(bytes).map_err(|_| corrupt("report_bytes"))?,
         threshold: u32_column(threshold)?,
+        gateways: gateways_from_column(&gateways),
+        allow_direct,
         name,
     })
 }
@@ -408,13 +485,10 @@ fn bad_rows(mut errors: Vec<RowError>) -> StoreError {
 impl Store {
     /// Every profile, by name.
     pub fn profiles(&self) -> Result<Vec<Profile>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, version, report_interval_secs, report_bytes, threshold
-             FROM profiles ORDER BY name",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {PROFILE_COLUMNS} FROM profiles ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([], profile_columns)?;
         rows.map(|r| profile_from_columns(r?)).collect()
     }
 
@@ -423,12 +497,15 @@ impl Store {
         profile_in(&self.conn, name)?.ok_or_else(|| StoreError::UnknownProfile(name.to_owned()))
     }
 
-    /// Creates a profile (version 1) or changes one (its version + 1). Settings equal to the
-    /// current ones change nothing. Returns the profile and whether it changed.
+    /// Creates a profile (version 1) or changes one. Its version goes up when what its devices
+    /// are told changes (interval, size, threshold); a change of the gateway policy alone keeps
+    /// the version (the devices have nothing new to apply) and takes effect at each device's next
+    /// handshake. Settings equal to the current ones change nothing. Returns the profile and
+    /// whether it changed.
     pub fn put_profile(
         &self,
         name: &str,
-        settings: ProfileSettings,
+        mut settings: ProfileSettings,
         actor: Actor<'_>,
     ) -> Result<(Profile, bool), StoreError> {
         if !is_valid_profile_name(name) {
@@ -436,10 +513,11 @@ impl Store {
                 "a profile name is 1 to 32 of A-Z a-z 0-9 - _ .".into(),
             ));
         }
+        settings.normalize();
         settings.check()?;
         let tx = self.immediate()?;
         let current = profile_in(&tx, name)?;
-        let same = current.as_ref().is_some_and(|p| {
+        let same_config = current.as_ref().is_some_and(|p| {
             (p.report_interval_secs, p.report_bytes, p.threshold)
                 == (
                     settings.report_interval_secs,
@@ -447,27 +525,35 @@ impl Store {
                     settings.threshold,
                 )
         });
-        if let (true, Some(p)) = (same, current.clone()) {
+        let same_policy = current.as_ref().is_some_and(|p| {
+            (&p.gateways, p.allow_direct) == (&settings.gateways, settings.allow_direct)
+        });
+        if let (true, true, Some(p)) = (same_config, same_policy, current.clone()) {
             return Ok((p, false));
         }
         let version = match &current {
+            Some(p) if same_config => p.version,
             Some(p) => p.version.checked_add(1).ok_or_else(|| {
                 StoreError::Conflict(format!("profile {name} is at its last version"))
             })?,
             None => 1,
         };
         tx.execute(
-            "INSERT INTO profiles (name, version, report_interval_secs, report_bytes, threshold, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO profiles (name, version, report_interval_secs, report_bytes, threshold,
+                 updated_at_ms, gateways, allow_direct)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (name) DO UPDATE SET version = ?2, report_interval_secs = ?3,
-                 report_bytes = ?4, threshold = ?5, updated_at_ms = ?6",
+                 report_bytes = ?4, threshold = ?5, updated_at_ms = ?6, gateways = ?7,
+                 allow_direct = ?8",
             params![
                 name,
                 version,
                 settings.report_interval_secs,
                 settings.report_bytes,
                 settings.threshold,
-                now_ms()
+                now_ms(),
+                gateways_column(&settings.gateways),
+                settings.allow_direct,
             ],
         )?;
         let profile = Profile {
@@ -476,6 +562,13 @@ impl Store {
             report_interval_secs: settings.report_interval_secs,
             report_bytes: settings.report_bytes,
             threshold: settings.threshold,
+            gateways: settings.gateways,
+            allow_direct: settings.allow_direct,
+        };
+        let gateways = if profile.gateways.is_empty() {
+            "any".to_owned()
+        } else {
+            profile.gateways.join(" ")
         };
         audit(
             &tx,
@@ -483,8 +576,11 @@ impl Store {
             "put_profile",
             None,
             &format!(
-                "profile {name} version {version}: every {} s, {} B, threshold {}",
-                profile.report_interval_secs, profile.report_bytes, profile.threshold
+                "profile {name} version {version}: every {} s, {} B, threshold {}; gateways {gateways}, direct {}",
+                profile.report_interval_secs,
+                profile.report_bytes,
+                profile.threshold,
+                if profile.allow_direct { "allowed" } else { "refused" },
             ),
         )?;
         tx.commit()?;
@@ -1521,16 +1617,31 @@ mod tests {
             report_interval_secs: 900,
             report_bytes: 32,
             threshold: 5,
+            gateways: Vec::new(),
+            allow_direct: true,
         };
-        let (p, changed) = store.put_profile("heat", s, OP).expect("put");
+        let (p, changed) = store.put_profile("heat", s.clone(), OP).expect("put");
         assert_eq!((p.version, changed), (1, true));
-        let (p, changed) = store.put_profile("heat", s, OP).expect("same");
+        assert!(
+            p.gateways.is_empty() && p.allow_direct,
+            "no policy: any path"
+        );
+        let (p, changed) = store.put_profile("heat", s.clone(), OP).expect("same");
         assert_eq!((p.version, changed), (1, false));
         let (p, changed) = store
-            .put_profile("heat", ProfileSettings { threshold: 6, ..s }, OP)
+            .put_profile(
+                "heat",
+                ProfileSettings {
+                    threshold: 6,
+                    ..s.clone()
+                },
+                OP,
+            )
             .expect("change");
         assert_eq!((p.version, changed, p.config().threshold), (2, true, 6));
-        let (p, _) = store.put_profile("default", s, OP).expect("default");
+        let (p, _) = store
+            .put_profile("default", s.clone(), OP)
+            .expect("default");
         assert_eq!(p.version, 2);
         assert_eq!(
             store
@@ -1544,15 +1655,29 @@ mod tests {
         for bad in [
             ProfileSettings {
                 report_interval_secs: 0,
-                ..s
+                ..s.clone()
             },
             ProfileSettings {
                 report_bytes: 0,
-                ..s
+                ..s.clone()
             },
             ProfileSettings {
                 report_bytes: u16::MAX,
-                ..s
+                ..s.clone()
+            },
+            ProfileSettings {
+                gateways: vec!["gw 1".into()],
+                ..s.clone()
+            },
+            ProfileSettings {
+                gateways: vec![String::new()],
+                ..s.clone()
+            },
+            ProfileSettings {
+                gateways: (0..=MAX_PROFILE_GATEWAYS)
+                    .map(|i| format!("gw-{i}"))
+                    .collect(),
+                ..s.clone()
             },
         ] {
             assert!(matches!(
@@ -1574,6 +1699,46 @@ mod tests {
             3,
             "changes only"
         );
+    }
+
+    #[test]
+    fn a_gateway_policy_is_stored_and_keeps_the_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let s = ProfileSettings {
+            report_interval_secs: 900,
+            report_bytes: 32,
+            threshold: 0,
+            gateways: Vec::new(),
+            allow_direct: true,
+        };
+        let (p, _) = store.put_profile("building-a", s.clone(), OP).expect("put");
+        assert_eq!(p.version, 1);
+        let policy = ProfileSettings {
+            gateways: vec!["gw-b".into(), "gw-a".into(), "gw-b".into()],
+            allow_direct: false,
+            ..s.clone()
+        };
+        let (p, changed) = store
+            .put_profile("building-a", policy.clone(), OP)
+            .expect("policy");
+        assert!(changed);
+        assert_eq!(p.version, 1, "the devices have nothing new to apply");
+        assert_eq!(p.gateways, ["gw-a", "gw-b"], "sorted, once each");
+        assert!(!p.allow_direct);
+        assert!(p.allows_gateway("gw-a") && !p.allows_gateway("gw-c"));
+        let (_, changed) = store
+            .put_profile("building-a", policy, OP)
+            .expect("same policy");
+        assert!(!changed);
+        assert_eq!(store.profile("building-a").expect("get"), p);
+        // Leaving the policy out of a PUT restores the default: any path.
+        let (p, changed) = store.put_profile("building-a", s, OP).expect("reset");
+        assert!(changed);
+        assert!(p.gateways.is_empty() && p.allow_direct && p.allows_gateway("gw-c"));
+        let log = store.audit(MAX_PAGE).expect("audit");
+        assert!(log.iter().any(|r| r.action == "put_profile"
+            && r.detail.contains("gateways gw-a gw-b, direct refused")));
     }
 
     #[test]

@@ -460,8 +460,8 @@ impl Meter {
                 l.switch = Switch::Idle;
                 self.want_handshake = true;
             }
-            // Suspended, revoked, unclaimed, not activated (and anything refused with the
-            // factory key): no fallback, try again later.
+            // Suspended, revoked, unclaimed, not activated, not permitted on this path (and
+            // anything refused with the factory key): no fallback, try again later.
             _ => self.back_off(now),
         }
     }

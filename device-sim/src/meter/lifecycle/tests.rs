@@ -654,6 +654,38 @@ fn suspension_backs_off_without_falling_back_to_the_factory_identity() {
 }
 
 #[test]
+fn a_path_not_permitted_backs_off_without_falling_back_to_the_factory_identity() {
+    let mut sim = Sim::new();
+    assert!(sim.deliver_one(Duration::from_secs(10)));
+    let key = sim.key(KeySlot::Subscription);
+    // A policy change leaves the open session alone; the next handshake is refused.
+    sim.a().device(SERIAL).not_permitted = true;
+    sim.a().drop_sessions(SERIAL);
+    sim.queue(1);
+    sim.run_for(Duration::from_secs(30));
+    let refused = sim
+        .meter
+        .stats()
+        .refusals_by_reason
+        .get(RefusalReason::NotPermitted);
+    assert!((3..=10).contains(&refused), "backs off: {refused}");
+    assert_eq!(sim.meter.stats().refusals, refused);
+    assert_eq!(
+        sim.a().device(SERIAL).provisionings,
+        1,
+        "no factory fallback"
+    );
+    assert!(!sim.meter.has_working_session());
+    assert_eq!(sim.key(KeySlot::Subscription), key, "the key is kept");
+
+    // Allowed again (another path, or the policy changed): it delivers with the same key.
+    sim.a().device(SERIAL).not_permitted = false;
+    assert!(sim.run_until(Duration::from_secs(30), |s| s.meter.is_idle()));
+    assert_eq!(sim.key(KeySlot::Subscription), key);
+    sim.assert_one_working_key(CORE_A);
+}
+
+#[test]
 fn revocation_backs_off_and_never_reprovisions() {
     let mut sim = Sim::new();
     assert!(sim.deliver_one(Duration::from_secs(10)));
