@@ -196,7 +196,7 @@ impl Refusal {
             .unwrap_or_default();
         let mut r = Self::new(
             422,
-            format!("{} bad rows, nothing changed{first}", rows.len()),
+            format!("{} bad row(s), nothing changed{first}", rows.len()),
         );
         r.rows = rows;
         r

@@ -250,7 +250,7 @@ pub enum StoreError {
     #[error("no profile {0:?}")]
     UnknownProfile(String),
     /// A manifest, a plan or a release claim was refused: every bad row, nothing changed.
-    #[error("{} bad rows, nothing changed", .0.len())]
+    #[error("{} bad row(s), nothing changed", .0.len())]
     BadRows(Vec<RowError>),
     /// The change contradicts the device's state (already released, no transfer pending, …).
     #[error("{0}")]

@@ -69,6 +69,8 @@ pub struct GatewayConfig {
     pub flows: FlowsConfig,
     /// Session ids the core revoked.
     pub revocation: RevocationConfig,
+    /// `[handshakes]`: per-source limits on handshake initiations.
+    pub handshakes: HandshakeLimits,
 }
 
 /// The `[uplink]` section, validated.
@@ -230,6 +232,29 @@ pub struct RevocationConfig {
     pub max_sessions: usize,
 }
 
+/// The `[handshakes]` section, validated: per-source token buckets for HandshakeInit frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Handshake initiations per second one device address may send, on average.
+    pub per_source_per_sec: u32,
+    /// How many it may send at once.
+    pub per_source_burst: u32,
+    /// The most device addresses tracked at once.
+    pub max_sources: usize,
+}
+
+/// Default `handshakes.per_source_per_sec`: a meter handshakes once per rekey period and retries
+/// after 1 s, doubling.
+pub const DEFAULT_HANDSHAKES_PER_SOURCE_PER_SEC: u32 = 5;
+/// Default `handshakes.per_source_burst`.
+pub const DEFAULT_HANDSHAKES_PER_SOURCE_BURST: u32 = 10;
+/// Default `handshakes.max_sources` (about 60 bytes each).
+pub const DEFAULT_HANDSHAKES_MAX_SOURCES: usize = 100_000;
+/// The largest `handshakes.per_source_per_sec` and `per_source_burst` accepted.
+pub const MAX_HANDSHAKE_RATE: u32 = 1_000_000;
+/// The largest `handshakes.max_sources` accepted.
+pub const MAX_HANDSHAKE_SOURCES: usize = 1 << 24;
+
 /// Default `revocation.ttl_secs`.
 pub const DEFAULT_REVOCATION_TTL_SECS: u64 = 600;
 /// Default `revocation.max_sessions` (about 100 bytes each).
@@ -314,6 +339,26 @@ struct FileConfig {
     flows: FileFlows,
     #[serde(default)]
     revocation: FileRevocation,
+    #[serde(default)]
+    handshakes: FileHandshakes,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileHandshakes {
+    per_source_per_sec: u32,
+    per_source_burst: u32,
+    max_sources: usize,
+}
+
+impl Default for FileHandshakes {
+    fn default() -> Self {
+        Self {
+            per_source_per_sec: DEFAULT_HANDSHAKES_PER_SOURCE_PER_SEC,
+            per_source_burst: DEFAULT_HANDSHAKES_PER_SOURCE_BURST,
+            max_sources: DEFAULT_HANDSHAKES_MAX_SOURCES,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -516,6 +561,22 @@ impl GatewayConfig {
             ));
         }
 
+        let hs = file.handshakes;
+        for (key, value) in [
+            ("handshakes.per_source_per_sec", hs.per_source_per_sec),
+            ("handshakes.per_source_burst", hs.per_source_burst),
+        ] {
+            if value == 0 || value > MAX_HANDSHAKE_RATE {
+                return Err(invalid(key, format!("must be 1 to {MAX_HANDSHAKE_RATE}")));
+            }
+        }
+        if hs.max_sources == 0 || hs.max_sources > MAX_HANDSHAKE_SOURCES {
+            return Err(invalid(
+                "handshakes.max_sources",
+                format!("must be 1 to {MAX_HANDSHAKE_SOURCES}"),
+            ));
+        }
+
         let base = path.parent().unwrap_or_else(|| Path::new(""));
         let files = TlsFiles {
             ca: resolve(base, &up.ca),
@@ -550,6 +611,11 @@ impl GatewayConfig {
             flows: FlowsConfig {
                 max: file.flows.max,
                 idle_timeout: Duration::from_secs(file.flows.idle_timeout_secs),
+            },
+            handshakes: HandshakeLimits {
+                per_source_per_sec: hs.per_source_per_sec,
+                per_source_burst: hs.per_source_burst,
+                max_sources: hs.max_sources,
             },
             revocation: RevocationConfig {
                 ttl: Duration::from_secs(revocation.ttl_secs),
@@ -647,6 +713,14 @@ key = "key.pem"
         assert_eq!(c.flows.idle_timeout, Duration::from_secs(900));
         assert_eq!(c.revocation.ttl, Duration::from_secs(600));
         assert_eq!(c.revocation.max_sessions, 65_536);
+        assert_eq!(
+            c.handshakes,
+            HandshakeLimits {
+                per_source_per_sec: 5,
+                per_source_burst: 10,
+                max_sources: 100_000,
+            }
+        );
         assert_eq!(c.uplink.files.ca, dir.path().join("gw/../ca.pem"));
         assert_eq!(c.uplink.files.cert, dir.path().join("gw/cert.pem"));
         assert_eq!(c.uplink.files.key, dir.path().join("gw/key.pem"));
@@ -771,6 +845,18 @@ key = "key.pem"
         check(
             &format!("{MINIMAL}[revocation]\nmax_sessions = 0\n"),
             "revocation.max_sessions",
+        );
+        check(
+            &format!("{MINIMAL}[handshakes]\nper_source_per_sec = 0\n"),
+            "handshakes.per_source_per_sec",
+        );
+        check(
+            &format!("{MINIMAL}[handshakes]\nper_source_burst = 2000000\n"),
+            "handshakes.per_source_burst",
+        );
+        check(
+            &format!("{MINIMAL}[handshakes]\nmax_sources = 0\n"),
+            "handshakes.max_sources",
         );
         check(
             &MINIMAL.replace("\"gateway-1\"", "\"\""),

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::flows::FlowTable;
+use crate::handshake_limit::{HandshakeLimiter, Verdict};
 use crate::metrics::{Direction, DropReason, Metrics};
 use crate::queue::{Pending, PendingQueue};
 use crate::revoked::RevokedSessions;
@@ -37,6 +38,8 @@ pub(crate) struct DeviceLink {
     pub hooks: Hooks,
     /// Sessions the core revoked: their frames stop here.
     pub revoked: RevokedSessions,
+    /// Per-source limits on handshake initiations.
+    pub handshakes: HandshakeLimiter,
 }
 
 /// The receive task's own state: the uplink (if up) and the queue.
@@ -93,6 +96,13 @@ impl DeviceLink {
                 if self.revoked.contains(receiver, Instant::now()) =>
             {
                 self.metrics.drop_frame(DropReason::Revoked);
+                return;
+            }
+            Ok(DeviceFrame::HandshakeInit { .. })
+                if self.handshakes.check(from, Instant::now()) == Verdict::Drop =>
+            {
+                tracing::trace!(%from, "handshake over the source's rate");
+                self.metrics.drop_frame(DropReason::HandshakeRate);
                 return;
             }
             Ok(frame) => frame.frame_type(),

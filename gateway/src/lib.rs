@@ -32,6 +32,7 @@
 pub mod config;
 mod device_link;
 pub mod flows;
+pub mod handshake_limit;
 pub mod metrics;
 mod queue;
 pub mod revoked;
@@ -170,6 +171,7 @@ pub async fn run(
             config.revocation.ttl,
             config.revocation.max_sessions,
         ),
+        handshakes: handshake_limit::HandshakeLimiter::new(config.handshakes),
     });
     // Up/Down events are rare and consumed at once; a few slots suffice.
     let (events_tx, events_rx) = mpsc::channel(4);

@@ -37,11 +37,13 @@ pub enum DropReason {
     UplinkLost,
     /// A device frame for a session the core revoked (`UplinkMessage::Revoked`).
     Revoked,
+    /// A HandshakeInit over its source's rate (`[handshakes]`).
+    HandshakeRate,
 }
 
 impl DropReason {
     /// Every reason, so that each series exists (at 0) from the start.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Truncated,
         Self::Oversized,
         Self::UnknownVersion,
@@ -55,6 +57,7 @@ impl DropReason {
         Self::DeviceSend,
         Self::UplinkLost,
         Self::Revoked,
+        Self::HandshakeRate,
     ];
 
     /// The `reason` label.
@@ -73,6 +76,7 @@ impl DropReason {
             Self::DeviceSend => "device_send",
             Self::UplinkLost => "uplink_lost",
             Self::Revoked => "revoked",
+            Self::HandshakeRate => "handshake_rate",
         }
     }
 
