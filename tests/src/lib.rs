@@ -253,3 +253,26 @@ pub fn verify_store(dep: &Deployment, summary: &FleetSummary, payload_bytes: usi
     }
     Ok(total)
 }
+
+/// Waits until each of `serials` has at least `n` readings in the store (a serial with no
+/// subscription yet counts as none), for at most `limit`; fails naming the first one still short.
+pub async fn wait_for_readings(
+    store: &core_stub::Store,
+    serials: &[String],
+    n: usize,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let short = serials
+            .iter()
+            .find(|s| store.readings_of(s).map_or(0, |r| r.len()) < n);
+        let Some(serial) = short else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{serial} did not store {n} readings within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -4,7 +4,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway::Hooks;
-use relay_tests::{fleet, metrics, start_core, start_gateway, verify_store, Deployment};
+use relay_tests::{
+    fleet, metrics, start_core, start_gateway, verify_store, wait_for_readings, Deployment,
+};
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -27,16 +29,13 @@ async fn suspension_mid_stream_stops_the_device_at_once_and_spares_the_others() 
 
     // Wait until the device is streaming.
     let store = dep.store()?;
-    for _ in 0..200 {
-        if store.readings_of(&target)?.len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        store.readings_of(&target)?.len() >= 3,
-        "{target} never streamed"
-    );
+    wait_for_readings(
+        &store,
+        std::slice::from_ref(&target),
+        3,
+        Duration::from_secs(4),
+    )
+    .await?;
 
     let token = std::fs::read_to_string(dep.path().join("admin-operator.token"))?;
     let answer = relay_ops::client::request(
@@ -121,16 +120,13 @@ async fn revocation_cuts_a_device_off_at_core_and_gateway_within_one_second() ->
     let run = tokio::spawn(device_sim::run_fleet(opts, None));
 
     let store = dep.store()?;
-    for _ in 0..200 {
-        if store.readings_of(&target)?.len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        store.readings_of(&target)?.len() >= 3,
-        "{target} never streamed"
-    );
+    wait_for_readings(
+        &store,
+        std::slice::from_ref(&target),
+        3,
+        Duration::from_secs(4),
+    )
+    .await?;
 
     let token = std::fs::read_to_string(dep.path().join("admin-operator.token"))?;
     let answer = relay_ops::client::request(
@@ -215,12 +211,13 @@ async fn a_sleepy_meter_gets_its_credential_update_at_its_next_wake() -> anyhow:
         })
     };
     let store = dep.store()?;
-    for _ in 0..100 {
-        if store.readings_of(&serial).map_or(0, |r| r.len()) >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_readings(
+        &store,
+        std::slice::from_ref(&serial),
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
     let first_key = store
         .subscriptions()?
         .into_iter()
@@ -293,12 +290,13 @@ async fn a_suspended_meter_is_resumed_and_delivers_everything() -> anyhow::Resul
         })
     };
     let store = dep.store()?;
-    for _ in 0..100 {
-        if store.readings_of(&serial).map_or(0, |r| r.len()) >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_readings(
+        &store,
+        std::slice::from_ref(&serial),
+        3,
+        Duration::from_secs(5),
+    )
+    .await?;
     admin
         .ok(
             &admin.operator,

@@ -9,7 +9,7 @@ use gateway::Hooks;
 use relay_ops::client::Body;
 use relay_tests::lifecycle::{device_entry, plan, run_devices, Admin, Factory};
 use relay_tests::recorder::Recorder;
-use relay_tests::{metrics, start_core, start_gateway, Deployment};
+use relay_tests::{metrics, start_core, start_gateway, wait_for_readings, Deployment};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn factory_fresh_meters_are_claimed_activated_and_provisioned_through_the_gateway(
@@ -267,19 +267,7 @@ async fn a_profile_change_reaches_every_device_on_its_next_ack_with_no_extra_mes
     };
     // Wait until all five are provisioned and streaming.
     let store = dep.store()?;
-    for _ in 0..300 {
-        let mut streaming = 0;
-        for s in &factory.serials {
-            // No subscription yet is an error: not provisioned so far.
-            if store.readings_of(s).map_or(0, |r| r.len()) >= 2 {
-                streaming += 1;
-            }
-        }
-        if streaming == factory.serials.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_readings(&store, &factory.serials, 2, Duration::from_secs(15)).await?;
     let before = core.metrics().await?;
     let handshakes_before = metrics::sum(&before, "core_handshakes_total");
 
