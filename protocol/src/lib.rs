@@ -25,10 +25,13 @@
 // In tests a panic is the failure report; the lint guards the library code.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admission;
 pub mod frame;
 pub mod replay;
 pub mod uplink;
 
+#[cfg(feature = "session")]
+pub mod cookie;
 #[cfg(feature = "session")]
 pub mod payload;
 #[cfg(feature = "session")]
@@ -39,6 +42,7 @@ pub mod session;
 #[cfg(all(test, feature = "session"))]
 mod tests;
 
+pub use admission::{Admission, AdmissionKey, Quota};
 pub use frame::{DeviceFrame, FrameType, SessionId};
 pub use uplink::{FlowId, UplinkDatagram, UplinkMessage};
 

@@ -52,6 +52,7 @@ const EXT_KEY_ACCEPTED: u8 = 0x02;
 const EXT_CONFIG: u8 = 0x03;
 const EXT_ROTATE: u8 = 0x04;
 const EXT_RELEASE: u8 = 0x05;
+const EXT_ADMISSION: u8 = 0x06;
 
 /// Length of an encoded [`DeviceConfig`].
 pub const CONFIG_LEN: usize = 14;
@@ -364,6 +365,8 @@ pub struct ResponsePayload {
     pub key_accepted: Option<PublicKey>,
     /// Configuration, update notice, release.
     pub notices: Notices,
+    /// The session's admission key (`docs/protocol.md` §12): the device tags every frame with it.
+    pub admission: Option<crate::admission::AdmissionKey>,
 }
 
 impl ResponsePayload {
@@ -389,6 +392,7 @@ impl ResponsePayload {
             + self.refused.map_or(0, |_| 3)
             + self.key_accepted.map_or(0, |_| 2 + KEY_LEN)
             + self.notices.encoded_len()
+            + self.admission.map_or(0, |_| 2 + crate::admission::KEY_LEN)
     }
 
     /// Appends the payload.
@@ -406,6 +410,11 @@ impl ResponsePayload {
             buf.put_slice(&k.0);
         }
         self.notices.encode(buf);
+        if let Some(k) = &self.admission {
+            buf.put_u8(EXT_ADMISSION);
+            buf.put_u8(crate::admission::KEY_LEN as u8);
+            buf.put_slice(&k.0);
+        }
     }
 
     /// Parses the payload.
@@ -426,6 +435,13 @@ impl ResponsePayload {
                     );
                 }
                 EXT_KEY_ACCEPTED => p.key_accepted = Some(exact_key(value)?),
+                EXT_ADMISSION => {
+                    p.admission = Some(crate::admission::AdmissionKey(
+                        value
+                            .try_into()
+                            .map_err(|_| DecodeError::Invalid("admission key length"))?,
+                    ));
+                }
                 _ => {
                     p.notices.take(kind, value)?;
                 }
@@ -706,6 +722,7 @@ mod tests {
             secs in any::<u32>(),
             refused in proptest::option::of(1u8..=11),
             accepted in proptest::option::of(any::<[u8; 32]>()),
+            admission in proptest::option::of(any::<[u8; 16]>()),
             notices in arb_notices(),
             seqs in proptest::collection::vec(any::<u64>(), 0..=MAX_ACKS),
         ) {
@@ -720,6 +737,7 @@ mod tests {
                 refused: refused.and_then(RefusalReason::from_code),
                 key_accepted: accepted.map(PublicKey),
                 notices: notices.clone(),
+                admission: admission.map(crate::admission::AdmissionKey),
             };
             let mut b = Vec::new();
             resp.encode(&mut b);

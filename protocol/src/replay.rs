@@ -34,6 +34,23 @@ impl ReplayWindow {
         Self::default()
     }
 
+    /// A window for a resumed session (`crate::session::SessionSnapshot`): every counter below
+    /// `floor` counts as seen, so nothing received before the snapshot can be replayed after it.
+    pub fn resumed(floor: u64) -> Self {
+        if floor == 0 {
+            return Self::new();
+        }
+        Self {
+            top: floor,
+            bitmap: [u64::MAX; WORDS],
+        }
+    }
+
+    /// One past the highest counter accepted (0 before the first): a resumed window's floor.
+    pub fn floor(&self) -> u64 {
+        self.top
+    }
+
     /// Whether `counter` would be accepted. Cheap: call it before spending an AEAD open on a frame,
     /// then [`ReplayWindow::accept`] once the frame has authenticated.
     pub fn check(&self, counter: u64) -> Result<(), ReplayError> {

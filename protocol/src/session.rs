@@ -1,6 +1,8 @@
 //! The end-to-end session: `Noise_IK_25519_ChaChaPoly_BLAKE2s` between a device (initiator) and the
-//! core (responder), then snow's stateless transport with explicit counters and our replay window
-//! (`docs/protocol.md` §6).
+//! core (responder), then ChaCha20-Poly1305 under the handshake's split keys with explicit
+//! counters and our replay window (`docs/protocol.md` §6): exactly Noise's transport phase, done
+//! here rather than by snow so that a sleeping device can persist and resume a session
+//! ([`SessionSnapshot`]).
 //!
 //! ```text
 //!  DeviceSession                                   Responder
@@ -21,11 +23,16 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
 use snow::params::NoiseParams;
 use snow::resolvers::{CryptoResolver, DefaultResolver};
-use snow::{Builder, HandshakeState, StatelessTransportState};
+use snow::{Builder, HandshakeState};
 
-use crate::frame::{DeviceFrame, SessionId, MAX_TRANSPORT_PLAINTEXT, TAG_LEN, TRANSPORT_HEADER};
+use crate::admission::AdmissionKey;
+use crate::frame::{
+    DeviceFrame, SessionId, ADMISSION_TAG_LEN, MAX_TRANSPORT_PLAINTEXT, TAG_LEN, TRANSPORT_HEADER,
+};
 use crate::payload::{InitPayload, ResponsePayload, MAX_HANDSHAKE_PAYLOAD};
 use crate::secure_element::{KeyHandle, KeySlot, KeyStoreError, SecureElement};
 use crate::DecodeError;
@@ -202,10 +209,13 @@ impl Drop for StaticKeypair {
 pub struct Transport {
     local: SessionId,
     remote: SessionId,
-    cipher: StatelessTransportState,
+    /// The sending direction's key, then the receiving one's (Noise's split).
+    keys: Box<[[u8; KEY_LEN]; 2]>,
     next_counter: u64,
     replay: crate::replay::ReplayWindow,
     established: Instant,
+    /// Device side: the session's admission key, once the core gave one.
+    admission: Option<AdmissionKey>,
 }
 
 impl fmt::Debug for Transport {
@@ -218,20 +228,46 @@ impl fmt::Debug for Transport {
     }
 }
 
+impl Drop for Transport {
+    fn drop(&mut self) {
+        *self.keys = [[0; KEY_LEN]; 2];
+    }
+}
+
+/// Noise's ChaChaPoly nonce: 32 zero bits, then the counter as 64-bit little-endian.
+fn nonce(counter: u64) -> chacha20poly1305::Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_le_bytes());
+    n.into()
+}
+
 impl Transport {
     fn new(
         local: SessionId,
         remote: SessionId,
-        hs: HandshakeState,
+        mut hs: HandshakeState,
         now: Instant,
     ) -> Result<Self, SessionError> {
+        if !hs.is_handshake_finished() {
+            return Err(SessionError::Noise(snow::Error::State(
+                snow::error::StateProblem::HandshakeNotFinished,
+            )));
+        }
+        // k1 protects initiator → responder, k2 the other way (Noise §5.2 Split).
+        let (k1, k2) = hs.dangerously_get_raw_split();
+        let keys = if hs.is_initiator() {
+            [k1, k2]
+        } else {
+            [k2, k1]
+        };
         Ok(Self {
             local,
             remote,
-            cipher: hs.into_stateless_transport_mode()?,
+            keys: Box::new(keys),
             next_counter: 0,
             replay: crate::replay::ReplayWindow::new(),
             established: now,
+            admission: None,
         })
     }
 
@@ -255,7 +291,19 @@ impl Transport {
         self.next_counter
     }
 
-    /// Seals `plaintext` into a complete transport frame appended to `out`.
+    /// Device side: once set, [`Transport::seal`] writes `AdmittedTransport` frames tagged under
+    /// `key` (`docs/protocol.md` §12).
+    pub fn set_admission(&mut self, key: Option<AdmissionKey>) {
+        self.admission = key;
+    }
+
+    /// The admission key frames are tagged with, if any.
+    pub fn admission(&self) -> Option<&AdmissionKey> {
+        self.admission.as_ref()
+    }
+
+    /// Seals `plaintext` into a complete transport frame appended to `out`: `Transport`, or
+    /// `AdmittedTransport` with its tag when the session has an admission key.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SessionError> {
         if plaintext.len() > MAX_TRANSPORT_PLAINTEXT {
             return Err(SessionError::TooLarge(plaintext.len()));
@@ -265,30 +313,37 @@ impl Transport {
             return Err(SessionError::Exhausted);
         }
         let start = out.len();
-        out.reserve(TRANSPORT_HEADER + plaintext.len() + TAG_LEN);
+        let kind = if self.admission.is_some() {
+            crate::frame::FrameType::AdmittedTransport
+        } else {
+            crate::frame::FrameType::Transport
+        };
+        out.reserve(TRANSPORT_HEADER + plaintext.len() + TAG_LEN + ADMISSION_TAG_LEN);
         out.push(crate::frame::VERSION);
-        out.push(crate::frame::FrameType::Transport as u8);
+        out.push(kind as u8);
         out.extend_from_slice(&self.remote.0.to_be_bytes());
         out.extend_from_slice(&counter.to_be_bytes());
         let body = out.len();
-        out.resize(body + plaintext.len() + TAG_LEN, 0);
-        match self
-            .cipher
-            .write_message(counter, plaintext, &mut out[body..])
-        {
-            Ok(_) => {
-                self.next_counter += 1;
-                Ok(())
-            }
-            Err(e) => {
+        out.extend_from_slice(plaintext);
+        let cipher = ChaCha20Poly1305::new((&self.keys[0]).into());
+        match cipher.encrypt_in_place_detached(&nonce(counter), &[], &mut out[body..]) {
+            Ok(tag) => out.extend_from_slice(&tag),
+            Err(_) => {
                 out.truncate(start);
-                Err(e.into())
+                return Err(SessionError::Exhausted);
             }
         }
+        if let Some(key) = &self.admission {
+            let tag = key.tag(&out[start..]);
+            out.extend_from_slice(&tag);
+        }
+        self.next_counter += 1;
+        Ok(())
     }
 
-    /// Opens a transport frame's ciphertext (already parsed off the frame) into `out`, which is
-    /// cleared first. The counter enters the replay window only once the frame authenticated.
+    /// Opens a transport frame's ciphertext (already parsed off the frame, without an admission
+    /// tag) into `out`, which is cleared first. The counter enters the replay window only once the
+    /// frame authenticated.
     pub fn open(
         &mut self,
         counter: u64,
@@ -299,19 +354,185 @@ impl Transport {
             return Err(SessionError::Exhausted);
         }
         self.replay.check(counter)?;
+        let Some(split) = ciphertext.len().checked_sub(TAG_LEN) else {
+            return Err(SessionError::Authentication);
+        };
+        let (body, tag) = ciphertext.split_at(split);
         out.clear();
-        out.resize(ciphertext.len().saturating_sub(TAG_LEN), 0);
-        match self.cipher.read_message(counter, ciphertext, out) {
-            Ok(n) => {
-                out.truncate(n);
+        out.extend_from_slice(body);
+        let cipher = ChaCha20Poly1305::new((&self.keys[1]).into());
+        match cipher.decrypt_in_place_detached(&nonce(counter), &[], out, tag.into()) {
+            Ok(()) => {
                 self.replay.accept(counter)?;
                 Ok(())
             }
-            Err(e) => {
+            Err(_) => {
                 out.clear();
-                Err(e.into())
+                Err(SessionError::Authentication)
             }
         }
+    }
+
+    /// The session's state for a device that goes to sleep (`docs/protocol.md` §12.3). The
+    /// snapshot's send counter is `sent + lease`: a device persists it before sending more, and
+    /// persists again before it has sent `lease` frames, so that a crash never makes it reuse a
+    /// counter (a nonce) after resuming.
+    pub fn snapshot(
+        &self,
+        lease: u64,
+        established_unix_ms: u64,
+        rekey_after_secs: u32,
+    ) -> SessionSnapshot {
+        SessionSnapshot {
+            local: self.local,
+            remote: self.remote,
+            keys: *self.keys,
+            next_counter: self.next_counter.saturating_add(lease),
+            receive_floor: self.replay.floor(),
+            established_unix_ms,
+            rekey_after_secs,
+            admission: self.admission,
+        }
+    }
+
+    fn resume(snapshot: &SessionSnapshot, established: Instant) -> Self {
+        Self {
+            local: snapshot.local,
+            remote: snapshot.remote,
+            keys: Box::new(snapshot.keys),
+            next_counter: snapshot.next_counter,
+            replay: crate::replay::ReplayWindow::resumed(snapshot.receive_floor),
+            established,
+            admission: snapshot.admission,
+        }
+    }
+}
+
+/// A device's persisted session: both keys, the counters and the admission key. It is as secret
+/// as the session keys themselves: keep it in the device's sealed store, never in a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionSnapshot {
+    local: SessionId,
+    remote: SessionId,
+    keys: [[u8; KEY_LEN]; 2],
+    next_counter: u64,
+    receive_floor: u64,
+    established_unix_ms: u64,
+    rekey_after_secs: u32,
+    admission: Option<AdmissionKey>,
+}
+
+impl fmt::Debug for SessionSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionSnapshot")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .field("next_counter", &self.next_counter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SessionSnapshot {
+    fn drop(&mut self) {
+        self.keys = [[0; KEY_LEN]; 2];
+    }
+}
+
+/// The snapshot encoding's version byte.
+const SNAPSHOT_VERSION: u8 = 1;
+/// Encoded length: version, ids, keys, counters, time, rekey, admission flag and key.
+const SNAPSHOT_LEN: usize = 1 + 4 + 4 + 2 * KEY_LEN + 8 + 8 + 8 + 4 + 1 + 16;
+
+impl SessionSnapshot {
+    /// A fixed-size encoding (126 bytes), for the device's store.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(SNAPSHOT_LEN);
+        b.push(SNAPSHOT_VERSION);
+        b.extend_from_slice(&self.local.0.to_be_bytes());
+        b.extend_from_slice(&self.remote.0.to_be_bytes());
+        b.extend_from_slice(&self.keys[0]);
+        b.extend_from_slice(&self.keys[1]);
+        b.extend_from_slice(&self.next_counter.to_be_bytes());
+        b.extend_from_slice(&self.receive_floor.to_be_bytes());
+        b.extend_from_slice(&self.established_unix_ms.to_be_bytes());
+        b.extend_from_slice(&self.rekey_after_secs.to_be_bytes());
+        match &self.admission {
+            Some(k) => {
+                b.push(1);
+                b.extend_from_slice(&k.0);
+            }
+            None => {
+                b.push(0);
+                b.extend_from_slice(&[0; 16]);
+            }
+        }
+        b
+    }
+
+    /// Parses [`SessionSnapshot::encode`]'s output.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        use crate::frame::{split_u32, split_u64};
+        if b.len() != SNAPSHOT_LEN {
+            return Err(DecodeError::Invalid("session snapshot length"));
+        }
+        let [version, rest @ ..] = b else {
+            return Err(DecodeError::Truncated);
+        };
+        if *version != SNAPSHOT_VERSION {
+            return Err(DecodeError::UnknownVersion(*version));
+        }
+        let (local, rest) = split_u32(rest)?;
+        let (remote, rest) = split_u32(rest)?;
+        let (k0, rest) = rest.split_at(KEY_LEN);
+        let (k1, rest) = rest.split_at(KEY_LEN);
+        let (next_counter, rest) = split_u64(rest)?;
+        let (receive_floor, rest) = split_u64(rest)?;
+        let (established_unix_ms, rest) = split_u64(rest)?;
+        let (rekey_after_secs, rest) = split_u32(rest)?;
+        let [flag, key @ ..] = rest else {
+            return Err(DecodeError::Truncated);
+        };
+        let admission = match flag {
+            0 => None,
+            1 => Some(AdmissionKey(
+                key.try_into()
+                    .map_err(|_| DecodeError::Invalid("admission key"))?,
+            )),
+            _ => return Err(DecodeError::Invalid("admission flag")),
+        };
+        let mut keys = [[0u8; KEY_LEN]; 2];
+        keys[0].copy_from_slice(k0);
+        keys[1].copy_from_slice(k1);
+        Ok(Self {
+            local: SessionId(local),
+            remote: SessionId(remote),
+            keys,
+            next_counter,
+            receive_floor,
+            established_unix_ms,
+            rekey_after_secs,
+            admission,
+        })
+    }
+
+    /// When the session's handshake completed, in milliseconds since the Unix epoch.
+    pub fn established_unix_ms(&self) -> u64 {
+        self.established_unix_ms
+    }
+
+    /// The core's rekey time for the session.
+    pub fn rekey_after_secs(&self) -> u32 {
+        self.rekey_after_secs
+    }
+
+    /// The first counter the resumed session sends with (the lease included).
+    pub fn sent(&self) -> u64 {
+        self.next_counter
+    }
+
+    /// The core's session id: the `receiver` of the device's frames.
+    pub fn remote_id(&self) -> SessionId {
+        self.remote
     }
 }
 
@@ -336,10 +557,17 @@ pub enum DeviceEvent {
     },
     /// A transport frame opened; its plaintext is in the caller's buffer.
     Plaintext,
+    /// The core is under load and answered the pending handshake with a cookie
+    /// (`docs/protocol.md` §12.5): the caller's buffer holds the `CookieInit` datagram (the same
+    /// Noise message 1 with the cookie's MAC) to send now. The handshake stays pending, and the
+    /// device's initiations in the next two minutes carry the cookie too.
+    CookieChallenge,
 }
 
 struct PendingHandshake {
     hs: HandshakeState,
+    /// The `HandshakeInit` datagram, to re-send with a cookie.
+    init: Vec<u8>,
     local: SessionId,
     started: Instant,
     /// The secure element's binding, to tell its failures from the peer's.
@@ -367,6 +595,8 @@ pub struct DeviceSession {
     current: Option<Transport>,
     rekey_after: Duration,
     previous: Option<Transport>,
+    /// The core's last cookie and when it came.
+    cookie: Option<(crate::cookie::Cookie, Instant)>,
 }
 
 impl fmt::Debug for DeviceSession {
@@ -412,6 +642,7 @@ impl DeviceSession {
             current: None,
             rekey_after: Duration::MAX,
             previous: None,
+            cookie: None,
         }
     }
 
@@ -529,17 +760,47 @@ impl DeviceSession {
         let n = hs
             .write_message(&payload, &mut noise)
             .map_err(|e| SessionError::from_noise(e, key.as_deref()))?;
+        let init = DeviceFrame::HandshakeInit {
+            sender: local,
+            noise: &noise[..n],
+        }
+        .to_vec();
+        let datagram = match &self.cookie {
+            Some((cookie, at))
+                if now.saturating_duration_since(*at) < crate::cookie::COOKIE_LIFETIME =>
+            {
+                crate::cookie::init_with_cookie(&init, cookie)?
+            }
+            _ => init.clone(),
+        };
         self.pending = Some(PendingHandshake {
             hs,
+            init,
             local,
             started: now,
             key,
         });
-        Ok(DeviceFrame::HandshakeInit {
-            sender: local,
-            noise: &noise[..n],
-        }
-        .to_vec())
+        Ok(datagram)
+    }
+
+    /// Installs a persisted session as the current one, with no handshake (`docs/protocol.md`
+    /// §12.3). Its age runs from the snapshot's handshake time (`now_unix_ms` is the wall clock
+    /// at `now`), so the rekey policy holds across the sleep.
+    pub fn resume(&mut self, snapshot: &SessionSnapshot, now: Instant, now_unix_ms: u64) {
+        let age = Duration::from_millis(now_unix_ms.saturating_sub(snapshot.established_unix_ms));
+        let established = now.checked_sub(age).unwrap_or(now);
+        self.previous = None;
+        self.pending = None;
+        self.current = Some(Transport::resume(snapshot, established));
+        self.rekey_after = Duration::from_secs(u64::from(snapshot.rekey_after_secs));
+    }
+
+    /// The current session as a snapshot to persist (see [`Transport::snapshot`] for `lease`).
+    pub fn snapshot(&self, lease: u64, now: Instant, now_unix_ms: u64) -> Option<SessionSnapshot> {
+        let t = self.current.as_ref()?;
+        let age = u64::try_from(t.age(now).as_millis()).unwrap_or(u64::MAX);
+        let rekey = u32::try_from(self.rekey_after.as_secs()).unwrap_or(u32::MAX);
+        Some(t.snapshot(lease, now_unix_ms.saturating_sub(age), rekey))
     }
 
     /// When the pending handshake started, if one is pending.
@@ -606,7 +867,8 @@ impl DeviceSession {
                 if response.refused.is_some() {
                     return Ok(DeviceEvent::Refused { response });
                 }
-                let transport = Transport::new(receiver, sender, pending.hs, now)?;
+                let mut transport = Transport::new(receiver, sender, pending.hs, now)?;
+                transport.set_admission(response.admission);
                 self.previous = self.current.replace(transport);
                 self.rekey_after = Duration::from_secs(u64::from(response.rekey_after_secs));
                 Ok(DeviceEvent::Established { response })
@@ -624,7 +886,30 @@ impl DeviceSession {
                 session.open(counter, ciphertext, out)?;
                 Ok(DeviceEvent::Plaintext)
             }
-            other @ DeviceFrame::HandshakeInit { .. } => {
+            DeviceFrame::CookieReply {
+                receiver,
+                nonce,
+                sealed,
+            } => {
+                let pending = self
+                    .pending
+                    .as_ref()
+                    .filter(|p| p.local == receiver)
+                    .ok_or(SessionError::UnknownSession(receiver))?;
+                let noise = pending
+                    .init
+                    .get(crate::frame::HANDSHAKE_INIT_HEADER..)
+                    .unwrap_or_default();
+                let cookie = crate::cookie::open_reply(&self.core, noise, nonce, sealed)?;
+                let datagram = crate::cookie::init_with_cookie(&pending.init, &cookie)?;
+                self.cookie = Some((cookie, now));
+                out.clear();
+                out.extend_from_slice(&datagram);
+                Ok(DeviceEvent::CookieChallenge)
+            }
+            other @ (DeviceFrame::HandshakeInit { .. }
+            | DeviceFrame::AdmittedTransport { .. }
+            | DeviceFrame::CookieInit { .. }) => {
                 Err(SessionError::UnexpectedFrame(other.frame_type()))
             }
         }

@@ -77,13 +77,19 @@ impl Pair {
     }
 
     fn core_open(&mut self, frame: &[u8]) -> Result<Vec<u8>, SessionError> {
-        let DeviceFrame::Transport {
-            receiver,
-            counter,
-            ciphertext,
-        } = DeviceFrame::decode(frame)?
-        else {
-            panic!("not transport")
+        let (receiver, counter, ciphertext) = match DeviceFrame::decode(frame)? {
+            DeviceFrame::Transport {
+                receiver,
+                counter,
+                ciphertext,
+            }
+            | DeviceFrame::AdmittedTransport {
+                receiver,
+                counter,
+                ciphertext,
+                ..
+            } => (receiver, counter, ciphertext),
+            _ => panic!("not transport"),
         };
         let t = self.core_session.as_mut().unwrap();
         assert_eq!(t.local_id(), receiver);
@@ -246,6 +252,136 @@ fn rekey_after_time_and_old_session_still_delivers_acks() {
     // New frames go on the new session only.
     let f = p.device_send(&Message::Keepalive);
     assert!(p.core_open(&f).is_ok());
+}
+
+#[test]
+fn an_admitted_session_tags_every_frame_and_the_core_still_opens_it() {
+    use crate::admission::AdmissionKey;
+    let mut p = Pair::new();
+    p.next_ts += 1;
+    let init = p
+        .device
+        .start_handshake(SessionId(3), p.next_ts, p.now)
+        .unwrap();
+    let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap() else {
+        panic!("not an init")
+    };
+    let key = AdmissionKey([0x5a; 16]);
+    let mut policy = policy();
+    policy.admission = Some(key);
+    let mut resp = Vec::new();
+    let t = p
+        .core
+        .read_init(sender, noise)
+        .unwrap()
+        .accept(SessionId(0x77), &policy, p.now, &mut resp)
+        .unwrap();
+    p.core_session = Some(t);
+    let mut out = Vec::new();
+    let ev = p.device.handle_datagram(&resp, p.now, &mut out).unwrap();
+    assert_eq!(ev, DeviceEvent::Established { response: policy });
+    let frame = p.device_send(&Message::Reading {
+        seq: ReadingSeq(1),
+        data: b"kwh=1",
+    });
+    assert_eq!(frame[1], 4, "admitted frames are type 4");
+    assert!(key.verify(&frame));
+    assert!(!AdmissionKey([0; 16]).verify(&frame));
+    assert!(p.core_open(&frame).is_ok());
+}
+
+#[test]
+fn a_cookie_challenge_is_answered_with_the_same_initiation_and_completes() {
+    use crate::cookie::CookieJar;
+    let mut p = Pair::new();
+    let mut jar = CookieJar::new(p.core.public(), p.now).unwrap();
+    let init = p.device.start_handshake(SessionId(5), 10, p.now).unwrap();
+    let DeviceFrame::HandshakeInit { sender, noise } = DeviceFrame::decode(&init).unwrap() else {
+        panic!("not an init")
+    };
+    let mut reply = Vec::new();
+    jar.reply(sender, noise, b"path", p.now, &mut reply)
+        .unwrap();
+    let mut out = Vec::new();
+    let ev = p.device.handle_datagram(&reply, p.now, &mut out).unwrap();
+    assert_eq!(ev, DeviceEvent::CookieChallenge);
+    assert!(jar.check(&out, b"path", p.now));
+    let DeviceFrame::CookieInit { sender, noise, .. } = DeviceFrame::decode(&out).unwrap() else {
+        panic!("not a cookie init")
+    };
+    assert_eq!(noise, &init[6..], "the same Noise message 1");
+    let mut resp = Vec::new();
+    let t = p
+        .core
+        .read_init(sender, noise)
+        .unwrap()
+        .accept(SessionId(9), &policy(), p.now, &mut resp)
+        .unwrap();
+    p.core_session = Some(t);
+    let ev = p.device.handle_datagram(&resp, p.now, &mut out).unwrap();
+    assert!(matches!(ev, DeviceEvent::Established { .. }));
+    // The next initiation within the cookie's life carries it from the start.
+    let again = p.device.start_handshake(SessionId(6), 11, p.now).unwrap();
+    assert_eq!(again[1], 6);
+    assert!(jar.check(&again, b"path", p.now));
+    // A cookie reply for a handshake that is not pending is refused.
+    assert!(p.device.handle_datagram(&reply, p.now, &mut out).is_err());
+}
+
+#[test]
+fn a_resumed_session_sends_past_its_lease_and_refuses_old_frames() {
+    use crate::session::SessionSnapshot;
+    let mut p = Pair::new();
+    p.handshake(1, 2);
+    let old = p.device_send(&Message::Keepalive);
+    assert!(p.core_open(&old).is_ok());
+    // The core's acknowledgement so that the device's receive window has moved.
+    let mut ack = Vec::new();
+    let acked = Message::Ack {
+        seqs: vec![ReadingSeq(1)],
+        notices: Default::default(),
+    };
+    p.core_session
+        .as_mut()
+        .unwrap()
+        .seal(&acked.to_vec(), &mut ack)
+        .unwrap();
+    let mut out = Vec::new();
+    p.device.handle_datagram(&ack, p.now, &mut out).unwrap();
+
+    let snap = p.device.snapshot(1024, p.now, 1_000_000).unwrap();
+    assert_eq!(snap.sent(), 1 + 1024);
+    let bytes = snap.encode();
+    let back = SessionSnapshot::decode(&bytes).unwrap();
+    assert_eq!(back, snap);
+    assert!(!format!("{back:?}").contains(&format!("{:?}", p.core.public())));
+
+    // A new device process: same key, no handshake.
+    let later = p.now + Duration::from_secs(30);
+    let mut resumed = DeviceSession::new(StaticKeypair::generate().unwrap(), *p.core.public());
+    resumed.resume(&back, later, 1_030_000);
+    assert!(resumed.is_established());
+    assert!(!resumed.needs_handshake(later));
+    assert!(
+        resumed.needs_handshake(later + Duration::from_secs(31)),
+        "rekey policy holds"
+    );
+    let mut frame = Vec::new();
+    resumed
+        .seal(&Message::Keepalive.to_vec(), &mut frame)
+        .unwrap();
+    let DeviceFrame::Transport { counter, .. } = DeviceFrame::decode(&frame).unwrap() else {
+        panic!("not transport")
+    };
+    assert_eq!(counter, 1025, "the lease is skipped");
+    assert!(p.core_open(&frame).is_ok());
+    // The acknowledgement seen before the snapshot cannot be replayed to the resumed device.
+    assert!(resumed.handle_datagram(&ack, later, &mut out).is_err());
+    // Corrupt snapshots are refused, not misread.
+    assert!(SessionSnapshot::decode(&bytes[..bytes.len() - 1]).is_err());
+    let mut bad = bytes.clone();
+    bad[0] = 9;
+    assert!(SessionSnapshot::decode(&bad).is_err());
 }
 
 #[test]

@@ -5,12 +5,19 @@
 //!
 //! ```text
 //! datagram        = version:u8 = 1 | kind:u8 = 1 | flow:u32 | device frame
+//!                 | version:u8 = 1 | kind:u8 = 2 | flow:u32 | admission(34) | device frame  core -> gateway
 //! stream message  = length:u16 | version:u8 = 1 | kind:u8 | body      (length counts version..body)
 //!   kind 0x10 Hello        body = name_len:u8 | name (UTF-8, 1..=64 bytes)    gateway -> core
 //!   kind 0x11 HelloAck     body = max_flows:u32                                core -> gateway
 //!   kind 0x12 DeviceFrame  body = flow:u32 | device frame                      either way
 //!   kind 0x13 Revoked      body = count:u16 (1..=256) | session:u32 × count    core -> gateway
+//!   kind 0x14 Admit        body = count:u8 (1..=32) | admission(34) × count    core -> gateway
+//!   kind 0x15 AdmitQuery   body = count:u16 (1..=256) | session:u32 × count    gateway -> core
+//!   kind 0x16 NotAdmitted  body = count:u16 (1..=256) | session:u32 × count    core -> gateway
 //! ```
+//!
+//! A kind-2 datagram carries a handshake response together with the admission of the session it
+//! opens (`crate::admission`), so the gateway knows the session before the device's first frame.
 //!
 //! `Revoked` names core-side session ids the core dropped (suspension, revocation, quarantine,
 //! ownership or operator change): the gateway drops device frames addressed to them from then on,
@@ -20,7 +27,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::frame::{split_u32, MAX_DATAGRAM};
+use crate::admission::Admission;
+use crate::frame::{split_u32, SessionId, MAX_DATAGRAM};
 use crate::DecodeError;
 
 /// The uplink protocol version.
@@ -36,13 +44,21 @@ pub const MAX_MESSAGE_BODY: usize = MAX_DATAGRAM + 4;
 pub const MAX_NAME_LEN: usize = 64;
 
 const KIND_DATAGRAM_FRAME: u8 = 0x01;
+const KIND_DATAGRAM_ADMIT: u8 = 0x02;
 const KIND_HELLO: u8 = 0x10;
 const KIND_HELLO_ACK: u8 = 0x11;
 const KIND_DEVICE_FRAME: u8 = 0x12;
 const KIND_REVOKED: u8 = 0x13;
+const KIND_ADMIT: u8 = 0x14;
+const KIND_ADMIT_QUERY: u8 = 0x15;
+const KIND_NOT_ADMITTED: u8 = 0x16;
 
 /// The most session ids one `Revoked` message names.
 pub const MAX_REVOKED: usize = 256;
+/// The most admissions one `Admit` message carries.
+pub const MAX_ADMITS: usize = 32;
+/// The most session ids one `AdmitQuery` or `NotAdmitted` message names.
+pub const MAX_ADMIT_QUERY: usize = 256;
 
 /// The gateway's name for one device address: the core routes replies by it. It is local to one
 /// uplink connection and says nothing about the device's identity.
@@ -60,11 +76,22 @@ impl std::fmt::Display for FlowId {
 pub struct UplinkDatagram<'a> {
     /// Which device address the frame came from or goes to.
     pub flow: FlowId,
+    /// Core to gateway only: the session the frame (a handshake response) opens.
+    pub admission: Option<Admission>,
     /// The device frame, unchanged.
     pub frame: &'a [u8],
 }
 
 impl<'a> UplinkDatagram<'a> {
+    /// A plain datagram (kind 1) for `frame` on `flow`.
+    pub fn new(flow: FlowId, frame: &'a [u8]) -> Self {
+        Self {
+            flow,
+            admission: None,
+            frame,
+        }
+    }
+
     /// Parses one QUIC datagram. The device frame inside is not parsed here.
     pub fn decode(datagram: &'a [u8]) -> Result<Self, DecodeError> {
         let [version, kind, rest @ ..] = datagram else {
@@ -73,10 +100,17 @@ impl<'a> UplinkDatagram<'a> {
         if *version != VERSION {
             return Err(DecodeError::UnknownVersion(*version));
         }
-        if *kind != KIND_DATAGRAM_FRAME {
-            return Err(DecodeError::UnknownType(*kind));
-        }
-        let (flow, frame) = split_u32(rest)?;
+        let (flow, rest) = split_u32(rest)?;
+        let (admission, frame) = match *kind {
+            KIND_DATAGRAM_FRAME => (None, rest),
+            KIND_DATAGRAM_ADMIT => {
+                let (admission, frame) = rest
+                    .split_at_checked(Admission::ENCODED_LEN)
+                    .ok_or(DecodeError::Truncated)?;
+                (Some(Admission::decode(admission)?), frame)
+            }
+            other => return Err(DecodeError::UnknownType(other)),
+        };
         if frame.is_empty() {
             return Err(DecodeError::Truncated);
         }
@@ -88,6 +122,7 @@ impl<'a> UplinkDatagram<'a> {
         }
         Ok(Self {
             flow: FlowId(flow),
+            admission,
             frame,
         })
     }
@@ -95,14 +130,28 @@ impl<'a> UplinkDatagram<'a> {
     /// Appends the datagram to `buf`.
     pub fn encode(&self, buf: &mut impl BufMut) {
         buf.put_u8(VERSION);
-        buf.put_u8(KIND_DATAGRAM_FRAME);
-        buf.put_u32(self.flow.0);
+        match &self.admission {
+            None => {
+                buf.put_u8(KIND_DATAGRAM_FRAME);
+                buf.put_u32(self.flow.0);
+            }
+            Some(a) => {
+                buf.put_u8(KIND_DATAGRAM_ADMIT);
+                buf.put_u32(self.flow.0);
+                a.encode(buf);
+            }
+        }
         buf.put_slice(self.frame);
     }
 
     /// The encoded length in bytes.
     pub fn encoded_len(&self) -> usize {
-        DATAGRAM_HEADER + self.frame.len()
+        let admission = if self.admission.is_some() {
+            Admission::ENCODED_LEN
+        } else {
+            0
+        };
+        DATAGRAM_HEADER + admission + self.frame.len()
     }
 }
 
@@ -132,6 +181,41 @@ pub enum UplinkMessage {
         /// are encoded).
         sessions: Vec<crate::frame::SessionId>,
     },
+    /// Sessions the gateway may forward frames for (answering `AdmitQuery`, or unasked).
+    Admit {
+        /// 1..=[`MAX_ADMITS`] admissions (only the first ones are encoded).
+        admissions: Vec<Admission>,
+    },
+    /// The gateway saw frames for sessions it holds no admission for (it restarted, or the device
+    /// moved here): which of them may pass?
+    AdmitQuery {
+        /// 1..=[`MAX_ADMIT_QUERY`] core-side session ids.
+        sessions: Vec<SessionId>,
+    },
+    /// The answer for queried sessions the core does not serve through this gateway.
+    NotAdmitted {
+        /// 1..=[`MAX_ADMIT_QUERY`] core-side session ids.
+        sessions: Vec<SessionId>,
+    },
+}
+
+fn put_ids(buf: &mut impl BufMut, ids: &[SessionId], max: usize) {
+    let n = ids.len().min(max);
+    buf.put_u16(n as u16);
+    for id in &ids[..n] {
+        buf.put_u32(id.0);
+    }
+}
+
+fn get_ids(msg: &mut Bytes, max: usize, what: &'static str) -> Result<Vec<SessionId>, DecodeError> {
+    if msg.len() < 2 {
+        return Err(DecodeError::Truncated);
+    }
+    let n = msg.get_u16() as usize;
+    if n == 0 || n > max || msg.len() != 4 * n {
+        return Err(DecodeError::Invalid(what));
+    }
+    Ok((0..n).map(|_| SessionId(msg.get_u32())).collect())
 }
 
 impl UplinkMessage {
@@ -142,6 +226,12 @@ impl UplinkMessage {
             Self::HelloAck { .. } => 4,
             Self::DeviceFrame { frame, .. } => 4 + frame.len(),
             Self::Revoked { sessions } => 2 + 4 * sessions.len().min(MAX_REVOKED),
+            Self::Admit { admissions } => {
+                1 + Admission::ENCODED_LEN * admissions.len().min(MAX_ADMITS)
+            }
+            Self::AdmitQuery { sessions } | Self::NotAdmitted { sessions } => {
+                2 + 4 * sessions.len().min(MAX_ADMIT_QUERY)
+            }
         };
         buf.put_u16((2 + body_len) as u16);
         buf.put_u8(VERSION);
@@ -163,11 +253,23 @@ impl UplinkMessage {
             }
             Self::Revoked { sessions } => {
                 buf.put_u8(KIND_REVOKED);
-                let n = sessions.len().min(MAX_REVOKED);
-                buf.put_u16(n as u16);
-                for id in &sessions[..n] {
-                    buf.put_u32(id.0);
+                put_ids(buf, sessions, MAX_REVOKED);
+            }
+            Self::Admit { admissions } => {
+                buf.put_u8(KIND_ADMIT);
+                let n = admissions.len().min(MAX_ADMITS);
+                buf.put_u8(n as u8);
+                for a in &admissions[..n] {
+                    a.encode(buf);
                 }
+            }
+            Self::AdmitQuery { sessions } => {
+                buf.put_u8(KIND_ADMIT_QUERY);
+                put_ids(buf, sessions, MAX_ADMIT_QUERY);
+            }
+            Self::NotAdmitted { sessions } => {
+                buf.put_u8(KIND_NOT_ADMITTED);
+                put_ids(buf, sessions, MAX_ADMIT_QUERY);
             }
         }
     }
@@ -229,19 +331,27 @@ impl UplinkMessage {
                 let flow = FlowId(msg.get_u32());
                 Self::DeviceFrame { flow, frame: msg }
             }
-            KIND_REVOKED => {
-                if msg.len() < 2 {
-                    return Err(DecodeError::Truncated);
+            KIND_REVOKED => Self::Revoked {
+                sessions: get_ids(&mut msg, MAX_REVOKED, "revoked count")?,
+            },
+            KIND_ADMIT => {
+                let n = *msg.first().ok_or(DecodeError::Truncated)? as usize;
+                msg.advance(1);
+                if n == 0 || n > MAX_ADMITS || msg.len() != Admission::ENCODED_LEN * n {
+                    return Err(DecodeError::Invalid("admit count"));
                 }
-                let n = msg.get_u16() as usize;
-                if n == 0 || n > MAX_REVOKED || msg.len() != 4 * n {
-                    return Err(DecodeError::Invalid("revoked count"));
-                }
-                let sessions = (0..n)
-                    .map(|_| crate::frame::SessionId(msg.get_u32()))
-                    .collect();
-                Self::Revoked { sessions }
+                let admissions = msg
+                    .chunks_exact(Admission::ENCODED_LEN)
+                    .map(Admission::decode)
+                    .collect::<Result<_, _>>()?;
+                Self::Admit { admissions }
             }
+            KIND_ADMIT_QUERY => Self::AdmitQuery {
+                sessions: get_ids(&mut msg, MAX_ADMIT_QUERY, "admit query count")?,
+            },
+            KIND_NOT_ADMITTED => Self::NotAdmitted {
+                sessions: get_ids(&mut msg, MAX_ADMIT_QUERY, "not admitted count")?,
+            },
             other => return Err(DecodeError::UnknownType(other)),
         };
         Ok(Some(decoded))
@@ -279,6 +389,15 @@ mod tests {
                     crate::frame::SessionId(9),
                     crate::frame::SessionId(u32::MAX),
                 ],
+            },
+            UplinkMessage::Admit {
+                admissions: vec![admission(3), admission(4)],
+            },
+            UplinkMessage::AdmitQuery {
+                sessions: vec![SessionId(1), SessionId(2)],
+            },
+            UplinkMessage::NotAdmitted {
+                sessions: vec![SessionId(2)],
             },
         ];
         let mut buf = BytesMut::new();
@@ -339,8 +458,63 @@ mod tests {
             Err(DecodeError::Truncated)
         );
         assert_eq!(
-            UplinkDatagram::decode(&[1, 2, 0, 0, 0, 1, 1]),
-            Err(DecodeError::UnknownType(2))
+            UplinkDatagram::decode(&[1, 3, 0, 0, 0, 1, 1]),
+            Err(DecodeError::UnknownType(3))
         );
+        // A kind-2 datagram too short for its admission.
+        assert_eq!(
+            UplinkDatagram::decode(&[1, 2, 0, 0, 0, 1, 1]),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    fn admission(session: u32) -> Admission {
+        Admission {
+            session: SessionId(session),
+            key: crate::admission::AdmissionKey([session as u8; 16]),
+            lifetime_secs: 7200,
+            quota: crate::admission::Quota {
+                frames: 10,
+                bytes: 1000,
+                interval_secs: 60,
+            },
+        }
+    }
+
+    #[test]
+    fn admitting_datagram_round_trips() {
+        let frame = [1u8, 2, 0, 0, 0, 1, 0, 0, 0, 2];
+        let d = UplinkDatagram {
+            flow: FlowId(9),
+            admission: Some(admission(5)),
+            frame: &frame,
+        };
+        let mut buf = Vec::new();
+        d.encode(&mut buf);
+        assert_eq!(buf.len(), d.encoded_len());
+        assert_eq!(buf.len(), 6 + 34 + frame.len());
+        assert_eq!(UplinkDatagram::decode(&buf), Ok(d));
+        // An admission for session 0 is invalid.
+        let mut bad = buf.clone();
+        bad[6..10].copy_from_slice(&[0; 4]);
+        assert!(UplinkDatagram::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn admit_lists_are_bounded() {
+        let many = UplinkMessage::Admit {
+            admissions: (1..100).map(admission).collect(),
+        };
+        let mut buf = BytesMut::new();
+        many.encode(&mut buf);
+        let Some(UplinkMessage::Admit { admissions }) = UplinkMessage::decode(&mut buf).unwrap()
+        else {
+            panic!("not an admit list")
+        };
+        assert_eq!(admissions.len(), MAX_ADMITS);
+        for bad in [&[0u8, 3, 1, 0x14, 0][..], &[0, 4, 1, 0x15, 0, 0]] {
+            let mut src = BytesMut::from(bad);
+            assert!(UplinkMessage::decode(&mut src).is_err(), "{bad:?}");
+        }
     }
 }
