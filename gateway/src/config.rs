@@ -71,6 +71,8 @@ pub struct GatewayConfig {
     pub revocation: RevocationConfig,
     /// `[handshakes]`: per-source limits on handshake initiations.
     pub handshakes: HandshakeLimits,
+    /// `[admission]`: the sessions the core admitted, their tags and quotas.
+    pub admission: AdmissionConfig,
 }
 
 /// The `[uplink]` section, validated.
@@ -243,6 +245,55 @@ pub struct HandshakeLimits {
     pub max_sources: usize,
 }
 
+/// The `[admission]` section, validated: how the gateway checks device frames against the
+/// admissions the core hands it (`docs/protocol.md` §12), and what it does with frames of sessions
+/// it does not know yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// Drop plain `Transport` (0x03) frames from devices (`unadmitted`): only tagged
+    /// `AdmittedTransport` frames of admitted sessions reach the core.
+    pub require: bool,
+    /// The most admitted sessions held at once (one ~40 to 80-byte entry each).
+    pub max_sessions: usize,
+    /// The most frames held, in all, for sessions being asked about (`AdmitQuery`), at most
+    /// [`PENDING_PER_SESSION`](crate::admission::PENDING_PER_SESSION) (4) per session; 0:
+    /// frames of unknown sessions are dropped without asking.
+    pub pending_frames: usize,
+    /// How long held frames wait for the core's answer, from the query.
+    pub pending_timeout: Duration,
+    /// The most session ids asked about per second; frames of further unknown sessions are
+    /// dropped (`unadmitted`).
+    pub queries_per_sec: u32,
+    /// How long a session id the core answered `NotAdmitted` for is remembered (its frames are
+    /// dropped without asking again).
+    pub not_admitted_ttl: Duration,
+    /// The most such ids remembered at once (the oldest are forgotten first).
+    pub not_admitted_max: usize,
+}
+
+/// Default `admission.require`.
+pub const DEFAULT_ADMISSION_REQUIRE: bool = true;
+/// Default `admission.max_sessions`.
+pub const DEFAULT_ADMISSION_MAX_SESSIONS: usize = 1_000_000;
+/// Default `admission.pending_frames`.
+pub const DEFAULT_ADMISSION_PENDING_FRAMES: usize = 4096;
+/// Default `admission.pending_timeout_ms`.
+pub const DEFAULT_ADMISSION_PENDING_TIMEOUT_MS: u64 = 2000;
+/// Default `admission.queries_per_sec`.
+pub const DEFAULT_ADMISSION_QUERIES_PER_SEC: u32 = 2000;
+/// Default `admission.not_admitted_ttl_secs`.
+pub const DEFAULT_ADMISSION_NOT_ADMITTED_TTL_SECS: u64 = 60;
+/// Default `admission.not_admitted_max` (about 100 bytes each).
+pub const DEFAULT_ADMISSION_NOT_ADMITTED_MAX: usize = 65_536;
+/// The largest `admission.max_sessions` accepted.
+pub const MAX_ADMISSION_SESSIONS: usize = 1 << 24;
+/// The largest `admission.pending_frames` accepted (about 1.2 KiB each).
+pub const MAX_ADMISSION_PENDING_FRAMES: usize = 1 << 20;
+/// The longest `admission.pending_timeout_ms` accepted.
+pub const MAX_ADMISSION_PENDING_TIMEOUT_MS: u64 = 60_000;
+/// The largest `admission.queries_per_sec` accepted.
+pub const MAX_ADMISSION_QUERIES_PER_SEC: u32 = 1_000_000;
+
 /// Default `handshakes.per_source_per_sec`: a meter handshakes once per rekey period and retries
 /// after 1 s, doubling.
 pub const DEFAULT_HANDSHAKES_PER_SOURCE_PER_SEC: u32 = 5;
@@ -341,6 +392,34 @@ struct FileConfig {
     revocation: FileRevocation,
     #[serde(default)]
     handshakes: FileHandshakes,
+    #[serde(default)]
+    admission: FileAdmission,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileAdmission {
+    require: bool,
+    max_sessions: usize,
+    pending_frames: usize,
+    pending_timeout_ms: u64,
+    queries_per_sec: u32,
+    not_admitted_ttl_secs: u64,
+    not_admitted_max: usize,
+}
+
+impl Default for FileAdmission {
+    fn default() -> Self {
+        Self {
+            require: DEFAULT_ADMISSION_REQUIRE,
+            max_sessions: DEFAULT_ADMISSION_MAX_SESSIONS,
+            pending_frames: DEFAULT_ADMISSION_PENDING_FRAMES,
+            pending_timeout_ms: DEFAULT_ADMISSION_PENDING_TIMEOUT_MS,
+            queries_per_sec: DEFAULT_ADMISSION_QUERIES_PER_SEC,
+            not_admitted_ttl_secs: DEFAULT_ADMISSION_NOT_ADMITTED_TTL_SECS,
+            not_admitted_max: DEFAULT_ADMISSION_NOT_ADMITTED_MAX,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -577,6 +656,45 @@ impl GatewayConfig {
             ));
         }
 
+        let adm = file.admission;
+        if adm.max_sessions == 0 || adm.max_sessions > MAX_ADMISSION_SESSIONS {
+            return Err(invalid(
+                "admission.max_sessions",
+                format!("must be 1 to {MAX_ADMISSION_SESSIONS}"),
+            ));
+        }
+        if adm.pending_frames > MAX_ADMISSION_PENDING_FRAMES {
+            return Err(invalid(
+                "admission.pending_frames",
+                format!("must be 0 to {MAX_ADMISSION_PENDING_FRAMES}"),
+            ));
+        }
+        if adm.pending_timeout_ms == 0 || adm.pending_timeout_ms > MAX_ADMISSION_PENDING_TIMEOUT_MS
+        {
+            return Err(invalid(
+                "admission.pending_timeout_ms",
+                format!("must be 1 to {MAX_ADMISSION_PENDING_TIMEOUT_MS}"),
+            ));
+        }
+        if adm.queries_per_sec == 0 || adm.queries_per_sec > MAX_ADMISSION_QUERIES_PER_SEC {
+            return Err(invalid(
+                "admission.queries_per_sec",
+                format!("must be 1 to {MAX_ADMISSION_QUERIES_PER_SEC}"),
+            ));
+        }
+        if adm.not_admitted_ttl_secs == 0 || adm.not_admitted_ttl_secs > MAX_REVOCATION_TTL_SECS {
+            return Err(invalid(
+                "admission.not_admitted_ttl_secs",
+                format!("must be 1 to {MAX_REVOCATION_TTL_SECS}"),
+            ));
+        }
+        if adm.not_admitted_max == 0 || adm.not_admitted_max > MAX_REVOCATION_SESSIONS {
+            return Err(invalid(
+                "admission.not_admitted_max",
+                format!("must be 1 to {MAX_REVOCATION_SESSIONS}"),
+            ));
+        }
+
         let base = path.parent().unwrap_or_else(|| Path::new(""));
         let files = TlsFiles {
             ca: resolve(base, &up.ca),
@@ -620,6 +738,15 @@ impl GatewayConfig {
             revocation: RevocationConfig {
                 ttl: Duration::from_secs(revocation.ttl_secs),
                 max_sessions: revocation.max_sessions,
+            },
+            admission: AdmissionConfig {
+                require: adm.require,
+                max_sessions: adm.max_sessions,
+                pending_frames: adm.pending_frames,
+                pending_timeout: Duration::from_millis(adm.pending_timeout_ms),
+                queries_per_sec: adm.queries_per_sec,
+                not_admitted_ttl: Duration::from_secs(adm.not_admitted_ttl_secs),
+                not_admitted_max: adm.not_admitted_max,
             },
         })
     }
@@ -721,9 +848,51 @@ key = "key.pem"
                 max_sources: 100_000,
             }
         );
+        assert_eq!(
+            c.admission,
+            AdmissionConfig {
+                require: true,
+                max_sessions: 1_000_000,
+                pending_frames: 4096,
+                pending_timeout: Duration::from_secs(2),
+                queries_per_sec: 2000,
+                not_admitted_ttl: Duration::from_secs(60),
+                not_admitted_max: 65_536,
+            }
+        );
         assert_eq!(c.uplink.files.ca, dir.path().join("gw/../ca.pem"));
         assert_eq!(c.uplink.files.cert, dir.path().join("gw/cert.pem"));
         assert_eq!(c.uplink.files.key, dir.path().join("gw/key.pem"));
+    }
+
+    #[test]
+    fn admission_section() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        let text = format!(
+            "{MINIMAL}\n[admission]\nrequire = false\nmax_sessions = 10\npending_frames = 0\n\
+             pending_timeout_ms = 500\nqueries_per_sec = 7\nnot_admitted_ttl_secs = 5\n\
+             not_admitted_max = 3\n"
+        );
+        let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
+        assert_eq!(
+            c.admission,
+            AdmissionConfig {
+                require: false,
+                max_sessions: 10,
+                pending_frames: 0,
+                pending_timeout: Duration::from_millis(500),
+                queries_per_sec: 7,
+                not_admitted_ttl: Duration::from_secs(5),
+                not_admitted_max: 3,
+            }
+        );
+        // Keys left out keep their defaults.
+        let text = format!("{MINIMAL}\n[admission]\nrequire = false\n");
+        let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
+        assert!(!c.admission.require);
+        assert_eq!(c.admission.max_sessions, DEFAULT_ADMISSION_MAX_SESSIONS);
     }
 
     #[test]
@@ -858,6 +1027,20 @@ key = "key.pem"
             &format!("{MINIMAL}[handshakes]\nmax_sources = 0\n"),
             "handshakes.max_sources",
         );
+        for (section, needle) in [
+            ("max_sessions = 0", "admission.max_sessions"),
+            ("pending_frames = 2000000", "admission.pending_frames"),
+            ("pending_timeout_ms = 0", "admission.pending_timeout_ms"),
+            ("queries_per_sec = 0", "admission.queries_per_sec"),
+            (
+                "not_admitted_ttl_secs = 0",
+                "admission.not_admitted_ttl_secs",
+            ),
+            ("not_admitted_max = 0", "admission.not_admitted_max"),
+            ("require = 1", "line 11"),
+        ] {
+            check(&format!("{MINIMAL}[admission]\n{section}\n"), needle);
+        }
         check(
             &MINIMAL.replace("\"gateway-1\"", "\"\""),
             "name: must be 1 to 64",

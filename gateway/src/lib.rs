@@ -2,16 +2,23 @@
 //! QUIC connection with mutual TLS).
 //!
 //! Devices hold end-to-end Noise sessions with the core; the gateway only moves their frames. It
-//! checks each frame's header (version, type, length), remembers which device address each flow
-//! id stands for, and queues frames while the core is unreachable.
+//! checks each frame's header (version, type, length), checks the admission tag of each device
+//! frame against the per-session admission key the core handed it, holds each session to the
+//! quota the core set, remembers which device address each flow id stands for, and queues frames
+//! while the core is unreachable.
 //!
-//! What it deliberately does not do: it holds no device or session key and does not link `snow`
-//! (`cargo tree -p gateway` shows it), so it cannot read, forge or replay-check a frame; it keeps
-//! no per-device state beyond an address↔flow entry; it retransmits nothing (devices do).
+//! What it deliberately does not do: it holds no device identity or end-to-end session key and
+//! does not link `snow` (`cargo tree -p gateway` shows it), so it cannot read or forge a frame's
+//! content; the admission key (16 random bytes the core draws per session, independent of the
+//! end-to-end keys) only lets it tell frames of whoever holds the session from junk. It keeps no
+//! per-device state beyond an address↔flow entry and one admission entry per session; it
+//! retransmits nothing (devices do).
 //!
 //! ```text
 //!                ┌─────────────────────────── gateway ────────────────────────────┐
 //!  device ─UDP─▶ │ device_link::receive ─ DeviceFrame::decode (header only)       │
+//!                │      │ 0x04: admission table (tag, quota, expiry) or held and  │
+//!                │      │   asked about (AdmitQuery); 0x03 dropped (require)      │
 //!                │      │ flows: addr ↔ FlowId (one mutex, bounded, idle expiry)  │
 //!                │      │ revoked sessions (from the core's Revoked): dropped     │
 //!                │      ├─ uplink up ───▶ Link::send ─ QUIC datagram ────────────┼─▶ core
@@ -19,6 +26,7 @@
 //!                │      └─ uplink down ─▶ queue (bounded; newest dropped;         │
 //!                │                        flushed after the next HelloAck)        │
 //!  device ◀─UDP─ │ DeviceLink::deliver ◀─ uplink task ◀─ datagrams, stream ◀──────┼── core
+//!                │                        └ admissions installed (kind 2, Admit)  │
 //!                │ metrics ─▶ admin: /metrics /live /ready (relay-ops)            │
 //!                └────────────────────────────────────────────────────────────────┘
 //! ```
@@ -29,11 +37,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod config;
 mod device_link;
 pub mod flows;
 pub mod handshake_limit;
 pub mod metrics;
+mod pending;
 mod queue;
 pub mod revoked;
 mod tap;
@@ -43,7 +53,7 @@ pub mod uplink;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use relay_ops::admin::{AdminConfig, Readiness};
 use tokio::net::{TcpListener, UdpSocket};
@@ -52,13 +62,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{
-    Cli, ConfigError, CoreAddr, FlowsConfig, GatewayConfig, RevocationConfig, TlsFiles,
-    UplinkConfig,
+    AdmissionConfig, Cli, ConfigError, CoreAddr, FlowsConfig, GatewayConfig, RevocationConfig,
+    TlsFiles, UplinkConfig,
 };
 pub use tap::{FrameTap, Hooks, TapPoint};
 
 use device_link::DeviceLink;
-use flows::FlowTable;
 use metrics::Metrics;
 use uplink::Uplink;
 
@@ -162,19 +171,18 @@ pub async fn run(
         device_addr,
         admin_addr,
     } = listeners;
-    let device_link = Arc::new(DeviceLink {
-        socket: devices,
-        flows: FlowTable::new(config.flows.max, config.flows.idle_timeout, Instant::now()),
-        metrics: metrics.clone(),
+    let device_link = Arc::new(DeviceLink::new(
+        devices,
+        config.flows,
+        config.revocation,
+        config.handshakes,
+        config.admission,
+        metrics.clone(),
         hooks,
-        revoked: revoked::RevokedSessions::new(
-            config.revocation.ttl,
-            config.revocation.max_sessions,
-        ),
-        handshakes: handshake_limit::HandshakeLimiter::new(config.handshakes),
-    });
-    // Up/Down events are rare and consumed at once; a few slots suffice.
-    let (events_tx, events_rx) = mpsc::channel(4);
+    ));
+    // Up/Down events are rare; admission answers come in bursts after a restart and are
+    // consumed at once. The uplink task waits when the channel is full.
+    let (events_tx, events_rx) = mpsc::channel(64);
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
     tasks.spawn(relay_ops::admin::serve(

@@ -37,13 +37,25 @@ pub enum DropReason {
     UplinkLost,
     /// A device frame for a session the core revoked (`UplinkMessage::Revoked`).
     Revoked,
-    /// A HandshakeInit over its source's rate (`[handshakes]`).
+    /// A HandshakeInit or CookieInit over its source's rate (`[handshakes]`).
     HandshakeRate,
+    /// An `AdmittedTransport` frame whose admission tag does not match its session's key.
+    AdmissionMac,
+    /// An `AdmittedTransport` frame of a session over its quota for the current window.
+    Quota,
+    /// An `AdmittedTransport` frame of a session whose admission ran out.
+    Expired,
+    /// A frame of a session the gateway holds no admission for: the core answered
+    /// `NotAdmitted`, or did not answer in time, the holding or query limits were reached, or a
+    /// plain `Transport` frame while `[admission] require` is on.
+    Unadmitted,
+    /// A held frame of a session the core admitted while the admission table was full.
+    AdmissionTableFull,
 }
 
 impl DropReason {
     /// Every reason, so that each series exists (at 0) from the start.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 19] = [
         Self::Truncated,
         Self::Oversized,
         Self::UnknownVersion,
@@ -58,6 +70,11 @@ impl DropReason {
         Self::UplinkLost,
         Self::Revoked,
         Self::HandshakeRate,
+        Self::AdmissionMac,
+        Self::Quota,
+        Self::Expired,
+        Self::Unadmitted,
+        Self::AdmissionTableFull,
     ];
 
     /// The `reason` label.
@@ -77,6 +94,11 @@ impl DropReason {
             Self::UplinkLost => "uplink_lost",
             Self::Revoked => "revoked",
             Self::HandshakeRate => "handshake_rate",
+            Self::AdmissionMac => "admission_mac",
+            Self::Quota => "quota",
+            Self::Expired => "expired",
+            Self::Unadmitted => "unadmitted",
+            Self::AdmissionTableFull => "admission_table_full",
         }
     }
 
@@ -127,6 +149,14 @@ pub struct Metrics {
     pub queue_capacity: IntGauge,
     /// `gateway_flows`: entries in the flow table.
     pub flows: IntGauge,
+    /// `gateway_admissions`: sessions in the admission table.
+    pub admissions: IntGauge,
+    /// `gateway_admission_queries_total`: session ids named in `AdmitQuery` messages.
+    pub admission_queries: IntCounter,
+    /// `gateway_admitted_frames_total`: `AdmittedTransport` frames whose tag and quota passed.
+    pub admitted_frames: IntCounter,
+    /// `gateway_admission_pending_frames`: frames held for sessions being asked about.
+    pub admission_pending_frames: IntGauge,
 }
 
 impl Metrics {
@@ -199,6 +229,22 @@ impl Metrics {
                 "How many device frames the queue holds at most.",
             )?,
             flows: gauge("gateway_flows", "Device addresses in the flow table.")?,
+            admissions: gauge(
+                "gateway_admissions",
+                "Sessions in the admission table (admitted by the core through this gateway).",
+            )?,
+            admission_queries: counter(
+                "gateway_admission_queries_total",
+                "Session ids the gateway asked the core about (AdmitQuery).",
+            )?,
+            admitted_frames: counter(
+                "gateway_admitted_frames_total",
+                "AdmittedTransport frames whose admission tag and quota passed.",
+            )?,
+            admission_pending_frames: gauge(
+                "gateway_admission_pending_frames",
+                "Device frames held until the core answers whether their session is admitted.",
+            )?,
             registry,
         })
     }
@@ -277,6 +323,10 @@ mod tests {
             "gateway_queue_frames 0",
             "gateway_queue_capacity_frames 0",
             "gateway_flows 0",
+            "gateway_admissions 0",
+            "gateway_admission_queries_total 0",
+            "gateway_admitted_frames_total 0",
+            "gateway_admission_pending_frames 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

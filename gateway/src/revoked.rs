@@ -6,6 +6,10 @@
 //! time to live: by then the core has long forgotten the session too, and answers its frames
 //! with nothing. A session id says nothing about a device's identity, so this is no per-device
 //! state. The hot path (every device frame) costs one atomic load while the set is empty.
+//!
+//! The same type holds the admission negative set: session ids the core answered `NotAdmitted`
+//! for (`[admission] not_admitted_ttl_secs`, `not_admitted_max`), so that frames for them are
+//! dropped without asking again; installing an admission takes its id out.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +60,17 @@ impl RevokedSessions {
             inner.order.push_back((*id, now));
         }
         self.evict(&mut inner, now);
+        self.len.store(inner.by_id.len(), Ordering::Relaxed);
+    }
+
+    /// Takes `id` out of the set (it was admitted after all).
+    pub fn remove(&self, id: SessionId) {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        // Its entry in `order` is now stale and goes at the next eviction.
+        inner.by_id.remove(&id);
         self.len.store(inner.by_id.len(), Ordering::Relaxed);
     }
 
@@ -149,6 +164,22 @@ mod tests {
         assert!(set.contains(SessionId(99), now));
         assert!(set.contains(SessionId(90), now));
         assert!(!set.contains(SessionId(89), now));
+    }
+
+    #[test]
+    fn removed_ids_are_forgotten() {
+        let set = RevokedSessions::new(Duration::from_secs(10), 4);
+        let t0 = Instant::now();
+        set.remove(SessionId(1));
+        set.insert(&ids(1..3), t0);
+        set.remove(SessionId(1));
+        assert!(!set.contains(SessionId(1), t0));
+        assert!(set.contains(SessionId(2), t0));
+        assert_eq!(set.len(), 1);
+        // Inserted again later, its stale order entry does not cut its time short.
+        set.insert(&ids(1..2), t0 + Duration::from_secs(5));
+        assert_eq!(set.expire(t0 + Duration::from_secs(12)), 1);
+        assert!(set.contains(SessionId(1), t0 + Duration::from_secs(12)));
     }
 
     #[test]

@@ -5,12 +5,16 @@
 //! backoff and full jitter, opens the control stream, sends `Hello` and waits for `HelloAck`.
 //! Only then is the uplink up: `/ready` turns 200, and the device-link task is handed a `Link`
 //! through which it sends frames and flushes its queue. While up, the task forwards datagrams and
-//! control-stream `DeviceFrame`s from the core to the device link, hands the session ids of the
-//! core's `Revoked` messages to the device link's revoked set, and writes the control-stream
-//! messages the device link queued. When the connection ends, for whatever reason, the device link
-//! is told, and the task reconnects.
+//! control-stream `DeviceFrame`s from the core to the device link, installs the admissions the
+//! core sends (with a handshake response in a kind-2 datagram, or in `Admit` messages) before
+//! anything that follows them is delivered, hands the session ids of the core's `Revoked` and
+//! `NotAdmitted` messages to the device link's sets, tells the device link which held sessions
+//! were answered, and writes the control-stream messages the device link queued (oversized
+//! frames, `AdmitQuery`). When the connection ends, for whatever reason, the device link is told,
+//! and the task reconnects.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +23,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendDatagramError, SendStream, Var
 use rand::Rng;
 use relay_ops::admin::Readiness;
 use relay_protocol::uplink::DATAGRAM_HEADER;
-use relay_protocol::{DecodeError, FlowId, UplinkDatagram, UplinkMessage};
+use relay_protocol::{Admission, DecodeError, FlowId, SessionId, UplinkDatagram, UplinkMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -98,13 +102,31 @@ pub(crate) enum LinkEvent {
     Up(Link),
     /// The uplink is down: queue.
     Down,
+    /// These sessions' admissions are installed: release their held frames.
+    Admitted(Vec<SessionId>),
+    /// These sessions will not be admitted: drop their held frames for `reason`.
+    NotAdmitted {
+        /// The sessions.
+        sessions: Vec<SessionId>,
+        /// `unadmitted` (the core said no) or `admission_table_full`.
+        reason: DropReason,
+    },
+}
+
+/// One message for the control stream.
+#[derive(Debug)]
+pub(crate) struct ControlMessage {
+    /// The encoded message.
+    bytes: Bytes,
+    /// For a `DeviceFrame`, the device frame's length: counted as forwarded once written.
+    frame_len: Option<usize>,
 }
 
 /// The device link's handle on an established uplink connection.
 #[derive(Clone, Debug)]
 pub(crate) struct Link {
     conn: Connection,
-    control: mpsc::Sender<Bytes>,
+    control: mpsc::Sender<ControlMessage>,
 }
 
 /// How a frame left through the uplink.
@@ -163,13 +185,15 @@ impl Link {
                 ) => {}
             }
         }
-        let message = UplinkMessage::DeviceFrame {
-            flow,
-            frame: datagram.slice(DATAGRAM_HEADER.min(datagram.len())..),
-        };
+        let frame = datagram.slice(DATAGRAM_HEADER.min(datagram.len())..);
+        let frame_len = Some(frame.len());
+        let message = UplinkMessage::DeviceFrame { flow, frame };
         let mut encoded = BytesMut::with_capacity(datagram.len() + 4);
         message.encode(&mut encoded);
-        let encoded = encoded.freeze();
+        let encoded = ControlMessage {
+            bytes: encoded.freeze(),
+            frame_len,
+        };
         let queued = if wait {
             self.control.send(encoded).await.map_err(|_| ())
         } else {
@@ -182,6 +206,19 @@ impl Link {
         queued
             .map(|()| Sent::Stream)
             .map_err(|()| LinkSendError::Lost(datagram))
+    }
+
+    /// Queues a control message of the gateway's own (not a device frame) without waiting.
+    pub fn send_control(&self, message: Bytes) -> Result<(), LinkSendError> {
+        let message = ControlMessage {
+            bytes: message,
+            frame_len: None,
+        };
+        match self.control.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(LinkSendError::Backpressure),
+            Err(mpsc::error::TrySendError::Closed(m)) => Err(LinkSendError::Lost(m.bytes)),
+        }
     }
 }
 
@@ -382,7 +419,7 @@ impl Uplink {
             mut buf,
         } = session;
         let metrics = &self.device_link.metrics;
-        let (control_tx, mut control_rx) = mpsc::channel::<Bytes>(CONTROL_QUEUE);
+        let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(CONTROL_QUEUE);
         metrics.uplink_connects.inc();
         metrics.uplink_connected.set(1);
         self.readiness.set(true);
@@ -405,8 +442,10 @@ impl Uplink {
         metrics.uplink_connected.set(0);
         let _ = self.events.send(LinkEvent::Down).await;
         control_rx.close();
-        while control_rx.try_recv().is_ok() {
-            metrics.drop_frame(DropReason::UplinkLost);
+        while let Ok(message) = control_rx.try_recv() {
+            if message.frame_len.is_some() {
+                metrics.drop_frame(DropReason::UplinkLost);
+            }
         }
         conn.close(close_code_for(&end), end.to_string().as_bytes());
         match &end {
@@ -425,7 +464,13 @@ impl Uplink {
             };
             link.hooks.record(TapPoint::UplinkRx, &datagram);
             match UplinkDatagram::decode(&datagram) {
-                Ok(d) => link.deliver(d.flow, d.frame).await,
+                Ok(d) => {
+                    // The session is known before the device can answer the response.
+                    if let Some(admission) = d.admission {
+                        self.admitted(&[admission]).await;
+                    }
+                    link.deliver(d.flow, d.frame).await;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "undecodable datagram from the core");
                     link.metrics.drop_frame(DropReason::UplinkDecode);
@@ -441,7 +486,20 @@ impl Uplink {
                 Ok(UplinkMessage::DeviceFrame { flow, frame }) => link.deliver(flow, &frame).await,
                 Ok(UplinkMessage::Revoked { sessions }) => {
                     tracing::debug!(sessions = sessions.len(), "core revoked sessions");
-                    link.revoked.insert(&sessions, Instant::now());
+                    link.revoke(&sessions, Instant::now());
+                }
+                Ok(UplinkMessage::Admit { admissions }) => {
+                    tracing::debug!(sessions = admissions.len(), "core admitted sessions");
+                    self.admitted(&admissions).await;
+                }
+                Ok(UplinkMessage::NotAdmitted { sessions }) => {
+                    tracing::debug!(sessions = sessions.len(), "core did not admit sessions");
+                    link.not_admitted.insert(&sessions, Instant::now());
+                    self.tell(LinkEvent::NotAdmitted {
+                        sessions,
+                        reason: DropReason::Unadmitted,
+                    })
+                    .await;
                 }
                 Ok(_) => return UplinkError::Protocol("unexpected control message"),
                 Err(e) => {
@@ -454,21 +512,49 @@ impl Uplink {
         }
     }
 
+    /// Installs `admissions`, then tells the device link which of them it may hold frames for.
+    async fn admitted(&self, admissions: &[Admission]) {
+        let link = &self.device_link;
+        let (installed, refused) = link.admit(admissions, Instant::now());
+        // Nothing held (the common case: a handshake response): nobody to tell. A frame held
+        // after this check finds the admission when its query is answered or overdue.
+        if link.held_frames.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if !installed.is_empty() {
+            self.tell(LinkEvent::Admitted(installed)).await;
+        }
+        if !refused.is_empty() {
+            self.tell(LinkEvent::NotAdmitted {
+                sessions: refused,
+                reason: DropReason::AdmissionTableFull,
+            })
+            .await;
+        }
+    }
+
+    async fn tell(&self, event: LinkEvent) {
+        // The device link gone means shutdown is under way.
+        let _ = self.events.send(event).await;
+    }
+
     async fn control_writer(
         &self,
         send: &mut SendStream,
-        queue: &mut mpsc::Receiver<Bytes>,
+        queue: &mut mpsc::Receiver<ControlMessage>,
     ) -> UplinkError {
         while let Some(message) = queue.recv().await {
-            if let Err(e) = send.write_all(&message).await {
+            if let Err(e) = send.write_all(&message.bytes).await {
                 return e.into();
             }
-            self.device_link.hooks.record(TapPoint::UplinkTx, &message);
-            // length:u16, version, kind, flow:u32, then the device frame.
-            let len = message.len().saturating_sub(8);
             self.device_link
-                .metrics
-                .forwarded(crate::metrics::Direction::Uplink, len);
+                .hooks
+                .record(TapPoint::UplinkTx, &message.bytes);
+            if let Some(len) = message.frame_len {
+                self.device_link
+                    .metrics
+                    .forwarded(crate::metrics::Direction::Uplink, len);
+            }
         }
         // Every sender is gone only when the device link stopped, at shutdown.
         std::future::pending().await

@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use gateway::{Cli, FrameTap, GatewayConfig, Hooks, Listeners, TapPoint};
-use relay_protocol::{DeviceFrame, FlowId, SessionId, UplinkDatagram, UplinkMessage};
+use relay_protocol::{
+    Admission, AdmissionKey, DeviceFrame, FlowId, Quota, SessionId, UplinkDatagram, UplinkMessage,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -67,8 +69,19 @@ impl Pki {
         })
     }
 
-    /// Writes `gateway-1/gateway.toml` and loads it the way `main` does, on port 0.
+    /// Writes `gateway-1/gateway.toml` and loads it the way `main` does, on port 0. These tests
+    /// relay plain `Transport` frames: admission is not required.
     fn gateway_config(&self, core: SocketAddr, queue_frames: usize) -> Result<GatewayConfig> {
+        self.gateway_config_with(core, queue_frames, "[admission]\nrequire = false\n")
+    }
+
+    /// As [`gateway_config`](Self::gateway_config), with `extra` appended to the file.
+    fn gateway_config_with(
+        &self,
+        core: SocketAddr,
+        queue_frames: usize,
+        extra: &str,
+    ) -> Result<GatewayConfig> {
         let path = self.dir.path().join("gateway-1/gateway.toml");
         std::fs::write(
             &path,
@@ -93,7 +106,8 @@ queue_frames = {queue_frames}
 [flows]
 max = 16
 idle_timeout_secs = 600
-"#
+
+{extra}"#
             ),
         )?;
         let cli = Cli {
@@ -158,6 +172,8 @@ struct FakeCore {
     endpoint: quinn::Endpoint,
     sessions: mpsc::Receiver<CoreSession>,
     frames: mpsc::Receiver<(FlowId, Vec<u8>, Via)>,
+    /// The session ids of each `AdmitQuery`.
+    queries: mpsc::Receiver<Vec<SessionId>>,
 }
 
 impl FakeCore {
@@ -179,14 +195,16 @@ impl FakeCore {
         )?;
         let (sessions_tx, sessions) = mpsc::channel(8);
         let (frames_tx, frames) = mpsc::channel(1024);
+        let (queries_tx, queries) = mpsc::channel(64);
         let accepting = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
                 let sessions_tx = sessions_tx.clone();
                 let frames_tx = frames_tx.clone();
+                let queries_tx = queries_tx.clone();
                 tokio::spawn(async move {
                     // Stale attempts (their client gave up) fail here; that is expected.
-                    let _ = serve_gateway(incoming, sessions_tx, frames_tx).await;
+                    let _ = serve_gateway(incoming, sessions_tx, frames_tx, queries_tx).await;
                 });
             }
         });
@@ -194,7 +212,15 @@ impl FakeCore {
             endpoint,
             sessions,
             frames,
+            queries,
         })
+    }
+
+    async fn query(&mut self) -> Result<Vec<SessionId>> {
+        tokio::time::timeout(WAIT, self.queries.recv())
+            .await
+            .context("no AdmitQuery reached the core")?
+            .context("fake core stopped")
     }
 
     async fn session(&mut self) -> Result<CoreSession> {
@@ -216,6 +242,7 @@ async fn serve_gateway(
     incoming: quinn::Incoming,
     sessions: mpsc::Sender<CoreSession>,
     frames: mpsc::Sender<(FlowId, Vec<u8>, Via)>,
+    queries: mpsc::Sender<Vec<SessionId>>,
 ) -> Result<()> {
     let conn = incoming.await?;
     let (mut send, mut recv) = conn.accept_bi().await?;
@@ -255,6 +282,7 @@ async fn serve_gateway(
                 UplinkMessage::DeviceFrame { flow, frame } => {
                     frames.send((flow, frame.to_vec(), Via::Stream)).await?;
                 }
+                UplinkMessage::AdmitQuery { sessions } => queries.send(sessions).await?,
                 other => bail!("unexpected {other:?}"),
             }
         }
@@ -400,7 +428,7 @@ fn handshake_response() -> Vec<u8> {
 
 fn uplink_datagram(flow: FlowId, frame: &[u8]) -> Bytes {
     let mut b = BytesMut::new();
-    UplinkDatagram { flow, frame }.encode(&mut b);
+    UplinkDatagram::new(flow, frame).encode(&mut b);
     b.freeze()
 }
 
@@ -727,6 +755,268 @@ async fn drops_frames_of_sessions_the_core_revoked() -> Result<()> {
         // Frames of the dead session sent before the gateway applied the list.
         assert_eq!(&got[2..6], &0x0badu32.to_be_bytes());
     }
+    gw.stop().await?;
+    Ok(())
+}
+
+/// An `AdmittedTransport` frame for `receiver`, tagged under `key`.
+fn admitted(key: &AdmissionKey, receiver: u32, counter: u64, ciphertext_len: usize) -> Vec<u8> {
+    let mut f = vec![1, 4];
+    f.extend_from_slice(&receiver.to_be_bytes());
+    f.extend_from_slice(&counter.to_be_bytes());
+    f.extend((0..ciphertext_len).map(|i| (i as u8) ^ 0x3c));
+    let tag = key.tag(&f);
+    f.extend_from_slice(&tag);
+    f
+}
+
+fn admission(session: u32, quota: Quota) -> Admission {
+    Admission {
+        session: SessionId(session),
+        key: AdmissionKey([session as u8 ^ 0x77; 16]),
+        lifetime_secs: 3600,
+        quota,
+    }
+}
+
+async fn write_message(session: &mut CoreSession, message: UplinkMessage) -> Result<()> {
+    let mut b = BytesMut::new();
+    message.encode(&mut b);
+    session.send.write_all(&b).await?;
+    Ok(())
+}
+
+/// The admission path end to end: the core installs a session with its handshake response (a
+/// kind-2 datagram); tagged frames pass unchanged, forged, untagged, over-quota and wrong-way
+/// frames stop at the gateway, counted.
+#[tokio::test]
+async fn admits_tagged_frames_and_drops_the_rest() -> Result<()> {
+    let pki = Pki::new()?;
+    let core_socket = local_udp()?;
+    let core_addr = core_socket.local_addr()?;
+    let mut core = FakeCore::start(core_socket, &pki)?;
+    let gw = start_gateway(
+        pki.gateway_config_with(core_addr, 16, "")?,
+        Hooks::default(),
+    )
+    .await?;
+    let mut session = core.session().await?;
+    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
+
+    // The handshake goes up; its response comes down with the session's admission.
+    let device = UdpSocket::bind("127.0.0.1:0").await?;
+    let init = DeviceFrame::HandshakeInit {
+        sender: SessionId(0x51),
+        noise: &[0x11; 96],
+    }
+    .to_vec();
+    device.send_to(&init, gw.device_addr).await?;
+    let (flow, got, _) = core.frame().await?;
+    assert_eq!(got, init);
+    let a = admission(
+        0xa1,
+        Quota {
+            frames: 3,
+            bytes: 0,
+            interval_secs: 3600,
+        },
+    );
+    let response = handshake_response();
+    let mut d = BytesMut::new();
+    UplinkDatagram {
+        flow,
+        admission: Some(a),
+        frame: &response,
+    }
+    .encode(&mut d);
+    session.conn.send_datagram(d.freeze())?;
+    assert_eq!(recv(&device).await?, response);
+    assert_eq!(gw.metric("gateway_admissions").await?, 1.0);
+
+    // Tagged frames pass unchanged.
+    let good = admitted(&a.key, 0xa1, 1, 40);
+    device.send_to(&good, gw.device_addr).await?;
+    assert_eq!(core.frame().await?.1, good);
+
+    // Junk: a forged tag, a real tag on altered bytes, a plain Transport frame (admission is
+    // required), a cookie reply from a device.
+    let forged = admitted(&AdmissionKey([0; 16]), 0xa1, 2, 40);
+    let mut altered = admitted(&a.key, 0xa1, 3, 40);
+    altered[20] ^= 1;
+    let cookie_reply = {
+        let mut f = vec![1, 5, 0, 0, 0, 0x51];
+        f.extend_from_slice(&[0; 56]);
+        f
+    };
+    for junk in [&forged, &altered, &transport(0xa1, 4, 40), &cookie_reply] {
+        device.send_to(junk, gw.device_addr).await?;
+    }
+    // Quota: three frames per window; the first counted already.
+    let frames: Vec<Vec<u8>> = (5..9).map(|c| admitted(&a.key, 0xa1, c, 40)).collect();
+    for f in &frames {
+        device.send_to(f, gw.device_addr).await?;
+    }
+    assert_eq!(core.frame().await?.1, frames[0]);
+    assert_eq!(core.frame().await?.1, frames[1]);
+    gw.wait_metric("gateway_frames_dropped_total{reason=\"quota\"}", 2.0)
+        .await?;
+    assert_eq!(gw.dropped("admission_mac").await?, 2.0);
+    assert_eq!(gw.dropped("unadmitted").await?, 1.0);
+    assert_eq!(gw.dropped("unexpected_type").await?, 1.0);
+    assert_eq!(gw.metric("gateway_admitted_frames_total").await?, 3.0);
+    assert_eq!(gw.metric("gateway_admission_queries_total").await?, 0.0);
+    assert_eq!(
+        gw.metric("gateway_frames_forwarded_total{direction=\"uplink\"}")
+            .await?,
+        4.0
+    );
+
+    // A cookie reply from the core reaches the device; a tagged frame from the core does not.
+    session
+        .conn
+        .send_datagram(uplink_datagram(flow, &cookie_reply))?;
+    assert_eq!(recv(&device).await?, cookie_reply);
+    session.conn.send_datagram(uplink_datagram(flow, &good))?;
+    gw.wait_metric(
+        "gateway_frames_dropped_total{reason=\"unexpected_type\"}",
+        2.0,
+    )
+    .await?;
+
+    // Revoked: the admission goes, and so do the session's frames.
+    write_message(
+        &mut session,
+        UplinkMessage::Revoked {
+            sessions: vec![SessionId(0xa1)],
+        },
+    )
+    .await?;
+    gw.wait_metric("gateway_admissions", 0.0).await?;
+    device
+        .send_to(&admitted(&a.key, 0xa1, 9, 40), gw.device_addr)
+        .await?;
+    gw.wait_metric("gateway_frames_dropped_total{reason=\"revoked\"}", 1.0)
+        .await?;
+    gw.stop().await?;
+    Ok(())
+}
+
+/// A gateway that does not know a session (it restarted, or the device moved here) holds the
+/// frame and asks the core: `Admit` releases it, `NotAdmitted` drops it and the session's later
+/// frames without asking again, silence drops it after the timeout.
+#[tokio::test]
+async fn asks_the_core_about_unknown_sessions() -> Result<()> {
+    let pki = Pki::new()?;
+    let core_socket = local_udp()?;
+    let core_addr = core_socket.local_addr()?;
+    let mut core = FakeCore::start(core_socket, &pki)?;
+    let gw = start_gateway(
+        pki.gateway_config_with(core_addr, 16, "[admission]\npending_timeout_ms = 300\n")?,
+        Hooks::default(),
+    )
+    .await?;
+    let mut session = core.session().await?;
+    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
+    let device = UdpSocket::bind("127.0.0.1:0").await?;
+
+    // Admitted on asking: the held frames (two, one forged) are checked and the good one passes.
+    let a = admission(0xb1, Quota::default());
+    let first = admitted(&a.key, 0xb1, 1, 40);
+    let forged = admitted(&AdmissionKey([1; 16]), 0xb1, 2, 40);
+    device.send_to(&first, gw.device_addr).await?;
+    device.send_to(&forged, gw.device_addr).await?;
+    assert_eq!(core.query().await?, [SessionId(0xb1)]);
+    gw.wait_metric("gateway_admission_pending_frames", 2.0)
+        .await?;
+    write_message(
+        &mut session,
+        UplinkMessage::Admit {
+            admissions: vec![a],
+        },
+    )
+    .await?;
+    assert_eq!(core.frame().await?.1, first);
+    gw.wait_metric(
+        "gateway_frames_dropped_total{reason=\"admission_mac\"}",
+        1.0,
+    )
+    .await?;
+    gw.wait_metric("gateway_admission_pending_frames", 0.0)
+        .await?;
+    // From now on without asking.
+    let next = admitted(&a.key, 0xb1, 3, 40);
+    device.send_to(&next, gw.device_addr).await?;
+    assert_eq!(core.frame().await?.1, next);
+
+    // Not admitted: dropped, remembered.
+    let b = admission(0xb2, Quota::default());
+    device
+        .send_to(&admitted(&b.key, 0xb2, 1, 40), gw.device_addr)
+        .await?;
+    assert_eq!(core.query().await?, [SessionId(0xb2)]);
+    write_message(
+        &mut session,
+        UplinkMessage::NotAdmitted {
+            sessions: vec![SessionId(0xb2)],
+        },
+    )
+    .await?;
+    gw.wait_metric("gateway_frames_dropped_total{reason=\"unadmitted\"}", 1.0)
+        .await?;
+    device
+        .send_to(&admitted(&b.key, 0xb2, 2, 40), gw.device_addr)
+        .await?;
+    gw.wait_metric("gateway_frames_dropped_total{reason=\"unadmitted\"}", 2.0)
+        .await?;
+
+    // No answer: dropped after the timeout.
+    let c = admission(0xb3, Quota::default());
+    device
+        .send_to(&admitted(&c.key, 0xb3, 1, 40), gw.device_addr)
+        .await?;
+    assert_eq!(core.query().await?, [SessionId(0xb3)]);
+    gw.wait_metric("gateway_frames_dropped_total{reason=\"unadmitted\"}", 3.0)
+        .await?;
+    assert_eq!(gw.metric("gateway_admission_queries_total").await?, 3.0);
+    assert_eq!(gw.metric("gateway_admission_pending_frames").await?, 0.0);
+    assert!(core.queries.try_recv().is_err(), "asked more than once");
+    gw.stop().await?;
+    Ok(())
+}
+
+/// While the uplink is down, frames of unknown sessions are held and asked about once it is up
+/// (the sleepy meter waking behind a restarted gateway).
+#[tokio::test]
+async fn holds_unknown_sessions_until_the_uplink_is_up() -> Result<()> {
+    let pki = Pki::new()?;
+    let core_socket = local_udp()?;
+    let core_addr = core_socket.local_addr()?;
+    let gw = start_gateway(
+        pki.gateway_config_with(core_addr, 16, "")?,
+        Hooks::default(),
+    )
+    .await?;
+    let device = UdpSocket::bind("127.0.0.1:0").await?;
+    let a = admission(0xc1, Quota::default());
+    let reading = admitted(&a.key, 0xc1, 1, 40);
+    device.send_to(&reading, gw.device_addr).await?;
+    gw.wait_metric("gateway_admission_pending_frames", 1.0)
+        .await?;
+    // Longer than the 2 s answer timeout: it only runs once the question is asked.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let mut core = FakeCore::start(core_socket, &pki)?;
+    let mut session = core.session().await?;
+    assert_eq!(core.query().await?, [SessionId(0xc1)]);
+    write_message(
+        &mut session,
+        UplinkMessage::Admit {
+            admissions: vec![a],
+        },
+    )
+    .await?;
+    assert_eq!(core.frame().await?.1, reading);
+    assert_eq!(gw.metric("gateway_admitted_frames_total").await?, 1.0);
     gw.stop().await?;
     Ok(())
 }
