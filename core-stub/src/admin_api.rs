@@ -1512,6 +1512,42 @@ mod tests {
             (&body["changed"], &body["profile"]["allow_direct"]),
             (&serde_json::json!(true), &serde_json::json!(true))
         );
+        assert_eq!(body["profile"]["quota"], serde_json::Value::Null);
+        rig.seen();
+
+        // A quota: stored, shown, handed to the engine; the version stays.
+        let quota = br#"{"report_interval_secs":300,"report_bytes":16,"threshold":2,
+            "quota":{"frames":10,"bytes":2000,"interval_secs":60}}"#;
+        let (status, body) = rig.call("op", "PUT", "/v1/profiles/heat", quota).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (
+                &body["changed"],
+                &body["profile"]["version"],
+                &body["profile"]["quota"]
+            ),
+            (
+                &serde_json::json!(true),
+                &serde_json::json!(1),
+                &serde_json::json!({"frames":10,"bytes":2000,"interval_secs":60})
+            )
+        );
+        assert_eq!(rig.seen(), ["profile heat 1"]);
+        for bad in [
+            &br#"{"report_interval_secs":300,"report_bytes":16,"threshold":2,"quota":{"frames":10}}"#[..],
+            br#"{"report_interval_secs":300,"report_bytes":16,"threshold":2,
+                "quota":{"frames":10,"bytes":0,"interval_secs":0}}"#,
+            br#"{"report_interval_secs":300,"report_bytes":16,"threshold":2,
+                "quota":{"frames":10,"bytes":0,"interval_secs":70000}}"#,
+        ] {
+            let (status, _) = rig.call("op", "PUT", "/v1/profiles/heat", bad).await;
+            assert_eq!(status, 400, "{}", String::from_utf8_lossy(bad));
+        }
+        let (_, body) = rig.call("op", "PUT", "/v1/profiles/heat", settings).await;
+        assert_eq!(
+            (&body["changed"], &body["profile"]["quota"]),
+            (&serde_json::json!(true), &serde_json::Value::Null)
+        );
         rig.seen();
 
         rig.call("op", "POST", "/v1/claims", &manifest(&[("m-1", 1)]))

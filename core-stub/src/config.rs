@@ -82,6 +82,10 @@ pub struct CoreConfig {
     pub admin: AdminApiConfig,
     /// The device credential lifecycle: `[credentials]`, `[fraud]`, `[release]`.
     pub lifecycle: LifecycleConfig,
+    /// What the gateways are told about admitted sessions: `[admission]`.
+    pub admission: AdmissionConfig,
+    /// Handshake load control: `[handshakes]`.
+    pub handshakes: HandshakesConfig,
     /// Where to write `{"quic":…,"direct":…,"admin":…}` once ready (command line only).
     pub ready_file: Option<PathBuf>,
 }
@@ -182,6 +186,56 @@ pub struct LimitsConfig {
     pub max_flows_per_gateway: u32,
 }
 
+/// `[admission]`: the quota a gateway holds each admitted session to when the session's profile
+/// names none (`docs/protocol.md`, admission). 0 in a field: unlimited for that field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// Frames per interval (default 6000: 100 a second over a minute).
+    pub quota_frames: u32,
+    /// Bytes of device frames per interval (default 7,200,000: 6000 frames of 1200 bytes).
+    pub quota_bytes: u32,
+    /// The interval in seconds (default 60).
+    pub quota_interval_secs: u16,
+}
+
+/// The default `[admission] quota_frames`.
+pub const DEFAULT_QUOTA_FRAMES: u32 = 6000;
+/// The default `[admission] quota_bytes`.
+pub const DEFAULT_QUOTA_BYTES: u32 = 7_200_000;
+/// The default `[admission] quota_interval_secs`, also what `core-stub profiles set` uses when a
+/// quota flag is given without `--quota-interval-secs`.
+pub const DEFAULT_QUOTA_INTERVAL_SECS: u16 = 60;
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            quota_frames: DEFAULT_QUOTA_FRAMES,
+            quota_bytes: DEFAULT_QUOTA_BYTES,
+            quota_interval_secs: DEFAULT_QUOTA_INTERVAL_SECS,
+        }
+    }
+}
+
+/// `[handshakes]`: when the core answers handshake initiations with a cookie challenge instead of
+/// doing the Noise work (`docs/protocol.md`, cookies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandshakesConfig {
+    /// Initiations (plain and cookie-carrying) per 1-second window above which a plain one is
+    /// answered with a cookie reply (default 2000; 0: always).
+    pub cookie_above_per_sec: u32,
+}
+
+/// The default `[handshakes] cookie_above_per_sec`.
+pub const DEFAULT_COOKIE_ABOVE_PER_SEC: u32 = 2000;
+
+impl Default for HandshakesConfig {
+    fn default() -> Self {
+        Self {
+            cookie_above_per_sec: DEFAULT_COOKIE_ABOVE_PER_SEC,
+        }
+    }
+}
+
 /// `[admin]`: the admin API (`/v1/…` on the admin listener). Without a tokens file no token is
 /// valid, so every API request is refused (and audited).
 #[derive(Clone, Debug, Default)]
@@ -238,6 +292,41 @@ struct RawConfig {
     credentials: RawCredentials,
     fraud: RawFraud,
     release: RawRelease,
+    admission: RawAdmission,
+    handshakes: RawHandshakes,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmission {
+    quota_frames: u64,
+    quota_bytes: u64,
+    quota_interval_secs: u64,
+}
+
+impl Default for RawAdmission {
+    fn default() -> Self {
+        let d = AdmissionConfig::default();
+        Self {
+            quota_frames: d.quota_frames.into(),
+            quota_bytes: d.quota_bytes.into(),
+            quota_interval_secs: d.quota_interval_secs.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHandshakes {
+    cookie_above_per_sec: u64,
+}
+
+impl Default for RawHandshakes {
+    fn default() -> Self {
+        Self {
+            cookie_above_per_sec: DEFAULT_COOKIE_ABOVE_PER_SEC.into(),
+        }
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -298,6 +387,8 @@ impl Default for RawConfig {
             credentials: RawCredentials::default(),
             fraud: RawFraud::default(),
             release: RawRelease::default(),
+            admission: RawAdmission::default(),
+            handshakes: RawHandshakes::default(),
         }
     }
 }
@@ -488,6 +579,15 @@ impl CoreConfig {
                 )
             })?;
 
+        let admission = admission_config(&raw.admission).map_err(|(f, why)| invalid(f, why))?;
+        let cookie_above_per_sec =
+            u32::try_from(raw.handshakes.cookie_above_per_sec).map_err(|_| {
+                invalid(
+                    "handshakes.cookie_above_per_sec",
+                    format!("must be at most {}", u32::MAX),
+                )
+            })?;
+
         let cert_path = base.join(&raw.tls.cert);
         let tls = TlsConfig {
             cert_chain: read_certs(&cert_path)?,
@@ -545,6 +645,10 @@ impl CoreConfig {
             },
             admin,
             lifecycle,
+            admission,
+            handshakes: HandshakesConfig {
+                cookie_above_per_sec,
+            },
             ready_file: None,
         })
     }
@@ -558,6 +662,30 @@ impl CoreConfig {
             admin: any,
         };
     }
+}
+
+/// Checks `[admission]`: each field in its wire range, and an interval when anything is limited.
+fn admission_config(raw: &RawAdmission) -> Result<AdmissionConfig, (&'static str, String)> {
+    let u32_field = |field: &'static str, v: u64| {
+        u32::try_from(v).map_err(|_| (field, format!("must be at most {}", u32::MAX)))
+    };
+    let config = AdmissionConfig {
+        quota_frames: u32_field("admission.quota_frames", raw.quota_frames)?,
+        quota_bytes: u32_field("admission.quota_bytes", raw.quota_bytes)?,
+        quota_interval_secs: u16::try_from(raw.quota_interval_secs).map_err(|_| {
+            (
+                "admission.quota_interval_secs",
+                format!("must be at most {}", u16::MAX),
+            )
+        })?,
+    };
+    if (config.quota_frames != 0 || config.quota_bytes != 0) && config.quota_interval_secs == 0 {
+        return Err((
+            "admission.quota_interval_secs",
+            "must be at least 1 when quota_frames or quota_bytes is limited".into(),
+        ));
+    }
+    Ok(config)
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -757,6 +885,69 @@ mod tests {
             read_release_key(dir.path(), None),
             Err(ConfigError::KeyMaterial { .. })
         ));
+    }
+
+    #[test]
+    fn admission_and_handshakes_have_safe_defaults_and_are_validated() {
+        let raw: RawConfig = toml::from_str("").expect("defaults");
+        assert_eq!(
+            admission_config(&raw.admission).expect("valid"),
+            AdmissionConfig {
+                quota_frames: 6000,
+                quota_bytes: 7_200_000,
+                quota_interval_secs: 60
+            }
+        );
+        assert_eq!(raw.handshakes.cookie_above_per_sec, 2000);
+        let raw: RawConfig = toml::from_str(
+            "[admission]\nquota_frames = 0\nquota_bytes = 0\nquota_interval_secs = 0\n\
+             [handshakes]\ncookie_above_per_sec = 0\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            admission_config(&raw.admission).expect("unlimited"),
+            AdmissionConfig {
+                quota_frames: 0,
+                quota_bytes: 0,
+                quota_interval_secs: 0
+            }
+        );
+        assert_eq!(raw.handshakes.cookie_above_per_sec, 0);
+        for (text, field) in [
+            (
+                "[admission]\nquota_interval_secs = 0\n",
+                "admission.quota_interval_secs",
+            ),
+            (
+                "[admission]\nquota_interval_secs = 65536\n",
+                "admission.quota_interval_secs",
+            ),
+            (
+                "[admission]\nquota_frames = 4294967296\n",
+                "admission.quota_frames",
+            ),
+        ] {
+            let raw: RawConfig = toml::from_str(text).expect("parse");
+            assert_eq!(
+                admission_config(&raw.admission).map_err(|e| e.0),
+                Err(field)
+            );
+        }
+        let e = parse_err("[handshakes]\ncookie_above_per_sec = 4294967296\n");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "handshakes.cookie_above_per_sec",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse_err("[admission]\nquota = 5\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+        let e = parse_err("[handshakes]\ncookies = 5\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Direct access (R14): devices that reach the core without a gateway send the same device frames
 //! over plain UDP. Each datagram goes to the engine with the sender's address as its route; the
-//! engine answers through the same socket.
+//! engine answers through the same socket. A device holding an admission key tags its frames here
+//! too (`AdmittedTransport`): the engine takes them like plain transport frames, since the AEAD
+//! authenticates them and no gateway stands in between. Under load, initiations are answered with
+//! a cookie bound to the sender's address (`docs/protocol.md` §12.6).
 
 use std::sync::Arc;
 

@@ -47,6 +47,28 @@
 //! Every refused handshake gets an authenticated refusal (`Refused` + reason), except a replayed
 //! one (dropped silently) and one refused for `session.max_sessions`.
 //!
+//! # Admission (`docs/protocol.md` §12)
+//!
+//! Every accepted subscription handshake gets a fresh random 16-byte admission key, kept in the
+//! session and sent to the device in the response payload. Through a gateway the response leaves
+//! as a kind-2 uplink datagram carrying the session's [`Admission`] (id, key, remaining lifetime,
+//! quota: the profile's, else `[admission]`), so the gateway can check the device's first tagged
+//! frame; when that does not fit in a QUIC datagram, an `Admit` control message goes first and
+//! the frame follows on the control stream. A gateway that lost its table (a restart, a device
+//! that moved to it) asks with `AdmitQuery`: each live session its profile lets use that gateway
+//! is answered `Admit`, every other id `NotAdmitted`. The core does not check admission tags
+//! itself (the AEAD authenticates every frame), and accepts `Transport` and `AdmittedTransport`
+//! alike. The key is never logged (its `Debug` is redacted).
+//!
+//! # Cookies under load
+//!
+//! The engine counts initiations (`HandshakeInit` and `CookieInit`) per 1-second window. Above
+//! `handshakes.cookie_above_per_sec`, a plain `HandshakeInit` is answered with a `CookieReply`
+//! and costs no Diffie-Hellman. A `CookieInit` whose MAC checks under the cookie of its path
+//! (gateway connection and flow, or UDP address) is handled as a handshake, loaded or not; one
+//! whose MAC does not is dropped (`stale_cookie`) and answered with a fresh cookie. Cookie replies
+//! go back on the route a handshake response would take, without admission.
+//!
 //! # Crash points
 //!
 //! For the kill tests, the environment variable `RELAY_CRASH_AT` makes the process abort right
@@ -69,6 +91,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use relay_protocol::cookie::CookieJar;
 use relay_protocol::payload::{
     DeviceConfig, InitPayload, Message, Notices, ReadingSeq, RefusalReason, Release,
     ResponsePayload, MAX_ACKS,
@@ -76,14 +99,17 @@ use relay_protocol::payload::{
 use relay_protocol::session::{
     IncomingHandshake, PublicKey, Responder, SessionError, StaticKeypair, Transport,
 };
-use relay_protocol::uplink::MAX_REVOKED;
-use relay_protocol::{DecodeError, DeviceFrame, FlowId, SessionId, UplinkDatagram, UplinkMessage};
+use relay_protocol::uplink::{MAX_ADMITS, MAX_ADMIT_QUERY, MAX_REVOKED};
+use relay_protocol::{
+    Admission, AdmissionKey, DecodeError, DeviceFrame, FlowId, Quota, SessionId, UplinkDatagram,
+    UplinkMessage,
+};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FraudAction, SessionConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{AdmissionAnswer, Metrics};
 use crate::store::{
     now_ms, Committed, FactoryEntry, IndexEntry, PendingReading, Profile, StoreError,
     SubscriptionId, SubscriptionStatus,
@@ -97,6 +123,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// A session id named to the gateways as revoked is not handed out again for this long at least
 /// (the gateways' default memory of revoked ids), so a new session is never mistaken for it.
 const REVOKED_ID_HOLD: Duration = Duration::from_secs(600);
+
+/// The window the engine counts handshake initiations in, against
+/// `handshakes.cookie_above_per_sec`.
+const INITIATION_WINDOW: Duration = Duration::from_secs(1);
 
 /// The environment variable naming a crash point (see the module docs).
 pub const CRASH_ENV: &str = "RELAY_CRASH_AT";
@@ -153,6 +183,9 @@ pub enum DropReason {
     /// An authenticated frame that arrived on a path (gateway or direct access) its device's
     /// profile does not allow: a session does not roam where a handshake would be refused.
     NotPermitted,
+    /// A `CookieInit` whose cookie MAC does not check (the cookie is older than two secret
+    /// rotations, or for another path, or forged); answered with a fresh cookie reply.
+    StaleCookie,
 }
 
 impl DropReason {
@@ -177,6 +210,7 @@ impl DropReason {
             Self::Unroutable => "unroutable",
             Self::Fraud => "fraud",
             Self::NotPermitted => "not_permitted",
+            Self::StaleCookie => "stale_cookie",
         }
     }
 
@@ -203,6 +237,7 @@ impl DropReason {
                 Self::Unroutable,
                 Self::Fraud,
                 Self::NotPermitted,
+                Self::StaleCookie,
             ])
             .map(Self::label)
     }
@@ -340,6 +375,33 @@ pub(crate) struct LifecyclePolicy {
     pub fraud_action: FraudAction,
 }
 
+/// What the gateways are told about each session, and when a handshake costs a cookie first,
+/// from `[admission]` and `[handshakes]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AdmissionPolicy {
+    /// The quota of a session whose profile names none.
+    pub default_quota: Quota,
+    /// Initiations per second above which a plain one is answered with a cookie (0: always).
+    pub cookie_above_per_sec: u32,
+}
+
+impl AdmissionPolicy {
+    /// From the validated configuration.
+    pub fn from_config(
+        admission: &crate::config::AdmissionConfig,
+        handshakes: &crate::config::HandshakesConfig,
+    ) -> Self {
+        Self {
+            default_quota: Quota {
+                frames: admission.quota_frames,
+                bytes: admission.quota_bytes,
+                interval_secs: admission.quota_interval_secs,
+            },
+            cookie_above_per_sec: handshakes.cookie_above_per_sec,
+        }
+    }
+}
+
 /// A point where `RELAY_CRASH_AT` aborts the process (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrashPoint {
@@ -427,6 +489,11 @@ pub(crate) enum EngineInput {
     },
     /// A gateway connection ended; sessions routed through it wait for their device's next frame.
     GatewayDown { conn: GatewayConnId },
+    /// A gateway asks which of these sessions it may forward frames of (`AdmitQuery`).
+    AdmitQuery {
+        conn: GatewayConnId,
+        sessions: Vec<SessionId>,
+    },
 }
 
 /// What the admin API asks of the engine, on its own bounded channel, served before frames so a
@@ -466,7 +533,7 @@ pub(crate) enum EngineControl {
 }
 
 /// The engine's way back to a gateway: datagrams on the connection, and the control stream (via
-/// its writer task) for a frame too large for a datagram and for `Revoked`.
+/// its writer task) for a frame too large for a datagram, `Revoked`, `Admit` and `NotAdmitted`.
 #[derive(Debug)]
 pub(crate) struct GatewayLink {
     pub connection: quinn::Connection,
@@ -481,6 +548,8 @@ struct CoreSession {
     /// Whether a frame authenticated on it (clone detection).
     used: bool,
     route: Route,
+    /// What the device tags its frames with for the gateways (never logged: `Debug` redacts it).
+    admission: AdmissionKey,
     /// Boxed so the session map's buckets stay small: the map doubles its bucket array as it
     /// grows, and by-value entries of ~340 bytes made each doubling cost more per idle device
     /// than the 1 KiB budget (measured by `device-sim bench`).
@@ -582,12 +651,15 @@ struct DeviceRecord {
     profile: u16,
 }
 
-/// Which paths a profile's devices may use (`docs/protocol.md` §11.9).
+/// Which paths a profile's devices may use (`docs/protocol.md` §11.9), and the quota the
+/// gateways hold their sessions to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct PathPolicy {
     /// Gateway certificate names; empty: any gateway.
     gateways: Box<[Box<str>]>,
     allow_direct: bool,
+    /// `None`: `[admission]`'s default.
+    quota: Option<Quota>,
 }
 
 impl PathPolicy {
@@ -595,6 +667,11 @@ impl PathPolicy {
         Self {
             gateways: profile.gateways.iter().map(|g| g.as_str().into()).collect(),
             allow_direct: profile.allow_direct,
+            quota: profile.quota.map(|q| Quota {
+                frames: q.frames,
+                bytes: q.bytes,
+                interval_secs: q.interval_secs,
+            }),
         }
     }
 }
@@ -634,11 +711,40 @@ pub(crate) struct Loaded {
     pub profiles: Vec<Profile>,
 }
 
+/// One device frame to send, and for a gateway route the admission the gateway installs before
+/// it forwards the frame (a handshake response opening a session).
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub route: Route,
+    pub frame: Vec<u8>,
+    pub admission: Option<Admission>,
+}
+
+impl Outgoing {
+    /// A frame with nothing for the gateway.
+    fn plain(route: Route, frame: Vec<u8>) -> Self {
+        Self {
+            route,
+            frame,
+            admission: None,
+        }
+    }
+}
+
+/// The answer to a gateway's `AdmitQuery`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct AdmitAnswer {
+    /// Sessions the gateway may forward frames of (`Admit`).
+    pub admitted: Vec<Admission>,
+    /// Every other id asked about (`NotAdmitted`).
+    pub not_admitted: Vec<SessionId>,
+}
+
 /// Frames, readings and revocations produced by [`SessionTable`], for the caller to send, store
 /// and announce.
 #[derive(Debug, Default)]
 pub(crate) struct Outputs {
-    pub sends: Vec<(Route, Vec<u8>)>,
+    pub sends: Vec<Outgoing>,
     pub readings: Vec<PendingReading>,
     /// Sessions dropped for a status change: to be named to every gateway.
     pub revoked: Vec<SessionId>,
@@ -649,6 +755,11 @@ pub(crate) struct SessionTable {
     responder: Responder,
     policy: SessionConfig,
     lifecycle: LifecyclePolicy,
+    admission: AdmissionPolicy,
+    /// The cookie secrets (answers under load are stateless).
+    cookies: CookieJar,
+    /// The start of the current initiation-counting window, and the initiations in it.
+    initiations: (Instant, u32),
     sessions: HashMap<SessionId, CoreSession>,
     subs: Vec<SubscriptionEntry>,
     /// Subscriptions appended out of id order (rare), by id; the others are found by binary
@@ -694,6 +805,36 @@ fn secs_from_ms(ms: i64) -> u32 {
 
 fn now_secs() -> u32 {
     secs_from_ms(now_ms())
+}
+
+/// The bytes naming a device's path for its cookie (`docs/protocol.md` §12.6): through a gateway
+/// `b'g' | conn:u64 | flow:u32`, direct `b'd' | IP (4 or 16 bytes) | port:u16`, big-endian.
+fn cookie_source(route: Route) -> ([u8; 19], usize) {
+    let mut b = [0u8; 19];
+    let len = match route {
+        Route::Gateway { conn, flow } => {
+            b[0] = b'g';
+            b[1..9].copy_from_slice(&conn.0.to_be_bytes());
+            b[9..13].copy_from_slice(&flow.0.to_be_bytes());
+            13
+        }
+        Route::Direct(addr) => {
+            b[0] = b'd';
+            let ip_len = match addr.ip() {
+                std::net::IpAddr::V4(ip) => {
+                    b[1..5].copy_from_slice(&ip.octets());
+                    4
+                }
+                std::net::IpAddr::V6(ip) => {
+                    b[1..17].copy_from_slice(&ip.octets());
+                    16
+                }
+            };
+            b[1 + ip_len..3 + ip_len].copy_from_slice(&addr.port().to_be_bytes());
+            3 + ip_len
+        }
+    };
+    (b, len)
 }
 
 /// Which way a frame came in, for clone detection: a gateway connection, or direct access.
@@ -751,23 +892,30 @@ fn rotate_due(
 }
 
 impl SessionTable {
+    /// Fails only when there is no randomness for the cookie secret.
     pub fn new(
         keypair: StaticKeypair,
         policy: SessionConfig,
         lifecycle: LifecyclePolicy,
+        admission: AdmissionPolicy,
         loaded: Loaded,
         store: Box<dyn LifecycleStore>,
         metrics: Metrics,
-    ) -> Self {
+    ) -> Result<Self, SessionError> {
         let Loaded {
             index,
             devices,
             profiles,
         } = loaded;
+        let now = Instant::now();
+        let cookies = CookieJar::new(keypair.public(), now)?;
         let mut table = Self {
             responder: Responder::new(keypair),
             policy,
             lifecycle,
+            admission,
+            cookies,
+            initiations: (now, 0),
             sessions: HashMap::new(),
             subs: Vec::with_capacity(index.len()),
             late_ids: HashMap::new(),
@@ -804,7 +952,7 @@ impl SessionTable {
         for (e, device) in index.iter().zip(links) {
             table.add_subscription(e, device);
         }
-        table
+        Ok(table)
     }
 
     pub fn session_count(&self) -> usize {
@@ -1045,13 +1193,91 @@ impl SessionTable {
         };
         match route {
             Route::Direct(_) => policy.allow_direct,
-            Route::Gateway { .. } if policy.gateways.is_empty() => true,
-            // A connection the engine has no name for is on no list.
-            Route::Gateway { conn, .. } => self
+            Route::Gateway { conn, .. } => self.permits_gateway(policy, conn),
+        }
+    }
+
+    /// Whether `policy` lets its devices use the gateway connection `conn`.
+    fn permits_gateway(&self, policy: &PathPolicy, conn: GatewayConnId) -> bool {
+        // A connection the engine has no name for is on no list.
+        policy.gateways.is_empty()
+            || self
                 .gateway_names
                 .get(&conn)
-                .is_some_and(|name| policy.gateways.iter().any(|g| **g == **name)),
+                .is_some_and(|name| policy.gateways.iter().any(|g| **g == **name))
+    }
+
+    /// The quota of a session of a device with the profile at index `profile`.
+    fn quota_of(&self, profile: u16) -> Quota {
+        self.policies
+            .get(usize::from(profile))
+            .and_then(|p| p.quota)
+            .unwrap_or(self.admission.default_quota)
+    }
+
+    /// What a gateway is told about the live session `id`: its key, how long the core still
+    /// accepts its frames, and its quota.
+    fn admission_of(&self, id: SessionId, session: &CoreSession, now: Instant) -> Admission {
+        let remaining = self
+            .policy
+            .reject_after
+            .saturating_sub(session.transport.age(now));
+        let profile = self
+            .subs
+            .get(session.slot as usize)
+            .map_or(NO_PROFILE, |e| e.profile);
+        Admission {
+            session: id,
+            key: session.admission,
+            lifetime_secs: u32::try_from(remaining.as_secs()).unwrap_or(u32::MAX),
+            quota: self.quota_of(profile),
         }
+    }
+
+    /// Answers a gateway's `AdmitQuery`: each session that is live (not past `reject_after`, its
+    /// subscription active) and whose profile lets it use gateway `conn` is admitted with its
+    /// remaining lifetime and quota; every other id is not. Duplicate ids are answered once.
+    pub fn admit_query(
+        &self,
+        conn: GatewayConnId,
+        sessions: &[SessionId],
+        now: Instant,
+    ) -> AdmitAnswer {
+        let mut answer = AdmitAnswer::default();
+        let mut ids = sessions.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let admitted = self.sessions.get(&id).and_then(|session| {
+                if session.transport.age(now) > self.policy.reject_after {
+                    return None;
+                }
+                let entry = self.subs.get(session.slot as usize)?;
+                if entry.status != SubscriptionStatus::Active {
+                    return None;
+                }
+                let allowed = self
+                    .policies
+                    .get(usize::from(entry.profile))
+                    .is_none_or(|policy| self.permits_gateway(policy, conn));
+                allowed.then(|| self.admission_of(id, session, now))
+            });
+            match admitted {
+                Some(a) => answer.admitted.push(a),
+                None => answer.not_admitted.push(id),
+            }
+        }
+        self.metrics
+            .admission_queries(AdmissionAnswer::Admitted, answer.admitted.len());
+        self.metrics
+            .admission_queries(AdmissionAnswer::NotAdmitted, answer.not_admitted.len());
+        tracing::debug!(
+            %conn,
+            admitted = answer.admitted.len(),
+            not_admitted = answer.not_admitted.len(),
+            "admission query answered"
+        );
+        answer
     }
 
     /// Refuses a handshake on a path its profile does not allow.
@@ -1136,25 +1362,95 @@ impl SessionTable {
         match DeviceFrame::decode(bytes) {
             Err(e) => self.metrics.frame_dropped(DropReason::Decode(e)),
             Ok(DeviceFrame::HandshakeInit { sender, noise }) => {
-                match self.handle_init(sender, noise, route, now, out) {
-                    Ok(result) => self.metrics.handshake(result),
-                    Err(reason) => self.metrics.frame_dropped(reason),
+                if self.count_initiation(now) > self.admission.cookie_above_per_sec {
+                    // Under load: prove the path first, no Diffie-Hellman until then.
+                    self.cookie_reply(sender, noise, route, now, out);
+                } else {
+                    self.initiation(sender, noise, route, now, out);
                 }
             }
-            Ok(DeviceFrame::HandshakeResponse { .. }) => {
+            Ok(DeviceFrame::CookieInit { sender, noise, .. }) => {
+                self.count_initiation(now);
+                let (source, len) = cookie_source(route);
+                if self.cookies.check(bytes, &source[..len], now) {
+                    self.initiation(sender, noise, route, now, out);
+                } else {
+                    self.metrics.frame_dropped(DropReason::StaleCookie);
+                    self.cookie_reply(sender, noise, route, now, out);
+                }
+            }
+            Ok(DeviceFrame::HandshakeResponse { .. } | DeviceFrame::CookieReply { .. }) => {
                 self.metrics.frame_dropped(DropReason::UnexpectedType)
             }
-            Ok(DeviceFrame::Transport {
-                receiver,
-                counter,
-                ciphertext,
-            }) => {
+            Ok(
+                DeviceFrame::Transport {
+                    receiver,
+                    counter,
+                    ciphertext,
+                }
+                | DeviceFrame::AdmittedTransport {
+                    receiver,
+                    counter,
+                    ciphertext,
+                    ..
+                },
+            ) => {
+                // The admission tag is the gateways' to check; the AEAD authenticates the frame.
                 if let Err(reason) =
                     self.handle_transport(receiver, counter, ciphertext, route, now, out)
                 {
                     self.metrics.frame_dropped(reason);
                 }
             }
+        }
+    }
+
+    /// Counts one initiation in the current window; returns the count so far.
+    fn count_initiation(&mut self, now: Instant) -> u32 {
+        let (start, count) = &mut self.initiations;
+        if now.saturating_duration_since(*start) >= INITIATION_WINDOW {
+            *start = now;
+            *count = 0;
+        }
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    /// A handshake initiation, plain or with a valid cookie.
+    fn initiation(
+        &mut self,
+        sender: SessionId,
+        noise: &[u8],
+        route: Route,
+        now: Instant,
+        out: &mut Outputs,
+    ) {
+        match self.handle_init(sender, noise, route, now, out) {
+            Ok(result) => self.metrics.handshake(result),
+            Err(reason) => self.metrics.frame_dropped(reason),
+        }
+    }
+
+    /// Answers an initiation with a cookie for its path, on the route a response would take.
+    fn cookie_reply(
+        &mut self,
+        sender: SessionId,
+        noise: &[u8],
+        route: Route,
+        now: Instant,
+        out: &mut Outputs,
+    ) {
+        let (source, len) = cookie_source(route);
+        let mut frame = Vec::with_capacity(relay_protocol::frame::COOKIE_REPLY_LEN);
+        match self
+            .cookies
+            .reply(sender, noise, &source[..len], now, &mut frame)
+        {
+            Ok(()) => {
+                self.metrics.cookie_replies.inc();
+                out.sends.push(Outgoing::plain(route, frame));
+            }
+            Err(e) => tracing::warn!(error = %e, "cookie reply could not be written"),
         }
     }
 
@@ -1173,7 +1469,7 @@ impl SessionTable {
         match incoming.refuse(&response, &mut frame) {
             Ok(()) => {
                 tracing::debug!(?route, reason = reason.label(), "handshake refused");
-                out.sends.push((route, frame));
+                out.sends.push(Outgoing::plain(route, frame));
                 HandshakeResult::Refused(reason)
             }
             Err(e) => {
@@ -1321,6 +1617,9 @@ impl SessionTable {
         }
 
         let session = self.fresh_session_id();
+        // Independent of the end-to-end keys: what the gateways check frames with.
+        let admission = AdmissionKey(rand::random::<[u8; 16]>());
+        response.admission = Some(admission);
         let mut frame = Vec::with_capacity(
             relay_protocol::frame::HANDSHAKE_RESPONSE_HEADER + 64 + response.encoded_len(),
         );
@@ -1341,18 +1640,25 @@ impl SessionTable {
         if oldest != NO_SESSION {
             self.sessions.remove(&oldest);
         }
-        self.sessions.insert(
-            session,
-            CoreSession {
-                slot,
-                used: false,
-                route,
-                transport: Box::new(transport),
-            },
-        );
+        let core_session = CoreSession {
+            slot,
+            used: false,
+            route,
+            admission,
+            transport: Box::new(transport),
+        };
+        // Through a gateway, the response carries the admission: the gateway knows the session
+        // before the device's first frame.
+        let admission = matches!(route, Route::Gateway { .. })
+            .then(|| self.admission_of(session, &core_session, now));
+        self.sessions.insert(session, core_session);
         self.metrics.sessions.set(self.sessions.len() as i64);
         tracing::debug!(%session, subscription = id.0, ?route, result = result.label(), "session established");
-        out.sends.push((route, frame));
+        out.sends.push(Outgoing {
+            route,
+            frame,
+            admission,
+        });
         Ok(result)
     }
 
@@ -1533,7 +1839,7 @@ impl SessionTable {
             return HandshakeResult::Failed;
         }
         tracing::info!(%serial, subscription = entry.id.0, ?route, "device provisioned");
-        out.sends.push((route, frame));
+        out.sends.push(Outgoing::plain(route, frame));
         HandshakeResult::Provisioned
     }
 
@@ -1761,7 +2067,7 @@ impl SessionTable {
                 );
                 match session.transport.seal(&self.plaintext, &mut frame) {
                     Ok(()) => {
-                        out.sends.push((session.route, frame));
+                        out.sends.push(Outgoing::plain(session.route, frame));
                         if let Some(config) = sent.config {
                             entry.config_version = config.version;
                             self.store.record_config_version(entry.id, config.version);
@@ -1874,6 +2180,42 @@ impl Engine {
                 self.table.gateway_down(conn);
                 self.gateways.remove(&conn);
             }
+            EngineInput::AdmitQuery { conn, sessions } => {
+                let answer = self.table.admit_query(conn, &sessions, Instant::now());
+                self.answer_query(conn, answer);
+            }
+        }
+    }
+
+    /// Sends a gateway the answer to its `AdmitQuery` on its control stream: `Admit` in batches
+    /// of [`MAX_ADMITS`], `NotAdmitted` in batches of [`MAX_ADMIT_QUERY`]. A gateway that does
+    /// not read its control stream loses answers rather than make the core queue them without
+    /// bound: its held frames time out and the next frame asks again.
+    fn answer_query(&self, conn: GatewayConnId, answer: AdmitAnswer) {
+        let Some(link) = self.gateways.get(&conn) else {
+            tracing::debug!(%conn, "gateway gone; admission query not answered");
+            return;
+        };
+        let admits = answer
+            .admitted
+            .chunks(MAX_ADMITS)
+            .map(|chunk| UplinkMessage::Admit {
+                admissions: chunk.to_vec(),
+            });
+        let refusals =
+            answer
+                .not_admitted
+                .chunks(MAX_ADMIT_QUERY)
+                .map(|chunk| UplinkMessage::NotAdmitted {
+                    sessions: chunk.to_vec(),
+                });
+        for message in admits.chain(refusals) {
+            let mut buf = BytesMut::with_capacity(4 + 2 + MAX_ADMITS * Admission::ENCODED_LEN);
+            message.encode(&mut buf);
+            if link.control.try_send(buf.freeze()).is_err() {
+                tracing::debug!(%conn, "gateway control stream full or gone; admission answer not sent");
+                return;
+            }
         }
     }
 
@@ -1930,21 +2272,9 @@ impl Engine {
             message.encode(&mut buf);
             let buf = buf.freeze();
             for (conn, link) in &self.gateways {
-                match link.control.try_send(buf.clone()) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(buf)) => {
-                        // Never lost to a burst: waits for the writer off the engine task.
-                        let control = link.control.clone();
-                        tokio::spawn(async move {
-                            let _ = control.send(buf).await;
-                        });
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        tracing::debug!(%conn, "gateway gone; revocation not sent");
-                        continue;
-                    }
+                if queue_control(*conn, link, buf.clone()) {
+                    self.metrics.revocations_sent.inc_by(chunk.len() as u64);
                 }
-                self.metrics.revocations_sent.inc_by(chunk.len() as u64);
             }
         }
         tracing::debug!(
@@ -1994,8 +2324,9 @@ impl Engine {
 
     fn flush_sends(&mut self) {
         let mut sends = std::mem::take(&mut self.out.sends);
-        for (route, frame) in sends.drain(..) {
-            if let Err(why) = self.send(route, frame) {
+        for outgoing in sends.drain(..) {
+            let route = outgoing.route;
+            if let Err(why) = self.send(outgoing) {
                 tracing::debug!(?route, why, "frame not sent");
                 self.metrics.frame_dropped(DropReason::Unroutable);
             }
@@ -2003,7 +2334,15 @@ impl Engine {
         self.out.sends = sends;
     }
 
-    fn send(&self, route: Route, frame: Vec<u8>) -> Result<(), &'static str> {
+    /// Sends one frame: straight to a direct device, or through its gateway in a datagram (kind 2
+    /// with the admission when there is one), falling back to the control stream (`Admit` first,
+    /// then `DeviceFrame`) for what does not fit.
+    fn send(&self, outgoing: Outgoing) -> Result<(), &'static str> {
+        let Outgoing {
+            route,
+            frame,
+            admission,
+        } = outgoing;
         match route {
             Route::Direct(addr) => match self.direct.try_send_to(&frame, addr) {
                 Ok(_) => Ok(()),
@@ -2013,6 +2352,7 @@ impl Engine {
                 let link = self.gateways.get(&conn).ok_or("gateway disconnected")?;
                 let datagram = UplinkDatagram {
                     flow,
+                    admission,
                     frame: &frame,
                 };
                 let fits = link
@@ -2028,6 +2368,17 @@ impl Engine {
                         Err(_) => return Err("gateway connection refused the datagram"),
                     }
                 }
+                if let Some(admission) = admission {
+                    // Ahead of the frame on the same ordered stream.
+                    let mut buf = BytesMut::with_capacity(4 + 1 + Admission::ENCODED_LEN);
+                    UplinkMessage::Admit {
+                        admissions: vec![admission],
+                    }
+                    .encode(&mut buf);
+                    link.control
+                        .try_send(buf.freeze())
+                        .map_err(|_| "gateway control stream is full")?;
+                }
                 let mut buf = BytesMut::with_capacity(frame.len() + 8);
                 UplinkMessage::DeviceFrame {
                     flow,
@@ -2038,6 +2389,26 @@ impl Engine {
                     .try_send(buf.freeze())
                     .map_err(|_| "gateway control stream is full")
             }
+        }
+    }
+}
+
+/// Queues a control message that must not be lost to a burst (`Revoked`) for a gateway: when its
+/// queue is full, a task waits for the writer off the engine task. Returns false when the gateway
+/// is gone.
+fn queue_control(conn: GatewayConnId, link: &GatewayLink, message: Bytes) -> bool {
+    match link.control.try_send(message) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(message)) => {
+            let control = link.control.clone();
+            tokio::spawn(async move {
+                let _ = control.send(message).await;
+            });
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            tracing::debug!(%conn, "gateway gone; control message not sent");
+            false
         }
     }
 }

@@ -415,6 +415,17 @@ max_sessions = 1000000
 max_gateways = 256
 max_flows_per_gateway = 1000000
 
+[admission]                   # the quota a gateway holds each admitted session to, per device, when
+                              # its profile has none of its own ("quota" in PUT /v1/profiles/NAME)
+quota_frames = 6000           # frames per interval (0 = unlimited)
+quota_bytes = 7200000         # bytes of device frames per interval (0 = unlimited)
+quota_interval_secs = 60
+
+[handshakes]
+cookie_above_per_sec = 2000   # above this many initiations in a second the core answers with a
+                              # cookie challenge (no Noise work until the device echoes it);
+                              # 0 = always demand a cookie
+
 [admin]
 tokens_file = "admin-tokens.toml"   # admin API tokens: name, role, owner, SHA-256 of the secret
 
@@ -459,6 +470,20 @@ queue_frames = 4096           # frames held while the core is unreachable; newes
 [flows]
 max = 100000
 idle_timeout_secs = 900
+
+[handshakes]
+per_source_per_sec = 5        # handshake initiations per device address and second (token bucket)
+per_source_burst = 10
+max_sources = 100000
+
+[admission]
+require = true                # drop device frames without an admission tag (every session has one)
+max_sessions = 1000000        # admitted sessions held
+pending_frames = 4096         # frames of sessions being asked about (after a restart, a move)
+pending_timeout_ms = 2000
+queries_per_sec = 2000        # admission queries to the core
+not_admitted_ttl_secs = 60    # sessions the core refused are not asked about again for this long
+not_admitted_max = 65536
 "#,
         devices = gateway_devices_addr(k),
         admin = gateway_admin_addr(k),
@@ -595,6 +620,12 @@ mod tests {
         assert_eq!(
             config.lifecycle.fraud_action,
             crate::config::FraudAction::Quarantine
+        );
+        // The admission and handshake sections: the documented defaults.
+        assert_eq!(config.admission, crate::config::AdmissionConfig::default());
+        assert_eq!(
+            config.handshakes.cookie_above_per_sec,
+            crate::config::DEFAULT_COOKIE_ABOVE_PER_SEC
         );
         let signer = config
             .lifecycle

@@ -274,10 +274,15 @@ pub async fn run(
             rotate_after_secs: config.lifecycle.rotate_after_secs,
             fraud_action: config.lifecycle.fraud_action,
         },
+        engine::AdmissionPolicy::from_config(&config.admission, &config.handshakes),
         loaded,
         Box::new(lifecycle_store),
         metrics.clone(),
-    );
+    )
+    .map_err(|e| CoreError::Io {
+        what: "drawing the cookie secret",
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let engine = engine::Engine::new(
         table,
         direct_socket.clone(),

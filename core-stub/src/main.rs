@@ -83,8 +83,8 @@ enum ProfilesCommand {
     /// Every profile with its version.
     List,
     /// Create a profile or replace its settings (its version goes up when the configuration
-    /// changes; its devices get it at their next contact; a gateway policy applies at their next
-    /// handshake). Operator token.
+    /// changes; its devices get it at their next contact; a gateway policy or quota applies at
+    /// their next handshake). Operator token.
     Set {
         /// The profile's name.
         name: String,
@@ -104,6 +104,18 @@ enum ProfilesCommand {
         /// Refuse its devices direct access (default: allowed).
         #[arg(long)]
         no_direct: bool,
+        /// Admission quota: frames per interval each session may send through a gateway (0:
+        /// unlimited). Giving any --quota-* flag sets the profile's own quota (flags left out:
+        /// frames and bytes unlimited, interval 60 s); giving none: the core's [admission]
+        /// default.
+        #[arg(long)]
+        quota_frames: Option<u32>,
+        /// Admission quota: bytes of device frames per interval (0: unlimited).
+        #[arg(long)]
+        quota_bytes: Option<u32>,
+        /// Admission quota: the interval in seconds (default 60 when a quota is given).
+        #[arg(long)]
+        quota_interval_secs: Option<u16>,
     },
 }
 
@@ -326,13 +338,28 @@ fn main() -> ExitCode {
                 threshold,
                 gateways,
                 no_direct,
+                quota_frames,
+                quota_bytes,
+                quota_interval_secs,
             } => {
+                let quota = (quota_frames.is_some()
+                    || quota_bytes.is_some()
+                    || quota_interval_secs.is_some())
+                .then(|| {
+                    serde_json::json!({
+                        "frames": quota_frames.unwrap_or(0),
+                        "bytes": quota_bytes.unwrap_or(0),
+                        "interval_secs": quota_interval_secs
+                            .unwrap_or(core_stub::config::DEFAULT_QUOTA_INTERVAL_SECS),
+                    })
+                });
                 let body = serde_json::json!({
                     "report_interval_secs": interval,
                     "report_bytes": bytes,
                     "threshold": threshold,
                     "gateways": gateways,
                     "allow_direct": !no_direct,
+                    "quota": quota,
                 });
                 api_call(
                     &args.api,
@@ -591,8 +618,17 @@ fn print_human(body: &serde_json::Value) {
             } else {
                 "yes"
             };
+            let quota = match &p["quota"] {
+                q if q.is_object() => format!(
+                    "{}/{} per {} s",
+                    s(&q["frames"]),
+                    s(&q["bytes"]),
+                    s(&q["interval_secs"])
+                ),
+                _ => "default".to_owned(),
+            };
             println!(
-                "{:<16} v{:<5} every {:>6} s  {:>5} B  threshold {:<6} gateways {gateways}  direct {direct}",
+                "{:<16} v{:<5} every {:>6} s  {:>5} B  threshold {:<6} gateways {gateways}  direct {direct}  quota {quota}",
                 s(&p["name"]),
                 s(&p["version"]),
                 s(&p["report_interval_secs"]),

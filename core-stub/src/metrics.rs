@@ -57,6 +57,33 @@ pub struct Metrics {
     pub devices_claimed: IntCounter,
     /// `core_devices_activated_total`: devices activated (by plans and accepted transfers).
     pub devices_activated: IntCounter,
+    admission_queries: IntCounterVec,
+    /// `core_cookie_replies_total`: handshake initiations answered with a cookie challenge (under
+    /// load, or because their cookie was stale) instead of a handshake.
+    pub cookie_replies: IntCounter,
+}
+
+/// The answer to one session id of a gateway's `AdmitQuery` (`result` label of
+/// `core_admission_queries_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdmissionAnswer {
+    /// Live, and its profile lets it use the asking gateway: `Admit`.
+    Admitted,
+    /// Unknown, expired, or not allowed through the asking gateway: `NotAdmitted`.
+    NotAdmitted,
+}
+
+impl AdmissionAnswer {
+    /// Every value.
+    pub const ALL: [Self; 2] = [Self::Admitted, Self::NotAdmitted];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Admitted => "admitted",
+            Self::NotAdmitted => "not_admitted",
+        }
+    }
 }
 
 /// Every `result` of `core_admin_requests_total`.
@@ -213,6 +240,22 @@ impl Metrics {
         )?;
         registry.register(Box::new(devices_claimed.clone()))?;
         registry.register(Box::new(devices_activated.clone()))?;
+        let admission_queries = IntCounterVec::new(
+            Opts::new(
+                "core_admission_queries_total",
+                "Session ids gateways asked about (AdmitQuery, after losing their admission state), by answer.",
+            ),
+            &["result"],
+        )?;
+        let cookie_replies = IntCounter::new(
+            "core_cookie_replies_total",
+            "Handshake initiations answered with a cookie challenge (core under load, or a stale cookie) instead of a handshake.",
+        )?;
+        registry.register(Box::new(admission_queries.clone()))?;
+        registry.register(Box::new(cookie_replies.clone()))?;
+        for answer in AdmissionAnswer::ALL {
+            admission_queries.with_label_values(&[answer.label()]);
+        }
         for result in ADMIN_RESULTS {
             admin_requests.with_label_values(&[result]);
         }
@@ -256,6 +299,8 @@ impl Metrics {
             revocations_sent,
             devices_claimed,
             devices_activated,
+            admission_queries,
+            cookie_replies,
         })
     }
 
@@ -337,6 +382,20 @@ impl Metrics {
     /// The current value of `core_fraud_flags_total{reason}`.
     pub fn fraud_flags_count(&self, reason: FraudReason) -> u64 {
         self.fraud_flags.with_label_values(&[reason.label()]).get()
+    }
+
+    /// Counts `n` session ids of an `AdmitQuery` answered `answer`.
+    pub fn admission_queries(&self, answer: AdmissionAnswer, n: usize) {
+        self.admission_queries
+            .with_label_values(&[answer.label()])
+            .inc_by(n as u64);
+    }
+
+    /// The current value of `core_admission_queries_total{result}`.
+    pub fn admission_queries_count(&self, answer: AdmissionAnswer) -> u64 {
+        self.admission_queries
+            .with_label_values(&[answer.label()])
+            .get()
     }
 
     /// The current value of `core_handshakes_total{result}`.

@@ -12,10 +12,12 @@
 //!  engine ◀──Committed (seqs to ack)── writer thread
 //! ```
 //!
-//! Schema version 4 is in [`SCHEMA`]: `devices` (claimed factory identities, their owner, plan
-//! and release), `profiles` (versioned service parameters, and the gateway policy: which gateways
-//! their devices may use, whether direct access is allowed; version 4 added the policy), `subscriptions` (one per provisioning of a device under an owner; at most one
-//! not revoked per serial, enforced by a partial unique index) and `readings` (keyed by
+//! Schema version 5 is in [`SCHEMA`]: `devices` (claimed factory identities, their owner, plan
+//! and release), `profiles` (versioned service parameters, the gateway policy: which gateways
+//! their devices may use, whether direct access is allowed, added by version 4; and the admission
+//! quota the gateways hold its sessions to, added by version 5), `subscriptions` (one per
+//! provisioning of a device under an owner; at most one not revoked per serial, enforced by a
+//! partial unique index) and `readings` (keyed by
 //! subscription, so a new owner's subscription never sees the old owner's readings). Every
 //! lifecycle change (`store/lifecycle.rs`) is one `BEGIN IMMEDIATE` transaction that also appends its
 //! audit record, so a change is never stored without its record and two concurrent changes of
@@ -38,13 +40,14 @@ mod lifecycle;
 
 pub(crate) use lifecycle::FactoryEntry;
 pub use lifecycle::{
-    Actor, DeviceView, DeviceViewPage, Profile, ProfileSettings, ReadingRecord,
+    Actor, DeviceView, DeviceViewPage, Profile, ProfileQuota, ProfileSettings, ReadingRecord,
     MAX_REPORT_INTERVAL_SECS,
 };
 
 /// The schema this code writes, kept in `PRAGMA user_version`. Version 1 had no audit log,
-/// version 2 no device lifecycle, version 3 no gateway policy on profiles.
-pub const SCHEMA_VERSION: i64 = 4;
+/// version 2 no device lifecycle, version 3 no gateway policy on profiles, version 4 no quota on
+/// profiles.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The owner of subscriptions provisioned statically (`init`) and of those a version 2 store
 /// held: the operator running the core.
@@ -53,7 +56,8 @@ pub const LEGACY_OWNER: &str = "operator";
 /// The profile every store has, and devices without a profile of their own use.
 pub const DEFAULT_PROFILE: &str = "default";
 
-/// Schema version 4, created whole in a new store.
+/// Schema version 5, created whole in a new store. A profile's quota columns are all NULL (the
+/// core's `[admission]` default applies) or all set (0 in one: unlimited for that field).
 pub const SCHEMA: &str = "
 CREATE TABLE profiles (
     name TEXT PRIMARY KEY,
@@ -63,7 +67,10 @@ CREATE TABLE profiles (
     threshold INTEGER NOT NULL,
     updated_at_ms INTEGER NOT NULL,
     gateways TEXT NOT NULL DEFAULT '',
-    allow_direct INTEGER NOT NULL DEFAULT 1 CHECK (allow_direct IN (0, 1))
+    allow_direct INTEGER NOT NULL DEFAULT 1 CHECK (allow_direct IN (0, 1)),
+    quota_frames INTEGER,
+    quota_bytes INTEGER,
+    quota_interval_secs INTEGER
 );
 CREATE TABLE devices (
     serial TEXT PRIMARY KEY,
@@ -180,6 +187,14 @@ const MIGRATE_V3_V4: &str = "
 ALTER TABLE profiles ADD COLUMN gateways TEXT NOT NULL DEFAULT '';
 ALTER TABLE profiles ADD COLUMN allow_direct INTEGER NOT NULL DEFAULT 1
     CHECK (allow_direct IN (0, 1));
+";
+
+/// Version 4 -> 5: the admission quota on profiles. Existing profiles get none (NULL), so their
+/// devices are held to the core's `[admission]` default.
+const MIGRATE_V4_V5: &str = "
+ALTER TABLE profiles ADD COLUMN quota_frames INTEGER;
+ALTER TABLE profiles ADD COLUMN quota_bytes INTEGER;
+ALTER TABLE profiles ADD COLUMN quota_interval_secs INTEGER;
 ";
 
 /// The default profile as the migration creates it: version 1, a report every 60 s of 64 bytes,
@@ -571,7 +586,7 @@ impl Store {
                 tx.execute_batch(AUDIT_SCHEMA)?;
                 tx.execute(DEFAULT_PROFILE_ROW, [now_ms()])?;
             }
-            1..=3 => {
+            1..=4 => {
                 if version == 1 {
                     tx.execute_batch(AUDIT_SCHEMA)?;
                 }
@@ -579,7 +594,10 @@ impl Store {
                     tx.execute_batch(MIGRATE_V2_V3)?;
                     tx.execute(DEFAULT_PROFILE_ROW, [now_ms()])?;
                 }
-                tx.execute_batch(MIGRATE_V3_V4)?;
+                if version < 4 {
+                    tx.execute_batch(MIGRATE_V3_V4)?;
+                }
+                tx.execute_batch(MIGRATE_V4_V5)?;
                 let dangling: Option<String> = tx
                     .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
                     .optional()?;
@@ -1430,7 +1448,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_3_store_migrates_to_version_4_with_profiles_allowing_every_path() {
+    fn a_version_3_store_migrates_with_profiles_allowing_every_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.db");
         let conn = Connection::open(&path).expect("open");
@@ -1458,7 +1476,7 @@ mod tests {
         drop(conn);
 
         let store = Store::open(&path).expect("migrate");
-        assert_eq!(store.schema_version().expect("version"), 4);
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
         let profiles = store.profiles().expect("profiles");
         assert_eq!(
             profiles
@@ -1480,6 +1498,113 @@ mod tests {
         // Opening again is a no-op.
         let store = Store::open(&path).expect("reopen");
         assert_eq!(store.profiles().expect("profiles").len(), 2);
+    }
+
+    #[test]
+    fn a_version_4_store_migrates_to_version_5_keeping_everything_with_no_profile_quota() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).expect("open");
+        // A version 4 store, built the way version 4 built it.
+        conn.execute_batch(SCHEMA_V1).expect("schema");
+        conn.execute_batch(AUDIT_SCHEMA).expect("audit");
+        conn.execute_batch(MIGRATE_V2_V3).expect("v3");
+        conn.execute(DEFAULT_PROFILE_ROW, [1000]).expect("default");
+        conn.execute_batch(MIGRATE_V3_V4).expect("v4");
+        conn.execute(
+            "INSERT INTO profiles (name, version, report_interval_secs, report_bytes, threshold,
+                 updated_at_ms, gateways, allow_direct)
+             VALUES ('building-a', 2, 900, 32, 5, 1000, 'gw-a,gw-b', 0)",
+            [],
+        )
+        .expect("profile");
+        conn.execute(
+            "INSERT INTO devices (serial, factory_key, model, owner, profile, claimed_at_ms,
+                 activated_at_ms)
+             VALUES ('m1', ?1, 'meter', 'operator', 'building-a', 1000, 1000)",
+            [&[7u8; KEY_LEN][..]],
+        )
+        .expect("device");
+        conn.execute(
+            "INSERT INTO subscriptions (id, serial, owner, public_key, status, created_at_ms, key_since_ms, config_version)
+             VALUES (1, 'm1', 'operator', ?1, 'active', 1000, 1000, 2)",
+            [&[1u8; KEY_LEN][..]],
+        )
+        .expect("sub");
+        conn.execute("INSERT INTO readings VALUES (1, 1, 2000, x'01')", [])
+            .expect("reading");
+        conn.execute(
+            "INSERT INTO audit (at_ms, actor, action, outcome, detail) VALUES (1, 'op', 'claim', 'ok', 'x')",
+            [],
+        )
+        .expect("audit");
+        conn.pragma_update(None, "user_version", 4)
+            .expect("version");
+        drop(conn);
+
+        let store = Store::open(&path).expect("migrate");
+        assert_eq!(store.schema_version().expect("version"), 5);
+        let profiles = store.profiles().expect("profiles");
+        assert_eq!(
+            profiles
+                .iter()
+                .map(|p| (
+                    p.name.as_str(),
+                    p.version,
+                    p.report_interval_secs,
+                    p.gateways.join(","),
+                    p.allow_direct,
+                    p.quota
+                ))
+                .collect::<Vec<_>>(),
+            [
+                ("building-a", 2, 900, "gw-a,gw-b".to_owned(), false, None),
+                ("default", 1, 60, String::new(), true, None)
+            ],
+            "kept, with no quota of their own (the core's default applies)"
+        );
+        assert_eq!(store.readings_of("m1").expect("readings").len(), 1);
+        let index = store.index_entries().expect("index");
+        assert_eq!(
+            (
+                index.len(),
+                index[0].profile.as_str(),
+                index[0].config_version
+            ),
+            (1, "building-a", Some(2))
+        );
+        assert_eq!(store.audit(10).expect("audit").len(), 1, "the log is kept");
+        // A quota can be set now, and is read back.
+        let quota = ProfileQuota {
+            frames: 10,
+            bytes: 1000,
+            interval_secs: 60,
+        };
+        let (p, changed) = store
+            .put_profile(
+                "building-a",
+                ProfileSettings {
+                    report_interval_secs: 900,
+                    report_bytes: 32,
+                    threshold: 5,
+                    gateways: vec!["gw-a".into(), "gw-b".into()],
+                    allow_direct: false,
+                    quota: Some(quota),
+                },
+                Actor {
+                    name: "op",
+                    role: Some("operator"),
+                },
+            )
+            .expect("quota");
+        assert_eq!((p.version, changed, p.quota), (2, true, Some(quota)));
+        drop(store);
+        // Opening again is a no-op, and the quota is there.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(
+            store.profile("building-a").expect("profile").quota,
+            Some(quota)
+        );
     }
 
     #[test]

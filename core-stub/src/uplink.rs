@@ -7,7 +7,11 @@
 //!          ──control stream: Hello{name}──────────────▶ HelloAck{max_flows}, GatewayUp ─▶ engine
 //!          ──datagram: flow | device frame──────────────▶ EngineInput::Frame (Route::Gateway)
 //!          ◀─datagram / control DeviceFrame──────────────  engine (by route)
+//!          ◀─datagram kind 2: flow | admission | frame───  engine (accepted handshake response)
+//!          ◀─control Admit{admissions} (+ DeviceFrame)───  engine (response too large for a datagram)
 //!          ◀─control Revoked{sessions}───────────────────  engine (sessions dropped by status)
+//!          ──control AdmitQuery{sessions}───────────────▶ EngineInput::AdmitQuery ─▶ engine
+//!          ◀─control Admit / NotAdmitted─────────────────  engine (the answer)
 //!  connection closed ─────────────────────────────────▶ GatewayDown ─▶ engine
 //! ```
 //!
@@ -22,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use relay_protocol::uplink::DATAGRAM_HEADER;
 use relay_protocol::{DecodeError, UplinkDatagram, UplinkMessage};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +39,8 @@ use crate::metrics::{Access, Metrics};
 /// How long a gateway has, after the QUIC handshake, to open its control stream and say `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Control-stream messages queued for one gateway (the rare frames too large for a datagram).
+/// Control-stream messages queued for one gateway (the rare frames too large for a datagram,
+/// revocations, answers to admission queries).
 const CONTROL_QUEUE: usize = 256;
 
 /// QUIC application error codes the core closes a connection with.
@@ -279,12 +283,19 @@ impl Gateway {
     async fn on_datagram(&self, dg: Bytes) {
         self.metrics.frame_received(Access::Gateway);
         match UplinkDatagram::decode(&dg) {
+            Ok(d) if d.admission.is_some() => {
+                // Admissions go core -> gateway only.
+                self.metrics
+                    .frame_dropped(DropReason::Uplink(DecodeError::Invalid(
+                        "admission datagram from a gateway",
+                    )));
+            }
             Ok(d) => {
                 let route = Route::Gateway {
                     conn: self.id,
                     flow: d.flow,
                 };
-                let bytes = dg.slice(DATAGRAM_HEADER..);
+                let bytes = dg.slice(dg.len() - d.frame.len()..);
                 let _ = self.engine.send(EngineInput::Frame { bytes, route }).await;
             }
             Err(e) => self.metrics.frame_dropped(DropReason::Uplink(e)),
@@ -314,8 +325,23 @@ impl Gateway {
                 UplinkMessage::HelloAck { .. } => {
                     return Err(UplinkError::Protocol("HelloAck from a gateway"))
                 }
+                UplinkMessage::AdmitQuery { sessions } => {
+                    let _ = self
+                        .engine
+                        .send(EngineInput::AdmitQuery {
+                            conn: self.id,
+                            sessions,
+                        })
+                        .await;
+                }
                 UplinkMessage::Revoked { .. } => {
                     return Err(UplinkError::Protocol("Revoked from a gateway"))
+                }
+                UplinkMessage::Admit { .. } => {
+                    return Err(UplinkError::Protocol("Admit from a gateway"))
+                }
+                UplinkMessage::NotAdmitted { .. } => {
+                    return Err(UplinkError::Protocol("NotAdmitted from a gateway"))
                 }
             }
         }

@@ -411,6 +411,20 @@ async fn hello(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::Re
     }
 }
 
+/// The next control message from the core.
+async fn read_control(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<UplinkMessage> {
+    let mut chunk = [0u8; 256];
+    loop {
+        if let Some(msg) = UplinkMessage::decode(buf)? {
+            return Ok(msg);
+        }
+        let n = tokio::time::timeout(WAIT, recv.read(&mut chunk))
+            .await??
+            .ok_or_else(|| anyhow!("control stream ended"))?;
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 #[tokio::test]
 async fn gateway_over_quic_end_to_end() -> Result<()> {
     let core = Core::start(3).await?;
@@ -438,21 +452,45 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
     let flow = FlowId(42);
     let send = |frame: &[u8]| -> Result<()> {
         let mut buf = BytesMut::new();
-        UplinkDatagram { flow, frame }.encode(&mut buf);
+        UplinkDatagram::new(flow, frame).encode(&mut buf);
         conn.send_datagram(buf.freeze())?;
         Ok(())
     };
-    let recv = || async {
+    let recv_admitted = || async {
         let dg = tokio::time::timeout(WAIT, conn.read_datagram()).await??;
         let d = UplinkDatagram::decode(&dg)?;
         assert_eq!(d.flow, flow);
-        Ok::<_, anyhow::Error>(d.frame.to_vec())
+        Ok::<_, anyhow::Error>((d.frame.to_vec(), d.admission))
+    };
+    let recv = || async {
+        let (frame, admission) = recv_admitted().await?;
+        assert_eq!(
+            admission, None,
+            "an admission on a frame other than a response"
+        );
+        Ok::<_, anyhow::Error>(frame)
     };
 
+    // The response comes with the session's admission (kind 2): the same key as the device's.
     send(&dev.start_handshake(SessionId(5), 1, Instant::now())?)?;
     let mut pt = Vec::new();
-    let ev = dev.handle_datagram(&recv().await?, Instant::now(), &mut pt)?;
+    let (response, admission) = recv_admitted().await?;
+    let ev = dev.handle_datagram(&response, Instant::now(), &mut pt)?;
     assert!(matches!(ev, DeviceEvent::Established { .. }));
+    let admission = admission.context("no admission with the response")?;
+    let current = dev.current().context("session")?;
+    assert_eq!(admission.session, current.remote_id());
+    assert_eq!(Some(&admission.key), current.admission());
+    assert_eq!(admission.lifetime_secs, 7200, "reject_after_secs");
+    assert_eq!(
+        (
+            admission.quota.frames,
+            admission.quota.bytes,
+            admission.quota.interval_secs
+        ),
+        (6000, 7_200_000, 60),
+        "the [admission] default"
+    );
 
     let mut frame = Vec::new();
     dev.seal(
@@ -463,6 +501,9 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
         .to_vec(),
         &mut frame,
     )?;
+    // Tagged for the gateway (0x04), and accepted by the core like a plain transport frame.
+    assert_eq!(frame[1], 4);
+    assert!(admission.key.verify(&frame));
     send(&frame)?;
     dev.handle_datagram(&recv().await?, Instant::now(), &mut pt)?;
     assert_eq!(
@@ -502,8 +543,43 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
     let (serial, _) = core.device_key(2)?;
     assert_eq!(core.store()?.readings_of(&serial)?[1], (78, big));
 
-    // Suspension: before the API answers, the gateway is told which session died.
+    // A gateway that lost its table asks: the live session is admitted again, an unknown one
+    // is not.
     let core_session = dev.current().context("session")?.remote_id();
+    let mut buf = BytesMut::new();
+    UplinkMessage::AdmitQuery {
+        sessions: vec![core_session, SessionId(0x0bad_0bad)],
+    }
+    .encode(&mut buf);
+    control.write_all(&buf).await?;
+    let mut buf = BytesMut::new();
+    match read_control(&mut control_rx, &mut buf).await? {
+        UplinkMessage::Admit { admissions } => {
+            assert_eq!(admissions.len(), 1);
+            assert_eq!(
+                (
+                    admissions[0].session,
+                    admissions[0].key,
+                    admissions[0].quota
+                ),
+                (core_session, admission.key, admission.quota)
+            );
+            assert!(admissions[0].lifetime_secs <= 7200);
+        }
+        other => bail!("expected Admit, got {other:?}"),
+    }
+    assert_eq!(
+        read_control(&mut control_rx, &mut buf).await?,
+        UplinkMessage::NotAdmitted {
+            sessions: vec![SessionId(0x0bad_0bad)]
+        }
+    );
+    core.wait_metric("core_admission_queries_total{result=\"admitted\"}", 1.0)
+        .await?;
+    core.wait_metric("core_admission_queries_total{result=\"not_admitted\"}", 1.0)
+        .await?;
+
+    // Suspension: before the API answers, the gateway is told which session died.
     let (status, _) = core
         .api(
             "POST",
@@ -512,17 +588,7 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
         )
         .await?;
     assert_eq!(status, 200);
-    let mut buf = BytesMut::new();
-    let mut chunk = [0u8; 256];
-    let revoked = loop {
-        if let Some(msg) = UplinkMessage::decode(&mut buf)? {
-            break msg;
-        }
-        let n = tokio::time::timeout(WAIT, control_rx.read(&mut chunk))
-            .await??
-            .ok_or_else(|| anyhow!("control stream ended"))?;
-        buf.extend_from_slice(&chunk[..n]);
-    };
+    let revoked = read_control(&mut control_rx, &mut buf).await?;
     assert_eq!(
         revoked,
         UplinkMessage::Revoked {
@@ -902,6 +968,10 @@ fn claim_activate_profiles_transfer_and_release_through_the_cli() -> Result<()> 
             "--gateways",
             "gateway-1,gateway-3",
             "--no-direct",
+            "--quota-frames",
+            "100",
+            "--quota-bytes",
+            "20000",
         ],
         &op_token,
     )?;
@@ -913,14 +983,22 @@ fn claim_activate_profiles_transfer_and_release_through_the_cli() -> Result<()> 
         .find(|l| l.starts_with("building-a"))
         .unwrap_or_default();
     assert!(
-        line.contains("gateways gateway-1,gateway-3") && line.contains("direct no"),
+        line.contains("gateways gateway-1,gateway-3")
+            && line.contains("direct no")
+            && line.contains("quota 100/20000 per 60 s"),
         "{listed}"
     );
     assert!(
         listed.lines().any(|l| l.starts_with("heat")
             && l.contains("gateways any")
-            && l.contains("direct yes")),
+            && l.contains("direct yes")
+            && l.contains("quota default")),
         "{listed}"
+    );
+    let quota = core.store()?.profile("building-a")?.quota;
+    assert_eq!(
+        quota.map(|q| (q.frames, q.bytes, q.interval_secs)),
+        Some((100, 20_000, 60))
     );
 
     // Transfer em-1 to acme: offered by the operator, accepted by acme's operator.

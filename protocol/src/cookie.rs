@@ -1,4 +1,4 @@
-//! The core's stateless cookie challenge under load (`docs/protocol.md` §12.5), after WireGuard's
+//! The core's stateless cookie challenge under load (`docs/protocol.md` §12.6), after WireGuard's
 //! cookie reply.
 //!
 //! ```text

@@ -373,7 +373,7 @@ impl Transport {
         }
     }
 
-    /// The session's state for a device that goes to sleep (`docs/protocol.md` §12.3). The
+    /// The session's state for a device that goes to sleep (`docs/protocol.md` §12.5). The
     /// snapshot's send counter is `sent + lease`: a device persists it before sending more, and
     /// persists again before it has sent `lease` frames, so that a crash never makes it reuse a
     /// counter (a nonce) after resuming.
@@ -558,7 +558,7 @@ pub enum DeviceEvent {
     /// A transport frame opened; its plaintext is in the caller's buffer.
     Plaintext,
     /// The core is under load and answered the pending handshake with a cookie
-    /// (`docs/protocol.md` §12.5): the caller's buffer holds the `CookieInit` datagram (the same
+    /// (`docs/protocol.md` §12.6): the caller's buffer holds the `CookieInit` datagram (the same
     /// Noise message 1 with the cookie's MAC) to send now. The handshake stays pending, and the
     /// device's initiations in the next two minutes carry the cookie too.
     CookieChallenge,
@@ -784,7 +784,7 @@ impl DeviceSession {
     }
 
     /// Installs a persisted session as the current one, with no handshake (`docs/protocol.md`
-    /// §12.3). Its age runs from the snapshot's handshake time (`now_unix_ms` is the wall clock
+    /// §12.5). Its age runs from the snapshot's handshake time (`now_unix_ms` is the wall clock
     /// at `now`), so the rekey policy holds across the sleep.
     pub fn resume(&mut self, snapshot: &SessionSnapshot, now: Instant, now_unix_ms: u64) {
         let age = Duration::from_millis(now_unix_ms.saturating_sub(snapshot.established_unix_ms));

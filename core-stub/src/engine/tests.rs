@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use relay_protocol::session::{DeviceEvent, DeviceSession};
+use relay_protocol::FrameType;
 
 use super::*;
 
@@ -145,6 +146,21 @@ fn policy() -> SessionConfig {
     }
 }
 
+/// The default quota of the rigs: distinct from any profile's in the tests.
+const DEFAULT_QUOTA: Quota = Quota {
+    frames: 6000,
+    bytes: 7_200_000,
+    interval_secs: 60,
+};
+
+/// Never a cookie: the rigs make many handshakes at one instant.
+fn no_cookies() -> AdmissionPolicy {
+    AdmissionPolicy {
+        default_quota: DEFAULT_QUOTA,
+        cookie_above_per_sec: u32::MAX,
+    }
+}
+
 fn lifecycle(fraud_action: FraudAction) -> LifecyclePolicy {
     LifecyclePolicy {
         rotate_after_secs: 0,
@@ -161,6 +177,7 @@ fn profile(version: u32) -> Profile {
         threshold: 0,
         gateways: Vec::new(),
         allow_direct: true,
+        quota: None,
     }
 }
 
@@ -204,6 +221,17 @@ fn rig_with(
     lifecycle: LifecyclePolicy,
     claims: &[(&str, &str, bool)],
 ) -> Rig {
+    rig_admission(statuses, policy, lifecycle, claims, no_cookies())
+}
+
+/// [`rig_with`] with an admission policy.
+fn rig_admission(
+    statuses: &[SubscriptionStatus],
+    policy: SessionConfig,
+    lifecycle: LifecyclePolicy,
+    claims: &[(&str, &str, bool)],
+    admission: AdmissionPolicy,
+) -> Rig {
     let core = StaticKeypair::generate().expect("core key");
     let core_public = *core.public();
     let devices: Vec<_> = statuses
@@ -239,10 +267,12 @@ fn rig_with(
             core,
             policy,
             lifecycle,
+            admission,
             loaded,
             Box::new(store.clone()),
             metrics.clone(),
-        ),
+        )
+        .expect("table"),
         metrics,
         core_public,
         devices,
@@ -301,7 +331,11 @@ fn exchange(
     let mut out = Outputs::default();
     rig.table.handle_frame(&frame, route, now, &mut out);
     assert!(out.sends.len() <= 1, "one answer at most");
-    let (to, response) = out.sends.pop()?;
+    let Outgoing {
+        route: to,
+        frame: response,
+        ..
+    } = out.sends.pop()?;
     assert_eq!(to, route);
     let mut pt = Vec::new();
     Some(
@@ -365,7 +399,7 @@ fn read_and_ack(
         .handle_committed(Committed { durable }, now, &mut out);
     assert_eq!(out.sends.len(), 1, "one ack");
     let mut pt = Vec::new();
-    dev.handle_datagram(&out.sends[0].1, now, &mut pt)
+    dev.handle_datagram(&out.sends[0].frame, now, &mut pt)
         .expect("ack opens");
     match Message::decode(&pt).expect("message") {
         Message::Ack { seqs, notices } => (subscription, seqs, notices),
@@ -412,9 +446,9 @@ fn handshake_reading_ack_and_roaming() {
     rig.table
         .handle_committed(Committed { durable }, now, &mut out);
     assert_eq!(out.sends.len(), 1);
-    assert_eq!(out.sends[0].0, B);
+    assert_eq!(out.sends[0].route, B);
     let mut pt = Vec::new();
-    dev.handle_datagram(&out.sends[0].1, now, &mut pt)
+    dev.handle_datagram(&out.sends[0].frame, now, &mut pt)
         .expect("ack opens");
     assert_eq!(
         Message::decode(&pt).expect("message"),
@@ -436,7 +470,7 @@ fn long_ack_lists_are_split() {
         .handle_committed(Committed { durable }, now, &mut out);
     assert_eq!(out.sends.len(), 3);
     let mut total = 0;
-    for (_, f) in &out.sends {
+    for Outgoing { frame: f, .. } in &out.sends {
         let mut pt = Vec::new();
         dev.handle_datagram(f, now, &mut pt).expect("ack");
         match Message::decode(&pt).expect("message") {
@@ -923,8 +957,7 @@ fn bad_frames_leave_the_session_working() {
 
     let good = reading(&mut dev, 1);
     let mut tampered = good.clone();
-    let last = tampered.len() - 1;
-    tampered[last] ^= 0x80;
+    tampered[relay_protocol::frame::TRANSPORT_HEADER] ^= 0x80;
     rig.table.handle_frame(&tampered, B, now, &mut out);
     assert_eq!(dropped(&rig.metrics, "authentication"), 1);
     rig.table.handle_frame(&good, A, now, &mut out);
@@ -1092,10 +1125,12 @@ fn memory_per_idle_device() {
         core,
         policy_with(N),
         lifecycle(FraudAction::Quarantine),
+        no_cookies(),
         loaded,
         Box::new(FakeStore::default()),
         metrics,
-    );
+    )
+    .expect("table");
     let mut out = Outputs::default();
     for (i, init) in inits.iter().enumerate() {
         let route = Route::Direct(SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5000)));
@@ -1358,4 +1393,429 @@ fn an_open_session_does_not_roam_onto_a_path_its_profile_forbids() {
     assert_eq!(dropped(&rig.metrics, "not_permitted"), 2);
     let (_, seqs, _) = read_and_ack(&mut rig, &mut dev, 3, GW_A, now);
     assert_eq!(seqs, [ReadingSeq(3)]);
+}
+
+// Admission (`docs/protocol.md` §12) and cookies.
+
+/// One initiation datagram handled; what the core sent back (at most one frame).
+fn answer(rig: &mut Rig, frame: &[u8], route: Route, now: Instant) -> Option<Outgoing> {
+    let mut out = Outputs::default();
+    rig.table.handle_frame(frame, route, now, &mut out);
+    assert!(out.sends.len() <= 1, "one answer at most");
+    out.sends.pop()
+}
+
+/// A handshake whose answer the device reads; the frame the core sent (with its admission for
+/// the gateway) and the device's event.
+fn exchange_out(
+    rig: &mut Rig,
+    dev: &mut DeviceSession,
+    timestamp: u64,
+    route: Route,
+    now: Instant,
+) -> (Outgoing, DeviceEvent) {
+    let frame = dev
+        .start_handshake(SessionId(timestamp as u32 + 1), timestamp, now)
+        .expect("init");
+    let sent = answer(rig, &frame, route, now).expect("an answer");
+    assert_eq!(sent.route, route);
+    let mut pt = Vec::new();
+    let ev = dev
+        .handle_datagram(&sent.frame, now, &mut pt)
+        .expect("answer");
+    (sent, ev)
+}
+
+/// Provisions `sn-1` of a [`policy_rig`] (profile `building-a`) through `route`; returns its
+/// subscription key.
+fn provision_building_device(rig: &mut Rig, route: Route, now: Instant) -> StaticKeypair {
+    let next = StaticKeypair::generate().expect("next key");
+    let mut factory = session_with(rig, &rig.factory[0]);
+    let init = InitPayload {
+        timestamp: 1,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    let frame = factory
+        .start_handshake_with_payload(SessionId(100), &init, now)
+        .expect("init");
+    let sent = answer(rig, &frame, route, now).expect("answer");
+    assert_eq!(
+        sent.admission, None,
+        "no session for a factory key, no admission"
+    );
+    let mut pt = Vec::new();
+    match factory.handle_datagram(&sent.frame, now, &mut pt) {
+        Ok(DeviceEvent::Established { response } | DeviceEvent::Refused { response }) => {
+            assert_eq!(response.key_accepted, Some(*next.public()));
+            assert_eq!(
+                response.admission, None,
+                "factory handshakes get no admission key"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    next
+}
+
+#[test]
+fn an_accepted_handshake_hands_out_an_admission_key_and_through_a_gateway_its_admission() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+
+    // Through a gateway: the key in the response, and the admission beside the frame.
+    let mut dev = device(&rig, 0);
+    let (sent, ev) = exchange_out(&mut rig, &mut dev, 1, B, now);
+    let response = established(Some(ev));
+    let key = response
+        .admission
+        .expect("an admission key in the response");
+    let current = dev.current().expect("session");
+    assert_eq!(current.admission(), Some(&key), "the device tags with it");
+    let admission = sent.admission.expect("the gateway's admission");
+    assert_eq!(
+        admission,
+        Admission {
+            session: current.remote_id(),
+            key,
+            lifetime_secs: 120,
+            quota: DEFAULT_QUOTA,
+        }
+    );
+    // Never printed.
+    assert!(!format!("{sent:?}").contains(&format!("{:?}", key.0)));
+    assert!(format!("{sent:?}").contains("AdmissionKey(..)"));
+
+    // Directly: the key for the device, nothing for a gateway; a fresh key every session.
+    let mut dev2 = device(&rig, 0);
+    let (sent, ev) = exchange_out(&mut rig, &mut dev2, 2, A, now);
+    let key2 = established(Some(ev)).admission.expect("key");
+    assert_eq!(sent.admission, None);
+    assert_ne!(key2, key);
+
+    // A refusal carries neither.
+    let stranger = StaticKeypair::generate().expect("key");
+    let mut dev3 = session_with(&rig, &stranger);
+    let (sent, ev) = exchange_out(&mut rig, &mut dev3, 3, B, now);
+    let (reason, response) = refused(Some(ev));
+    assert_eq!(reason, RefusalReason::UnknownKey);
+    assert_eq!((sent.admission, response.admission), (None, None));
+}
+
+#[test]
+fn admitted_transport_frames_are_accepted_directly_and_through_gateways() {
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let now = Instant::now();
+    let mut dev = device(&rig, 0);
+    establish(&mut rig, &mut dev, 1, B, now);
+    let key = *dev.current().expect("session").admission().expect("key");
+
+    let frame = reading(&mut dev, 1);
+    assert_eq!(frame[1], FrameType::AdmittedTransport as u8);
+    assert!(key.verify(&frame));
+    assert_eq!(store_frame(&mut rig, &frame, B, now), ReadingSeq(1));
+    // Roaming to direct access with a tagged frame moves the route as before.
+    let (_, seqs, _) = read_and_ack(&mut rig, &mut dev, 2, A, now);
+    assert_eq!(seqs, [ReadingSeq(2)]);
+    assert_eq!(
+        rig.table.sessions[&dev.current().expect("s").remote_id()].route,
+        A
+    );
+
+    // The tag is the gateways' to check: a wrong one does not matter to the core, the AEAD does.
+    let mut frame = reading(&mut dev, 3);
+    let last = frame.len() - 1;
+    frame[last] ^= 1;
+    assert!(!key.verify(&frame));
+    assert_eq!(store_frame(&mut rig, &frame, A, now), ReadingSeq(3));
+
+    // A plain transport frame (a device from before admission keys) still opens.
+    let tagged = reading(&mut dev, 4);
+    let mut plain = tagged[..tagged.len() - relay_protocol::frame::ADMISSION_TAG_LEN].to_vec();
+    plain[1] = FrameType::Transport as u8;
+    assert_eq!(store_frame(&mut rig, &plain, A, now), ReadingSeq(4));
+    assert_eq!(dropped(&rig.metrics, "authentication"), 0);
+
+    // A cookie reply from a device is not a device frame.
+    let mut out = Outputs::default();
+    let mut bogus = vec![1, FrameType::CookieReply as u8];
+    bogus.resize(relay_protocol::frame::COOKIE_REPLY_LEN, 0);
+    rig.table.handle_frame(&bogus, A, now, &mut out);
+    assert_eq!(dropped(&rig.metrics, "unexpected_type"), 1);
+}
+
+/// A reading frame sealed already, handled; the sequence number of the reading to store.
+fn store_frame(rig: &mut Rig, frame: &[u8], route: Route, now: Instant) -> ReadingSeq {
+    let mut out = Outputs::default();
+    rig.table.handle_frame(frame, route, now, &mut out);
+    assert_eq!(out.readings.len(), 1, "reading accepted");
+    out.readings[0].seq
+}
+
+#[test]
+fn admission_queries_are_answered_by_session_state_and_profile_policy() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    // A building-a device (only through gw-a) and a legacy one (any gateway).
+    let key = provision_building_device(&mut rig, GW_A, now);
+    let mut building = session_with(&rig, &key);
+    let (sent, _) = exchange_out(&mut rig, &mut building, 2, GW_A, now);
+    let building_admission = sent.admission.expect("admission");
+    let building_id = building.current().expect("s").remote_id();
+    let mut legacy = device(&rig, 0);
+    establish(&mut rig, &mut legacy, 3, GW_B, now);
+    let legacy_id = legacy.current().expect("s").remote_id();
+    let unknown = SessionId(0x0bad_0bad);
+
+    // gw-a (a restarted gateway, say) asks about all three, one twice.
+    let later = now + Duration::from_secs(30);
+    let answer = rig.table.admit_query(
+        GatewayConnId(1),
+        &[building_id, legacy_id, unknown, building_id],
+        later,
+    );
+    let mut admitted = answer.admitted.clone();
+    admitted.sort_by_key(|a| a.session);
+    let mut expected = vec![
+        Admission {
+            lifetime_secs: 90,
+            ..building_admission
+        },
+        Admission {
+            session: legacy_id,
+            key: *legacy.current().expect("s").admission().expect("key"),
+            lifetime_secs: 90,
+            quota: DEFAULT_QUOTA,
+        },
+    ];
+    expected.sort_by_key(|a| a.session);
+    assert_eq!(admitted, expected, "remaining lifetime, quota, same key");
+    assert_eq!(answer.not_admitted, [unknown]);
+
+    // gw-b may carry the legacy device, not the building's.
+    let answer = rig
+        .table
+        .admit_query(GatewayConnId(2), &[building_id, legacy_id], later);
+    assert_eq!(
+        answer
+            .admitted
+            .iter()
+            .map(|a| a.session)
+            .collect::<Vec<_>>(),
+        [legacy_id]
+    );
+    assert_eq!(answer.not_admitted, [building_id]);
+    // A gateway the engine has no name for is on no list.
+    let answer = rig
+        .table
+        .admit_query(GatewayConnId(9), &[building_id], later);
+    assert_eq!(answer.not_admitted, [building_id]);
+
+    // Expired sessions are not admitted; nor are sessions of a suspended subscription.
+    let answer = rig.table.admit_query(
+        GatewayConnId(1),
+        &[building_id, legacy_id],
+        now + Duration::from_secs(121),
+    );
+    assert!(answer.admitted.is_empty());
+    let answer = rig.table.admit_query(GatewayConnId(1), &[legacy_id], later);
+    assert_eq!(answer.admitted.len(), 1);
+    let mut out = Outputs::default();
+    rig.table.set_status(
+        SubscriptionId(1),
+        SubscriptionStatus::Suspended,
+        later,
+        &mut out,
+    );
+    let answer = rig.table.admit_query(GatewayConnId(1), &[legacy_id], later);
+    assert_eq!(answer.not_admitted, [legacy_id]);
+
+    assert_eq!(
+        (
+            rig.metrics
+                .admission_queries_count(AdmissionAnswer::Admitted),
+            rig.metrics
+                .admission_queries_count(AdmissionAnswer::NotAdmitted)
+        ),
+        (4, 6),
+        "per id asked about, duplicates once"
+    );
+}
+
+#[test]
+fn a_profile_quota_replaces_the_default_and_a_change_applies_to_the_next_admission() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    let quota = crate::store::ProfileQuota {
+        frames: 10,
+        bytes: 0,
+        interval_secs: 3600,
+    };
+    rig.table.profile_changed(&Profile {
+        quota: Some(quota),
+        ..building_a()
+    });
+    let key = provision_building_device(&mut rig, GW_A, now);
+    let mut building = session_with(&rig, &key);
+    let (sent, _) = exchange_out(&mut rig, &mut building, 2, GW_A, now);
+    let expected = Quota {
+        frames: 10,
+        bytes: 0,
+        interval_secs: 3600,
+    };
+    assert_eq!(sent.admission.expect("admission").quota, expected);
+    // The legacy device's profile names none: the default.
+    let mut legacy = device(&rig, 0);
+    let (sent, _) = exchange_out(&mut rig, &mut legacy, 3, GW_A, now);
+    assert_eq!(sent.admission.expect("admission").quota, DEFAULT_QUOTA);
+
+    // The operator lifts the profile's quota: the next admission a gateway asks for has the
+    // default.
+    let id = building.current().expect("s").remote_id();
+    rig.table.profile_changed(&building_a());
+    let answer = rig.table.admit_query(GatewayConnId(1), &[id], now);
+    assert_eq!(answer.admitted[0].quota, DEFAULT_QUOTA);
+    rig.table.profile_changed(&Profile {
+        quota: Some(crate::store::ProfileQuota {
+            frames: 0,
+            bytes: 0,
+            interval_secs: 0,
+        }),
+        ..building_a()
+    });
+    let answer = rig.table.admit_query(GatewayConnId(1), &[id], now);
+    assert!(answer.admitted[0].quota.is_unlimited());
+}
+
+fn cookie_rig(cookie_above_per_sec: u32) -> Rig {
+    rig_admission(
+        &[SubscriptionStatus::Active; 4],
+        policy(),
+        lifecycle(FraudAction::Quarantine),
+        &[],
+        AdmissionPolicy {
+            default_quota: DEFAULT_QUOTA,
+            cookie_above_per_sec,
+        },
+    )
+}
+
+/// The device's reading of a cookie reply: the `CookieInit` to send.
+fn cookie_init(dev: &mut DeviceSession, reply: &Outgoing, now: Instant) -> Vec<u8> {
+    assert_eq!(reply.admission, None, "a cookie reply carries no admission");
+    assert_eq!(reply.frame.len(), relay_protocol::frame::COOKIE_REPLY_LEN);
+    assert_eq!(reply.frame[1], FrameType::CookieReply as u8);
+    let mut out = Vec::new();
+    match dev.handle_datagram(&reply.frame, now, &mut out) {
+        Ok(DeviceEvent::CookieChallenge) => out,
+        other => panic!("not a cookie challenge: {other:?}"),
+    }
+}
+
+#[test]
+fn over_the_threshold_initiations_get_a_cookie_and_a_valid_cookie_init_is_a_handshake() {
+    let mut rig = cookie_rig(2);
+    let now = Instant::now();
+    // Two initiations in the window: handshakes as usual.
+    for i in 0..2 {
+        let mut dev = device(&rig, i);
+        establish(&mut rig, &mut dev, 1, B, now);
+    }
+    let accepted = handshakes(&rig.metrics, HandshakeResult::Accepted);
+    assert_eq!(accepted, 2);
+
+    // The third: a cookie, no Noise work, no session.
+    let mut dev = device(&rig, 2);
+    let init = dev.start_handshake(SessionId(9), 1, now).expect("init");
+    let reply = answer(&mut rig, &init, B, now).expect("a cookie reply");
+    assert_eq!(reply.route, B, "back the way a response would go");
+    assert_eq!(rig.metrics.cookie_replies.get(), 1);
+    assert_eq!(rig.table.session_count(), 2);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Failed), 0);
+
+    // The device echoes it: a handshake even though the core is still loaded.
+    let echo = cookie_init(&mut dev, &reply, now);
+    assert_eq!(echo[1], FrameType::CookieInit as u8);
+    let sent = answer(&mut rig, &echo, B, now).expect("response");
+    let mut pt = Vec::new();
+    let response = established(dev.handle_datagram(&sent.frame, now, &mut pt).ok());
+    assert!(response.admission.is_some());
+    assert!(sent.admission.is_some(), "admitted like any other session");
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Accepted), 3);
+    assert_eq!(dropped(&rig.metrics, "stale_cookie"), 0);
+
+    // A new window: plain initiations are handled again.
+    let mut dev = device(&rig, 3);
+    establish(&mut rig, &mut dev, 1, B, now + Duration::from_secs(1));
+    assert_eq!(rig.metrics.cookie_replies.get(), 1);
+}
+
+#[test]
+fn a_stale_or_misplaced_cookie_is_dropped_counted_and_answered_with_a_fresh_one() {
+    // 0: every plain initiation costs a cookie first.
+    let mut rig = cookie_rig(0);
+    let t0 = Instant::now();
+    let mut dev = device(&rig, 0);
+    let init = dev.start_handshake(SessionId(9), 1, t0).expect("init");
+    let reply = answer(&mut rig, &init, A, t0).expect("cookie");
+    let echo = cookie_init(&mut dev, &reply, t0);
+
+    // The cookie names the path: from another one it is stale.
+    let fresh = answer(&mut rig, &echo, B, t0).expect("a fresh cookie");
+    assert_eq!(fresh.route, B);
+    assert_eq!(fresh.frame[1], FrameType::CookieReply as u8);
+    assert_eq!(dropped(&rig.metrics, "stale_cookie"), 1);
+    assert_eq!(rig.table.session_count(), 0);
+
+    // Two secret rotations later it is stale on its own path too.
+    let other = device(&rig, 1)
+        .start_handshake(SessionId(3), 1, t0)
+        .expect("init");
+    let t1 = t0 + Duration::from_secs(121);
+    answer(&mut rig, &other, A, t1).expect("cookie (first rotation)");
+    let t2 = t1 + Duration::from_secs(121);
+    let again = answer(&mut rig, &echo, A, t2).expect("a fresh cookie");
+    assert_eq!(dropped(&rig.metrics, "stale_cookie"), 2);
+    assert_eq!(rig.table.session_count(), 0);
+
+    // With the fresh cookie the device gets its session.
+    let mut dev = device(&rig, 0);
+    let init = dev.start_handshake(SessionId(9), 2, t2).expect("init");
+    let reply = answer(&mut rig, &init, A, t2).expect("cookie");
+    let echo = cookie_init(&mut dev, &reply, t2);
+    let sent = answer(&mut rig, &echo, A, t2).expect("response");
+    let mut pt = Vec::new();
+    established(dev.handle_datagram(&sent.frame, t2, &mut pt).ok());
+    assert_eq!(rig.table.session_count(), 1);
+    assert_eq!(rig.metrics.cookie_replies.get(), 5);
+    assert_eq!(again.frame.len(), relay_protocol::frame::COOKIE_REPLY_LEN);
+
+    // A forged CookieInit (random MAC) is stale too, and costs no handshake.
+    let mut forged = echo.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    answer(&mut rig, &forged, A, t2).expect("a fresh cookie");
+    assert_eq!(dropped(&rig.metrics, "stale_cookie"), 3);
+    assert_eq!(handshakes(&rig.metrics, HandshakeResult::Failed), 0);
+}
+
+#[test]
+fn cookie_sources_name_the_path() {
+    let (g, n) = cookie_source(Route::Gateway {
+        conn: GatewayConnId(0x0102_0304_0506_0708),
+        flow: FlowId(0x0a0b_0c0d),
+    });
+    assert_eq!(
+        &g[..n],
+        [b'g', 1, 2, 3, 4, 5, 6, 7, 8, 0x0a, 0x0b, 0x0c, 0x0d]
+    );
+    let (d, n) = cookie_source(A);
+    assert_eq!(&d[..n], [b'd', 127, 0, 0, 1, 0x03, 0xe8]);
+    let v6: SocketAddr = "[::1]:5684".parse().expect("addr");
+    let (d, n) = cookie_source(Route::Direct(v6));
+    assert_eq!(n, 19);
+    assert_eq!(
+        (d[0], d[16], &d[17..19]),
+        (b'd', 1, &5684u16.to_be_bytes()[..])
+    );
 }

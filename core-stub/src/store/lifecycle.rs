@@ -72,6 +72,50 @@ pub struct Profile {
     pub gateways: Vec<String>,
     /// Whether its devices may use direct access.
     pub allow_direct: bool,
+    /// The quota the gateways hold each of its devices' sessions to; `None`: the core's
+    /// `[admission]` default.
+    pub quota: Option<ProfileQuota>,
+}
+
+/// The most frames, and bytes of device frames, a session may send through a gateway per interval
+/// (`docs/protocol.md`, admission). 0 in a field: unlimited for that field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileQuota {
+    /// Frames per interval.
+    pub frames: u32,
+    /// Bytes of device frames per interval.
+    pub bytes: u32,
+    /// The interval's length in seconds (0 only when frames and bytes are both unlimited).
+    pub interval_secs: u16,
+}
+
+impl ProfileQuota {
+    /// `frames/bytes per interval`, for logs and the audit log.
+    pub fn describe(&self) -> String {
+        let limit = |n: u32| {
+            if n == 0 {
+                "unlimited".to_owned()
+            } else {
+                n.to_string()
+            }
+        };
+        format!(
+            "{} frames, {} bytes per {} s",
+            limit(self.frames),
+            limit(self.bytes),
+            self.interval_secs
+        )
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if (self.frames != 0 || self.bytes != 0) && self.interval_secs == 0 {
+            return Err(StoreError::Invalid(
+                "quota.interval_secs must be at least 1 when frames or bytes are limited".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Profile {
@@ -108,6 +152,10 @@ pub struct ProfileSettings {
     /// Whether its devices may use direct access (default: yes).
     #[serde(default = "allow_direct_default")]
     pub allow_direct: bool,
+    /// The admission quota of its devices' sessions; left out (the default): the core's
+    /// `[admission]` default.
+    #[serde(default)]
+    pub quota: Option<ProfileQuota>,
 }
 
 fn allow_direct_default() -> bool {
@@ -151,6 +199,9 @@ impl ProfileSettings {
             return Err(StoreError::Invalid(format!(
                 "gateway name {bad:?}: 1 to {MAX_GATEWAY_NAME} of A-Z a-z 0-9 - _ ."
             )));
+        }
+        if let Some(q) = &self.quota {
+            q.check()?;
         }
         if !(1..=MAX_REPORT_INTERVAL_SECS).contains(&self.report_interval_secs) {
             return Err(StoreError::Invalid(format!(
@@ -406,20 +457,27 @@ fn index_entry_in(conn: &Connection, id: i64) -> Result<IndexEntry, StoreError> 
 }
 
 /// The columns [`profile_from_columns`] reads, in its order.
-const PROFILE_COLUMNS: &str =
-    "name, version, report_interval_secs, report_bytes, threshold, gateways, allow_direct";
+const PROFILE_COLUMNS: &str = "name, version, report_interval_secs, report_bytes, threshold, \
+    gateways, allow_direct, quota_frames, quota_bytes, quota_interval_secs";
 
-type ProfileColumns = (String, i64, i64, i64, i64, String, bool);
+/// A profile row: the settings, then the three quota columns (all NULL, or all set).
+type ProfileColumns = (
+    (String, i64, i64, i64, i64, String, bool),
+    (Option<i64>, Option<i64>, Option<i64>),
+);
 
 fn profile_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProfileColumns> {
     Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
+        (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+        ),
+        (r.get(7)?, r.get(8)?, r.get(9)?),
     ))
 }
 
@@ -434,13 +492,23 @@ fn profile_in(conn: &Connection, name: &str) -> Result<Option<Profile>, StoreErr
 }
 
 fn profile_from_columns(
-    (name, version, interval, bytes, threshold, gateways, allow_direct): ProfileColumns,
+    ((name, version, interval, bytes, threshold, gateways, allow_direct), quota): ProfileColumns,
 ) -> Result<Profile, StoreError> {
     let corrupt = |why: &str| StoreError::Corrupt {
         table: "profiles",
         why: format!("{name}: {why}"),
     };
+    let quota = match quota {
+        (None, None, None) => None,
+        (Some(frames), Some(bytes), Some(interval)) => Some(ProfileQuota {
+            frames: u32_column(frames)?,
+            bytes: u32_column(bytes)?,
+            interval_secs: u16::try_from(interval).map_err(|_| corrupt("quota_interval_secs"))?,
+        }),
+        _ => return Err(corrupt("quota columns partly NULL")),
+    };
     Ok(Profile {
+        quota,
         version: u32_column(version)?,
         report_interval_secs: u32_column(interval)?,
         report_bytes: u16::try_from(bytes).map_err(|_| corrupt("report_bytes"))?,
@@ -498,9 +566,9 @@ impl Store {
     }
 
     /// Creates a profile (version 1) or changes one. Its version goes up when what its devices
-    /// are told changes (interval, size, threshold); a change of the gateway policy alone keeps
-    /// the version (the devices have nothing new to apply) and takes effect at each device's next
-    /// handshake. Settings equal to the current ones change nothing. Returns the profile and
+    /// are told changes (interval, size, threshold); a change of the gateway policy or the quota
+    /// alone keeps the version (the devices have nothing new to apply) and takes effect at each
+    /// device's next handshake (the quota also at the next admission a gateway asks for). Settings equal to the current ones change nothing. Returns the profile and
     /// whether it changed.
     pub fn put_profile(
         &self,
@@ -526,7 +594,8 @@ impl Store {
                 )
         });
         let same_policy = current.as_ref().is_some_and(|p| {
-            (&p.gateways, p.allow_direct) == (&settings.gateways, settings.allow_direct)
+            (&p.gateways, p.allow_direct, p.quota)
+                == (&settings.gateways, settings.allow_direct, settings.quota)
         });
         if let (true, true, Some(p)) = (same_config, same_policy, current.clone()) {
             return Ok((p, false));
@@ -540,11 +609,13 @@ impl Store {
         };
         tx.execute(
             "INSERT INTO profiles (name, version, report_interval_secs, report_bytes, threshold,
-                 updated_at_ms, gateways, allow_direct)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 updated_at_ms, gateways, allow_direct, quota_frames, quota_bytes,
+                 quota_interval_secs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (name) DO UPDATE SET version = ?2, report_interval_secs = ?3,
                  report_bytes = ?4, threshold = ?5, updated_at_ms = ?6, gateways = ?7,
-                 allow_direct = ?8",
+                 allow_direct = ?8, quota_frames = ?9, quota_bytes = ?10,
+                 quota_interval_secs = ?11",
             params![
                 name,
                 version,
@@ -554,6 +625,9 @@ impl Store {
                 now_ms(),
                 gateways_column(&settings.gateways),
                 settings.allow_direct,
+                settings.quota.map(|q| q.frames),
+                settings.quota.map(|q| q.bytes),
+                settings.quota.map(|q| q.interval_secs),
             ],
         )?;
         let profile = Profile {
@@ -564,7 +638,11 @@ impl Store {
             threshold: settings.threshold,
             gateways: settings.gateways,
             allow_direct: settings.allow_direct,
+            quota: settings.quota,
         };
+        let quota = profile
+            .quota
+            .map_or_else(|| "default".to_owned(), |q| q.describe());
         let gateways = if profile.gateways.is_empty() {
             "any".to_owned()
         } else {
@@ -576,7 +654,7 @@ impl Store {
             "put_profile",
             None,
             &format!(
-                "profile {name} version {version}: every {} s, {} B, threshold {}; gateways {gateways}, direct {}",
+                "profile {name} version {version}: every {} s, {} B, threshold {}; gateways {gateways}, direct {}; quota {quota}",
                 profile.report_interval_secs,
                 profile.report_bytes,
                 profile.threshold,
@@ -1619,6 +1697,7 @@ mod tests {
             threshold: 5,
             gateways: Vec::new(),
             allow_direct: true,
+            quota: None,
         };
         let (p, changed) = store.put_profile("heat", s.clone(), OP).expect("put");
         assert_eq!((p.version, changed), (1, true));
@@ -1711,6 +1790,7 @@ mod tests {
             threshold: 0,
             gateways: Vec::new(),
             allow_direct: true,
+            quota: None,
         };
         let (p, _) = store.put_profile("building-a", s.clone(), OP).expect("put");
         assert_eq!(p.version, 1);
@@ -1739,6 +1819,93 @@ mod tests {
         let log = store.audit(MAX_PAGE).expect("audit");
         assert!(log.iter().any(|r| r.action == "put_profile"
             && r.detail.contains("gateways gw-a gw-b, direct refused")));
+    }
+
+    #[test]
+    fn a_quota_is_stored_keeps_the_version_and_is_validated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let s = ProfileSettings {
+            report_interval_secs: 900,
+            report_bytes: 32,
+            threshold: 0,
+            gateways: Vec::new(),
+            allow_direct: true,
+            quota: None,
+        };
+        let (p, _) = store.put_profile("meters", s.clone(), OP).expect("put");
+        assert_eq!((p.version, p.quota), (1, None), "no quota: the default");
+        let quota = ProfileQuota {
+            frames: 100,
+            bytes: 0,
+            interval_secs: 3600,
+        };
+        let with = ProfileSettings {
+            quota: Some(quota),
+            ..s.clone()
+        };
+        let (p, changed) = store
+            .put_profile("meters", with.clone(), OP)
+            .expect("quota");
+        assert_eq!((p.version, changed, p.quota), (1, true, Some(quota)));
+        assert_eq!(store.profile("meters").expect("get"), p);
+        let (_, changed) = store.put_profile("meters", with, OP).expect("same");
+        assert!(!changed);
+        let unlimited = ProfileQuota {
+            frames: 0,
+            bytes: 0,
+            interval_secs: 0,
+        };
+        let (p, _) = store
+            .put_profile(
+                "meters",
+                ProfileSettings {
+                    quota: Some(unlimited),
+                    ..s.clone()
+                },
+                OP,
+            )
+            .expect("unlimited");
+        assert_eq!(p.quota, Some(unlimited));
+        assert!(matches!(
+            store.put_profile(
+                "meters",
+                ProfileSettings {
+                    quota: Some(ProfileQuota {
+                        interval_secs: 0,
+                        ..quota
+                    }),
+                    ..s.clone()
+                },
+                OP,
+            ),
+            Err(StoreError::Invalid(_))
+        ));
+        // Left out of a PUT: back to the default.
+        let (p, changed) = store.put_profile("meters", s, OP).expect("reset");
+        assert_eq!((changed, p.quota), (true, None));
+        let log = store.audit(MAX_PAGE).expect("audit");
+        assert!(log.iter().any(|r| r.action == "put_profile"
+            && r.detail
+                .contains("quota 100 frames, unlimited bytes per 3600 s")));
+        // The JSON form the admin API takes and shows.
+        let parsed: ProfileSettings = serde_json::from_str(
+            r#"{"report_interval_secs":60,"report_bytes":8,"threshold":0,
+                "quota":{"frames":5,"bytes":500,"interval_secs":10}}"#,
+        )
+        .expect("json");
+        assert_eq!(
+            parsed.quota,
+            Some(ProfileQuota {
+                frames: 5,
+                bytes: 500,
+                interval_secs: 10
+            })
+        );
+        assert!(serde_json::from_str::<ProfileSettings>(
+            r#"{"report_interval_secs":60,"report_bytes":8,"threshold":0,"quota":{"frames":5}}"#
+        )
+        .is_err());
     }
 
     #[test]
