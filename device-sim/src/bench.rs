@@ -8,7 +8,20 @@
 //!                 HandshakeInits ─▶ core direct, responses counted               ratio core/raw
 //!  3. memory:     VmRSS baseline, then idle sessions through the gateway from distinct
 //!                 source addresses (127.0.0.2.., ports 20000..60000) ─▶ RSS per device
+//!  4. forged:     forged AdmittedTransport frames for 1000 of those admitted sessions, from a
+//!                 GSO blaster, to a plain UDP socket then to the gateway (two rounds each):
+//!                 gateway drops/s (admission_mac) against the socket's receive rate, and the
+//!                 core's frame counters before and after (the uplink stays untouched)
+//!  5. flood:      both daemons restarted with the default cookie threshold; forged
+//!                 HandshakeInits from thousands of loopback addresses (127.2.0.1..) through the
+//!                 gateway at several times the core's handshake rate (phase 2), while fresh
+//!                 devices handshake through it: the share that completes
 //! ```
+//!
+//! Phases 1–4 run with the core's cookie threshold out of reach and quotas too large to bite
+//! (`[handshakes] cookie_above_per_sec`, `[admission] quota_*` in `core.toml`), so that they
+//! measure forwarding and the Noise work rather than the flood defences; phase 5 measures those
+//! with the defaults.
 //!
 //! Every phase uses devices of its own from the fleet file, so each handshake the core sees is a
 //! first one for a fresh subscription and each idle device adds exactly one gateway flow and one
@@ -18,10 +31,12 @@
 //! Nothing here asserts: the command prints the figures, their targets and pass/fail, and exits 0
 //! once every figure was measured (2 when it could not run).
 
+mod blast;
 mod daemons;
 mod handshakes;
 mod idle;
 mod table;
+mod under_flood;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +48,9 @@ use serde::Serialize;
 
 use crate::config::{load_config, load_fleet, ConfigError, DeviceIdentity};
 use crate::fleet::{run_fleet, FleetError, FleetOptions, FleetProgress, FleetSummary};
+use crate::flood::{AttackError, FloodOptions};
 use crate::meter::MeterConfig;
+use relay_protocol::frame::SessionId;
 
 pub use table::render_table;
 
@@ -45,6 +62,10 @@ pub const TARGET_HANDSHAKE_RATIO: f64 = 0.80;
 pub const TARGET_GATEWAY_BYTES: f64 = 256.0;
 /// Core memory per connected idle device, at most.
 pub const TARGET_CORE_BYTES: f64 = 1024.0;
+/// The gateway must drop forged frames at least at this share of a plain socket's receive rate.
+pub const TARGET_FILTER_RATIO: f64 = 0.90;
+/// Real devices' handshakes that must complete under the flood, at least.
+pub const TARGET_FLOOD_SUCCESS: f64 = 0.99;
 
 /// Readings sent and unacknowledged per meter in the throughput phase.
 const WINDOW: usize = 32;
@@ -62,6 +83,35 @@ const HANDSHAKE_OUTSTANDING: usize = 32;
 const IDLE_CONCURRENCY: usize = 512;
 /// How long the daemons get to start.
 const START_LIMIT: Duration = Duration::from_secs(60);
+/// Phases 1–4: a cookie threshold no phase reaches, and quotas no session reaches (but still
+/// counted by the gateway).
+const UNREACHED_COOKIE_THRESHOLD: i64 = 100_000_000;
+const UNREACHED_QUOTA: i64 = 4_000_000_000;
+/// Admitted sessions the forged frames name, and their ciphertext (a 64-byte reading's).
+const FORGED_SESSIONS: usize = 1000;
+const FORGED_CIPHERTEXT: usize = 89;
+/// Distinct segment batches the blaster cycles through.
+const FORGED_BATCHES: usize = 64;
+/// Each blast's length, the rounds (plain socket, then gateway, each round), and the pause after
+/// a blast for the receiver to drain its socket buffer before it is read.
+const BLAST: Duration = Duration::from_secs(3);
+const BLAST_ROUNDS: usize = 2;
+const BLAST_SETTLE: Duration = Duration::from_millis(300);
+/// The flood: this many times the core's handshake rate (phase 2), within these bounds.
+const FLOOD_FACTOR: f64 = 4.0;
+const FLOOD_MIN_RATE: u64 = 8_000;
+const FLOOD_MAX_RATE: u64 = 100_000;
+/// Forged initiations per second per source at most, below the gateway's default per-source
+/// bucket (5/s): the flood passes the buckets and reaches the core in full.
+const FLOOD_PER_SOURCE: u64 = 4;
+const FLOOD_MIN_SOURCES: usize = 500;
+const FLOOD_MAX_SOURCES: usize = 25_000;
+const FLOOD_SOURCE_BASE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 2, 0, 1);
+/// The real devices start this long into the flood, spread over `FLOOD_SPREAD`; the flood lasts
+/// until their last attempts are over.
+const FLOOD_START_AFTER: Duration = Duration::from_secs(1);
+const FLOOD_SPREAD: Duration = Duration::from_secs(5);
+const FLOOD_LENGTH: Duration = Duration::from_secs(13);
 /// Pause before reading RSS, so that the daemons' queues drained and the allocator settled.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -90,6 +140,7 @@ impl BenchOptions {
             } else {
                 vec![10_000, 100_000]
             },
+            flood_devices: if self.quick { 200 } else { 500 },
         }
     }
 }
@@ -105,6 +156,8 @@ pub struct BenchPlan {
     pub core_handshakes: usize,
     /// Idle devices at which memory is read, ascending.
     pub idle_milestones: Vec<usize>,
+    /// Real devices handshaking under the flood.
+    pub flood_devices: usize,
 }
 
 impl BenchPlan {
@@ -115,7 +168,7 @@ impl BenchPlan {
 
     /// Devices to provision: each phase gets its own.
     pub fn fleet_devices(&self) -> usize {
-        2 * self.meters + self.core_handshakes + self.idle_devices()
+        2 * self.meters + self.core_handshakes + self.idle_devices() + self.flood_devices
     }
 }
 
@@ -151,6 +204,9 @@ pub enum BenchError {
     /// The Noise library refused something (key material, state): a local failure.
     #[error("noise: {0}")]
     Noise(String),
+    /// The flood could not run.
+    #[error("flood: {0}")]
+    Attack(#[from] AttackError),
     /// Ctrl-C.
     #[error("interrupted")]
     Interrupted,
@@ -180,6 +236,10 @@ pub struct BenchReport {
     pub handshakes: Handshakes,
     /// Resident memory per idle device.
     pub memory: Memory,
+    /// The gateway's drop rate for forged frames against a plain socket's receive rate.
+    pub forged_frames: ForgedFrames,
+    /// Real devices' handshakes under a flood of forged ones.
+    pub flood: FloodHandshakes,
     /// Each figure that has a target, with the verdict.
     pub targets: Vec<TargetCheck>,
     /// Whether every target was met.
@@ -235,6 +295,16 @@ pub struct Drops {
 }
 
 impl Drops {
+    fn plus(self, other: Drops) -> Drops {
+        Drops {
+            kernel_at_core: self.kernel_at_core + other.kernel_at_core,
+            kernel_at_gateway: self.kernel_at_gateway + other.kernel_at_gateway,
+            kernel_total: self.kernel_total + other.kernel_total,
+            core_frames_dropped: self.core_frames_dropped + other.core_frames_dropped,
+            gateway_frames_dropped: self.gateway_frames_dropped + other.gateway_frames_dropped,
+        }
+    }
+
     fn since(self, before: Drops) -> Drops {
         Drops {
             kernel_at_core: self.kernel_at_core.saturating_sub(before.kernel_at_core),
@@ -336,6 +406,103 @@ pub struct MemoryPoint {
     pub ports_skipped: u64,
 }
 
+/// The forged-frame phase: the same blaster against a plain UDP socket and against the
+/// gateway's device port, in alternating rounds.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForgedFrames {
+    /// Admitted session ids the frames name (the gateway holds their keys).
+    pub sessions: usize,
+    /// Bytes per forged frame.
+    pub frame_bytes: usize,
+    /// Distinct forged frames cycled through.
+    pub distinct_frames: usize,
+    /// Blaster threads, and datagrams per send call (UDP segmentation offload; 1 without).
+    pub blaster_threads: usize,
+    /// Datagrams per send call.
+    pub segments_per_send: usize,
+    /// Each blast's length, in seconds.
+    pub blast_secs: f64,
+    /// One entry per round.
+    pub rounds: Vec<BlastRound>,
+    /// The best round's receive rate of the plain socket (datagrams/s).
+    pub plain_received_per_sec: f64,
+    /// The best round's drop rate of the gateway for bad admission tags (frames/s).
+    pub gateway_dropped_per_sec: f64,
+    /// `gateway_dropped_per_sec / plain_received_per_sec`.
+    pub ratio: f64,
+    /// Over the gateway rounds: `gateway_device_frames_received_total` increase.
+    pub gateway_received: Option<f64>,
+    /// Over the gateway rounds: `gateway_frames_dropped_total{reason="admission_mac"}` increase.
+    pub gateway_dropped_admission_mac: Option<f64>,
+    /// Over the gateway rounds: every other drop reason's increase.
+    pub gateway_dropped_other: Option<f64>,
+    /// Over the gateway rounds: `gateway_frames_forwarded_total{direction="uplink"}` increase.
+    pub gateway_forwarded_uplink: Option<f64>,
+    /// Over the gateway rounds: `gateway_admission_queries_total` increase.
+    pub gateway_admission_queries: Option<f64>,
+    /// Over the gateway rounds: `core_frames_received_total` increase (every access).
+    pub core_frames_received: Option<f64>,
+    /// Over the gateway rounds: `core_frames_dropped_total` increase (every reason).
+    pub core_frames_dropped: Option<f64>,
+    /// Nothing forged went up: no frame forwarded, queried about, received or dropped at the
+    /// core (false also when a counter could not be read).
+    pub uplink_untouched: bool,
+    /// Datagrams dropped over the gateway rounds, and where.
+    pub drops: Drops,
+}
+
+/// One round of the forged-frame phase.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct BlastRound {
+    /// Datagrams/s the blaster sent at the plain socket.
+    pub plain_sent_per_sec: f64,
+    /// Datagrams/s the plain socket received.
+    pub plain_received_per_sec: f64,
+    /// Datagrams/s the blaster sent at the gateway.
+    pub gateway_sent_per_sec: f64,
+    /// Forged frames/s the gateway dropped for their admission tag.
+    pub gateway_dropped_per_sec: f64,
+}
+
+/// Handshakes under a flood.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloodHandshakes {
+    /// The core's handshake rate the flood is scaled to (phase 2), per second.
+    pub core_capacity_per_sec: f64,
+    /// Forged initiations per second asked for.
+    pub flood_rate_per_sec: u64,
+    /// Distinct loopback source addresses.
+    pub flood_sources: usize,
+    /// Forged initiations sent.
+    pub flood_sent: u64,
+    /// Forged initiations per second achieved.
+    pub flood_sent_per_sec: f64,
+    /// How long the flood lasted, in seconds.
+    pub flood_secs: f64,
+    /// Real devices, each one handshake (up to 3 attempts of 2 s).
+    pub devices: usize,
+    /// Of them, established.
+    pub established: u64,
+    /// `established / devices`.
+    pub success_ratio: f64,
+    /// Initiations the real devices sent (cookie echoes included).
+    pub initiations: u64,
+    /// Cookie challenges the real devices received.
+    pub cookie_challenges: u64,
+    /// First initiation to session, median, in milliseconds.
+    pub latency_p50_ms: Option<f64>,
+    /// 99th percentile.
+    pub latency_p99_ms: Option<f64>,
+    /// `core_cookie_replies_total` increase.
+    pub core_cookie_replies: Option<f64>,
+    /// `core_handshakes_total{result="accepted"}` increase.
+    pub core_accepted: Option<f64>,
+    /// `core_frames_dropped_total{reason="stale_cookie"}` increase.
+    pub core_stale_cookies: Option<f64>,
+    /// `gateway_frames_dropped_total{reason="handshake_rate"}` increase.
+    pub gateway_handshake_rate_drops: Option<f64>,
+}
+
 /// A figure held against its target.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetCheck {
@@ -416,6 +583,19 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     // 100k idle devices plus the throughput meters' flows exceed the default `flows.max`.
     let flows = plan.idle_devices() + 2 * plan.meters + 1000;
     daemons::ensure_gateway_flows(&dir.path().join("gateway-1/gateway.toml"), flows)?;
+    let core_toml = dir.path().join("core/core.toml");
+    daemons::edit_toml(
+        &core_toml,
+        &[
+            (
+                "handshakes",
+                "cookie_above_per_sec",
+                Some(UNREACHED_COOKIE_THRESHOLD),
+            ),
+            ("admission", "quota_frames", Some(UNREACHED_QUOTA)),
+            ("admission", "quota_bytes", Some(UNREACHED_QUOTA)),
+        ],
+    )?;
 
     let sim = load_config(&dir.path().join("devices/device-sim.toml"))?;
     progress(format_args!("loading {fleet_devices} device keys"));
@@ -434,6 +614,7 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let direct_devices = take(plan.meters);
     let handshake_devices = take(plan.core_handshakes);
     let idle_devices = take(plan.idle_devices());
+    let flood_devices = take(plan.flood_devices);
 
     let mut daemons = daemons::Daemons::start(&binaries, dir.path(), START_LIMIT).await?;
     progress(format_args!(
@@ -542,6 +723,7 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let mut established = 0usize;
     let mut timeouts = 0u64;
     let mut previous: Option<(usize, Rss)> = None;
+    let mut forged_ids: Vec<SessionId> = Vec::new();
     for &milestone in &plan.idle_milestones {
         let step: Vec<DeviceIdentity> = idle_devices
             .by_ref()
@@ -558,9 +740,11 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             &mut sources,
             IDLE_CONCURRENCY,
             established,
+            FORGED_SESSIONS.saturating_sub(forged_ids.len()),
         )
         .await?;
         daemons.check_alive()?;
+        forged_ids.extend(&outcome.sessions);
         established += outcome.established as usize;
         timeouts += outcome.timeouts;
         tokio::time::sleep(SETTLE).await;
@@ -602,6 +786,24 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         previous = Some((established, rss));
         points.push(point);
     }
+
+    // 4. Forged frames.
+    let forged_frames = forged_frames(&daemons, forged_ids).await?;
+    daemons.check_alive()?;
+
+    // 5. Handshakes under a flood, with the core's default cookie threshold.
+    daemons.stop().await;
+    daemons::edit_toml(&core_toml, &[("handshakes", "cookie_above_per_sec", None)])?;
+    progress("restarting core-stub and gateway with the default cookie threshold");
+    let mut daemons = daemons::Daemons::start(&binaries, dir.path(), START_LIMIT).await?;
+    let flood = handshake_flood(
+        &daemons,
+        flood_devices,
+        sim.core_public_key,
+        handshakes.core_per_sec,
+    )
+    .await?;
+    daemons.check_alive()?;
     daemons.stop().await;
     drop(dir);
 
@@ -623,7 +825,7 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         baseline,
         points,
     };
-    let targets = targets(&throughput, &handshakes, &memory);
+    let targets = targets(&throughput, &handshakes, &memory, &forged_frames, &flood);
     Ok(BenchReport {
         command_line: std::env::args().collect(),
         machine: daemons::machine(),
@@ -634,13 +836,36 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         throughput,
         handshakes,
         memory,
+        forged_frames,
+        flood,
     })
 }
 
-fn targets(t: &Throughput, h: &Handshakes, m: &Memory) -> Vec<TargetCheck> {
+fn targets(
+    t: &Throughput,
+    h: &Handshakes,
+    m: &Memory,
+    f: &ForgedFrames,
+    fl: &FloodHandshakes,
+) -> Vec<TargetCheck> {
     let mut checks = vec![
         TargetCheck::at_least("relay / direct throughput", t.ratio, TARGET_RELAY_RATIO),
         TargetCheck::at_least("core / raw handshake rate", h.ratio, TARGET_HANDSHAKE_RATIO),
+        TargetCheck::at_least(
+            "gateway forged-frame drops / raw UDP receive rate",
+            f.ratio,
+            TARGET_FILTER_RATIO,
+        ),
+        TargetCheck::at_most(
+            "forged frames reaching the uplink",
+            if f.uplink_untouched { 0.0 } else { 1.0 },
+            0.0,
+        ),
+        TargetCheck::at_least(
+            "real handshakes completed under flood",
+            fl.success_ratio,
+            TARGET_FLOOD_SUCCESS,
+        ),
     ];
     for p in &m.points {
         let k = thousands(p.devices);
@@ -677,6 +902,299 @@ fn ratio(a: f64, b: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Blaster threads: one is enough with segmentation offload and leaves the receiver its CPU;
+/// more on a machine with cores to spare.
+fn blaster_threads(segments: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if segments > 1 {
+        (cpus / 4).clamp(1, 2)
+    } else {
+        (cpus / 2).clamp(1, 4)
+    }
+}
+
+/// Phase 4: the blaster at a plain socket, then at the gateway, [`BLAST_ROUNDS`] times; the
+/// gateway's and the core's counters around the gateway rounds.
+async fn forged_frames(
+    daemons: &daemons::Daemons,
+    sessions: Vec<SessionId>,
+) -> Result<ForgedFrames, BenchError> {
+    if sessions.is_empty() {
+        return Err(BenchError::Daemon(
+            "no admitted session to forge frames for (every idle handshake failed?)".into(),
+        ));
+    }
+    let segments = blast::gso_segments();
+    let threads = blaster_threads(segments);
+    let count = sessions.len();
+    let batches = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            blast::forged_batches(
+                &sessions,
+                FORGED_BATCHES,
+                segments,
+                FORGED_CIPHERTEXT,
+                rand::random(),
+            )
+        })
+        .await
+        .map_err(|e| BenchError::Daemon(format!("frame builder: {e}")))?,
+    );
+    progress(format_args!(
+        "forged frames: {} distinct {}-byte AdmittedTransport frames for {count} admitted sessions; blaster {threads} thread(s), {segments} datagrams per send; {} rounds of {} s against a plain socket, then the gateway",
+        batches.frames(),
+        batches.frame_len,
+        BLAST_ROUNDS,
+        BLAST.as_secs()
+    ));
+    let run = |target: SocketAddr| {
+        let b = Arc::clone(&batches);
+        async move {
+            tokio::task::spawn_blocking(move || blast::blast(target, &b, threads, BLAST))
+                .await
+                .map_err(|e| BenchError::Daemon(format!("blaster: {e}")))?
+        }
+    };
+    let admission_mac = "gateway_frames_dropped_total{reason=\"admission_mac\"}";
+    let gateway_before = daemons.gateway_metrics().await;
+    let core_before = daemons.core_metrics().await;
+    let mut drops = Drops::default();
+    let mut rounds = Vec::with_capacity(BLAST_ROUNDS);
+    for round in 1..=BLAST_ROUNDS {
+        let receiver = blast::PlainReceiver::start()?;
+        let plain = run(receiver.addr).await?;
+        tokio::time::sleep(BLAST_SETTLE).await;
+        let received = receiver.received();
+        drop(receiver);
+        let plain_received_per_sec = per_sec(received, plain.elapsed);
+
+        let before = daemons.gateway_metric(admission_mac).await;
+        let drops_before = daemons.drops().await;
+        let gateway = run(daemons.gateway_devices).await?;
+        tokio::time::sleep(BLAST_SETTLE).await;
+        let after = daemons.gateway_metric(admission_mac).await;
+        drops = drops.plus(daemons.drops().await.since(drops_before));
+        let dropped = after.zip(before).map_or(0.0, |(a, b)| a - b);
+        let gateway_dropped_per_sec = dropped / gateway.elapsed.as_secs_f64().max(1e-9);
+        let r = BlastRound {
+            plain_sent_per_sec: plain.per_sec(),
+            plain_received_per_sec,
+            gateway_sent_per_sec: gateway.per_sec(),
+            gateway_dropped_per_sec,
+        };
+        progress(format_args!(
+            "  round {round}: plain socket received {:.0}/s (blaster {:.0}/s); gateway dropped {:.0}/s for bad tags (blaster {:.0}/s)",
+            r.plain_received_per_sec,
+            r.plain_sent_per_sec,
+            r.gateway_dropped_per_sec,
+            r.gateway_sent_per_sec
+        ));
+        rounds.push(r);
+    }
+    let gateway_after = daemons.gateway_metrics().await;
+    let core_after = daemons.core_metrics().await;
+    let delta = |before: &Option<String>, after: &Option<String>, f: &dyn Fn(&str) -> f64| {
+        before
+            .as_deref()
+            .zip(after.as_deref())
+            .map(|(b, a)| f(a) - f(b))
+    };
+    let series = |name: &'static str| move |t: &str| daemons::metric(t, name).unwrap_or(0.0);
+    let sum = |name: &'static str| move |t: &str| daemons::metric_sum(t, name);
+    let gateway_received = delta(
+        &gateway_before,
+        &gateway_after,
+        &series("gateway_device_frames_received_total"),
+    );
+    let gateway_dropped_admission_mac =
+        delta(&gateway_before, &gateway_after, &series(admission_mac));
+    let gateway_dropped_all = delta(
+        &gateway_before,
+        &gateway_after,
+        &sum("gateway_frames_dropped_total"),
+    );
+    let gateway_forwarded_uplink = delta(
+        &gateway_before,
+        &gateway_after,
+        &series("gateway_frames_forwarded_total{direction=\"uplink\"}"),
+    );
+    let gateway_admission_queries = delta(
+        &gateway_before,
+        &gateway_after,
+        &sum("gateway_admission_queries_total"),
+    );
+    let core_frames_received = delta(
+        &core_before,
+        &core_after,
+        &sum("core_frames_received_total"),
+    );
+    let core_frames_dropped = delta(&core_before, &core_after, &sum("core_frames_dropped_total"));
+    let uplink_untouched = [
+        gateway_forwarded_uplink,
+        gateway_admission_queries,
+        core_frames_received,
+        core_frames_dropped,
+    ]
+    .iter()
+    .all(|d| *d == Some(0.0));
+    let best = |f: fn(&BlastRound) -> f64| rounds.iter().map(f).fold(0.0, f64::max);
+    let plain_received_per_sec = best(|r| r.plain_received_per_sec);
+    let gateway_dropped_per_sec = best(|r| r.gateway_dropped_per_sec);
+    let forged = ForgedFrames {
+        sessions: count,
+        frame_bytes: batches.frame_len,
+        distinct_frames: batches.frames(),
+        blaster_threads: threads,
+        segments_per_send: segments,
+        blast_secs: BLAST.as_secs_f64(),
+        plain_received_per_sec,
+        gateway_dropped_per_sec,
+        ratio: ratio(gateway_dropped_per_sec, plain_received_per_sec),
+        rounds,
+        gateway_received,
+        gateway_dropped_admission_mac,
+        gateway_dropped_other: gateway_dropped_all
+            .zip(gateway_dropped_admission_mac)
+            .map(|(all, mac)| all - mac),
+        gateway_forwarded_uplink,
+        gateway_admission_queries,
+        core_frames_received,
+        core_frames_dropped,
+        uplink_untouched,
+        drops,
+    };
+    progress(format_args!(
+        "forged frames: gateway {:.0}/s against plain socket {:.0}/s = {:.1} %; core frames received +{}, dropped +{}; uplink {}",
+        forged.gateway_dropped_per_sec,
+        forged.plain_received_per_sec,
+        100.0 * forged.ratio,
+        opt_count(forged.core_frames_received),
+        opt_count(forged.core_frames_dropped),
+        if forged.uplink_untouched { "untouched" } else { "TOUCHED" }
+    ));
+    Ok(forged)
+}
+
+/// Phase 5: forged initiations through the gateway at [`FLOOD_FACTOR`] times the core's
+/// handshake rate, from as many loopback sources as keep each under the gateway's per-source
+/// bucket (and the open-file limit allows), while `devices` handshake.
+async fn handshake_flood(
+    daemons: &daemons::Daemons,
+    devices: Vec<DeviceIdentity>,
+    core: PublicKey,
+    core_capacity: f64,
+) -> Result<FloodHandshakes, BenchError> {
+    let rate =
+        ((FLOOD_FACTOR * core_capacity).round() as u64).clamp(FLOOD_MIN_RATE, FLOOD_MAX_RATE);
+    let files = daemons::open_files_limit().unwrap_or(1024) as usize;
+    let sources = usize::try_from(rate / FLOOD_PER_SOURCE)
+        .unwrap_or(FLOOD_MAX_SOURCES)
+        .clamp(FLOOD_MIN_SOURCES, FLOOD_MAX_SOURCES)
+        .min(files.saturating_sub(devices.len() + 256))
+        .max(1);
+    let n = devices.len();
+    progress(format_args!(
+        "handshake flood: {rate} forged HandshakeInits/s ({FLOOD_FACTOR} × the core's {core_capacity:.0}/s) from {sources} loopback sources through the gateway for {} s; {n} real devices handshake from t = {} s over {} s",
+        FLOOD_LENGTH.as_secs(),
+        FLOOD_START_AFTER.as_secs(),
+        FLOOD_SPREAD.as_secs()
+    ));
+    let scrape = || async {
+        (
+            daemons.core_metric("core_cookie_replies_total").await,
+            daemons
+                .core_metric("core_handshakes_total{result=\"accepted\"}")
+                .await,
+            daemons
+                .core_metric("core_frames_dropped_total{reason=\"stale_cookie\"}")
+                .await,
+            daemons
+                .gateway_metric("gateway_frames_dropped_total{reason=\"handshake_rate\"}")
+                .await,
+        )
+    };
+    let before = scrape().await;
+    let outcome = under_flood::handshakes_under_flood(
+        devices,
+        core,
+        daemons.gateway_devices,
+        FloodOptions {
+            target: daemons.gateway_devices,
+            sources,
+            rate,
+            duration: FLOOD_LENGTH,
+            source_base: FLOOD_SOURCE_BASE,
+            seed: None,
+        },
+        FLOOD_START_AFTER,
+        FLOOD_SPREAD,
+    )
+    .await?;
+    let after = scrape().await;
+    // A counter the core did not expose before its first increment reads as 0.
+    let delta = |a: Option<f64>, b: Option<f64>| a.map(|a| a - b.unwrap_or(0.0));
+    let established = outcome.devices.iter().filter(|d| d.established).count() as u64;
+    let mut latencies: Vec<Duration> = outcome.devices.iter().filter_map(|d| d.latency).collect();
+    latencies.sort();
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let flood = FloodHandshakes {
+        core_capacity_per_sec: core_capacity,
+        flood_rate_per_sec: rate,
+        flood_sources: outcome.flood.sources,
+        flood_sent: outcome.flood.sent,
+        flood_sent_per_sec: outcome.flood.sent_per_sec,
+        flood_secs: outcome.flood.elapsed_secs,
+        devices: n,
+        established,
+        success_ratio: if n == 0 {
+            0.0
+        } else {
+            established as f64 / n as f64
+        },
+        initiations: outcome.devices.iter().map(|d| d.initiations).sum(),
+        cookie_challenges: outcome.devices.iter().map(|d| d.cookie_challenges).sum(),
+        latency_p50_ms: nearest_rank(&latencies, 50.0).map(ms),
+        latency_p99_ms: nearest_rank(&latencies, 99.0).map(ms),
+        core_cookie_replies: delta(after.0, before.0),
+        core_accepted: delta(after.1, before.1),
+        core_stale_cookies: delta(after.2, before.2),
+        gateway_handshake_rate_drops: delta(after.3, before.3),
+    };
+    progress(format_args!(
+        "handshake flood: {} of {n} real handshakes completed ({:.1} %), {} cookie challenges; flood sent {} ({:.0}/s); core cookie replies +{}, gateway handshake_rate drops +{}",
+        flood.established,
+        100.0 * flood.success_ratio,
+        flood.cookie_challenges,
+        flood.flood_sent,
+        flood.flood_sent_per_sec,
+        opt_count(flood.core_cookie_replies),
+        opt_count(flood.gateway_handshake_rate_drops)
+    ));
+    Ok(flood)
+}
+
+fn per_sec(n: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn opt_count(v: Option<f64>) -> String {
+    v.map_or_else(|| "?".into(), |v| format!("{v:.0}"))
+}
+
+/// Nearest-rank percentile of sorted values.
+fn nearest_rank(sorted: &[Duration], p: f64) -> Option<&Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1)
 }
 
 /// One throughput run: `devices` meters as fast as their window allows for the plan's duration,
@@ -789,10 +1307,10 @@ mod tests {
     fn each_phase_gets_devices_of_its_own() {
         let p = opts(false).plan();
         assert_eq!(p.idle_milestones, [10_000, 100_000]);
-        assert_eq!(p.fleet_devices(), 400 + 20_000 + 100_000);
+        assert_eq!(p.fleet_devices(), 400 + 20_000 + 100_000 + 500);
         let q = opts(true).plan();
         assert_eq!(q.idle_milestones, [10_000]);
-        assert_eq!(q.fleet_devices(), 400 + 5_000 + 10_000);
+        assert_eq!(q.fleet_devices(), 400 + 5_000 + 10_000 + 200);
     }
 
     fn summary(acked: u64) -> FleetSummary {
@@ -802,6 +1320,7 @@ mod tests {
             sent: acked,
             acknowledged: acked,
             retransmitted: 0,
+            frames_sent: 0,
             lost: 0,
             refused: 0,
             handshakes: 200,
@@ -875,7 +1394,52 @@ mod tests {
             baseline: rss,
             points: vec![point(10_000, 120.0, 900.0), point(100_000, 300.0, 800.0)],
         };
-        let targets = targets(&throughput, &handshakes, &memory);
+        let forged_frames = ForgedFrames {
+            sessions: 1000,
+            frame_bytes: 111,
+            distinct_frames: 4096,
+            blaster_threads: 1,
+            segments_per_send: 64,
+            blast_secs: 3.0,
+            rounds: vec![BlastRound {
+                plain_sent_per_sec: 1_500_000.0,
+                plain_received_per_sec: 1_000_000.0,
+                gateway_sent_per_sec: 1_500_000.0,
+                gateway_dropped_per_sec: 930_000.0,
+            }],
+            plain_received_per_sec: 1_000_000.0,
+            gateway_dropped_per_sec: 930_000.0,
+            ratio: 0.93,
+            gateway_received: Some(2_800_000.0),
+            gateway_dropped_admission_mac: Some(2_790_000.0),
+            gateway_dropped_other: Some(0.0),
+            gateway_forwarded_uplink: Some(0.0),
+            gateway_admission_queries: Some(0.0),
+            core_frames_received: Some(0.0),
+            core_frames_dropped: Some(0.0),
+            uplink_untouched: true,
+            drops: Drops::default(),
+        };
+        let flood = FloodHandshakes {
+            core_capacity_per_sec: 4000.0,
+            flood_rate_per_sec: 16_000,
+            flood_sources: 4000,
+            flood_sent: 208_000,
+            flood_sent_per_sec: 16_000.0,
+            flood_secs: 13.0,
+            devices: 500,
+            established: 493,
+            success_ratio: 0.986,
+            initiations: 1100,
+            cookie_challenges: 480,
+            latency_p50_ms: Some(40.0),
+            latency_p99_ms: Some(900.0),
+            core_cookie_replies: Some(150_000.0),
+            core_accepted: Some(493.0),
+            core_stale_cookies: Some(0.0),
+            gateway_handshake_rate_drops: Some(10.0),
+        };
+        let targets = targets(&throughput, &handshakes, &memory, &forged_frames, &flood);
         let report = BenchReport {
             command_line: vec!["device-sim".into(), "bench".into()],
             machine: daemons::machine(),
@@ -886,6 +1450,8 @@ mod tests {
             throughput,
             handshakes,
             memory,
+            forged_frames,
+            flood,
         };
         let t = render_table(&report);
         let line = |start: &str| {
@@ -906,10 +1472,25 @@ mod tests {
             line("core RSS per idle device, 10k"),
             "core RSS per idle device, 10k 900 B <= 1024 B pass"
         );
+        assert_eq!(
+            line("gateway filter / raw UDP receive"),
+            "gateway filter / raw UDP receive 93.0 % >= 90 % pass"
+        );
+        assert_eq!(
+            line("forged frames on the uplink"),
+            "forged frames on the uplink (core counters) none none pass"
+        );
+        assert_eq!(
+            line("real handshakes completed under flood"),
+            "real handshakes completed under flood (500) 98.6 % >= 99 % FAIL"
+        );
+        assert!(t.contains("round 1: plain socket 1000000/s"), "{t}");
         assert!(t.contains("some targets missed"), "{t}");
         let json: serde_json::Value =
             serde_json::from_str(&serde_json::to_string(&report).expect("json")).expect("parses");
-        assert_eq!(json["targets"].as_array().map(Vec::len), Some(6));
+        assert_eq!(json["targets"].as_array().map(Vec::len), Some(9));
+        assert_eq!(json["forged_frames"]["uplink_untouched"], true);
+        assert_eq!(json["flood"]["established"], 493);
         assert_eq!(json["all_targets_met"], false);
     }
 

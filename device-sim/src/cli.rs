@@ -11,9 +11,14 @@
 //!                [--wave-size N --wave-interval-ms M] [--sleepy --wake-every-ms M]
 //!                [--follow-config] [--drain-timeout-ms T] [--handshake-retry-ms T]
 //!                [--silence-timeout-ms T] [--refused-retry-ms T] [--refused-retry-max-ms T]
+//!                [--move-to ADDR@MS]…
 //! device-sim manufacture --count N --out DIR [--prefix P] [--model M] [--kek-file F]
 //! device-sim bench [--json] [--quick] [--meters M] [--secs S] [--bin-dir DIR]
 //! device-sim probe --config FILE [--udp ADDR] [--tcp ADDR] [--device SERIAL] [--timeout-ms T]
+//! device-sim flood --target ADDR --sources N --rate PER_SEC --duration-secs S
+//!                  [--source-base 127.2.0.1] [--json]
+//! device-sim forge --target ADDR --sessions HEX,HEX,… --count N [--rate R]
+//!                  [--ciphertext-bytes B] [--json]
 //! ```
 //!
 //! Exit codes of `run`: 0 everything acknowledged, 1 readings lost (or refused by a full outbox),
@@ -23,7 +28,8 @@
 //! a device abort the process at that point of a key switch (kill tests). `manufacture` exits 0
 //! or 2. `bench` exits 0 once every figure was measured, whether or not the targets were met, and
 //! 2 when it could not run. `probe` exits 0 when nothing answered (unreachable), 1 when something
-//! did, 2 on bad usage or a local failure.
+//! did, 2 on bad usage or a local failure. `flood` and `forge` exit 0 once they sent, 2 on bad
+//! usage or a local failure.
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -42,8 +48,9 @@ use crate::config::{load_config, load_fleet, ConfigError};
 use crate::device_dir::{list_devices, DeviceDir, DeviceDirError};
 use crate::factory::{manufacture, ManufactureOptions};
 use crate::fleet::{
-    crash_point_from_env, run_fleet, FleetOptions, FleetProgress, FleetSummary, Waves,
+    crash_point_from_env, run_fleet, FleetOptions, FleetProgress, FleetSummary, Move, Waves,
 };
+use crate::flood::{run_flood, run_forge, FloodOptions, ForgeOptions};
 use crate::meter::MeterConfig;
 use crate::report::{lifecycle_table, progress_line, summary_table};
 use relay_protocol::session::PublicKey;
@@ -78,7 +85,7 @@ pub enum Command {
     /// Run a fleet of meters against the gateway (or the core's direct port) and report:
     /// pre-provisioned meters (`--config`), or devices with a secure element made by
     /// `manufacture` (`--devices DIR`), which provision themselves and follow the lifecycle.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Make factory-fresh devices (each its own directory, a factory key generated inside its
     /// sealed key store, a device-unique sealing key) and the shipping manifest
     /// (`DIR/manifest.csv`: serial,factory_public_key,model) the owner imports into the core.
@@ -90,6 +97,13 @@ pub enum Command {
     /// handshake to a UDP address (only the core can complete it) and a TCP connection. Exit 0
     /// when nothing answered, 1 when something did (for field-network isolation checks).
     Probe(ProbeArgs),
+    /// Forged HandshakeInit frames (random Noise bytes, random sender) from many loopback source
+    /// addresses, round robin, paced to a rate: a handshake flood for the flood-resistance tests.
+    /// Prints how many were sent.
+    Flood(FloodArgs),
+    /// Forged AdmittedTransport frames (random counter, ciphertext and tag) for the given
+    /// session ids: junk the gateway must drop at its admission check. Prints how many were sent.
+    Forge(ForgeArgs),
 }
 
 /// `--readings`: a number per device, or `unlimited`.
@@ -111,6 +125,35 @@ impl FromStr for ReadingLimit {
         s.parse()
             .map(Self::Count)
             .map_err(|_| format!("{s:?} is neither a number nor `unlimited`"))
+    }
+}
+
+/// `--move-to ADDR@MS`: at MS milliseconds after the start every device sends to ADDR instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveTo {
+    /// `IP:PORT` or `HOST:PORT` (looked up when the options are built).
+    pub addr: String,
+    /// Milliseconds after the start.
+    pub at_ms: u64,
+}
+
+impl FromStr for MoveTo {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, ms) = s
+            .rsplit_once('@')
+            .ok_or_else(|| format!("{s:?}: expected ADDR@MS (say 127.0.0.1:5684@3000)"))?;
+        if addr.is_empty() {
+            return Err(format!("{s:?}: no address before the @"));
+        }
+        let at_ms = ms
+            .parse()
+            .map_err(|_| format!("{s:?}: {ms:?} is not a number of milliseconds"))?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            at_ms,
+        })
     }
 }
 
@@ -233,6 +276,57 @@ pub struct RunArgs {
     /// The longest wait after refusals.
     #[arg(long, value_name = "T", default_value_t = 300_000)]
     pub refused_retry_max_ms: u64,
+    /// Handover: at MS milliseconds after the start every device sends to ADDR instead (same
+    /// socket, same session; the core moves the route on the first authenticated frame from the
+    /// new path). Repeatable: `--move-to B@2000 --move-to CORE@4000`.
+    #[arg(long = "move-to", value_name = "ADDR@MS")]
+    pub move_to: Vec<MoveTo>,
+}
+
+/// `device-sim flood`.
+#[derive(Debug, Args)]
+pub struct FloodArgs {
+    /// Where to send (a gateway's device port or the core's direct port on this host).
+    #[arg(long, value_name = "ADDR")]
+    pub target: String,
+    /// Distinct loopback source addresses, one socket each (round robin).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub sources: usize,
+    /// Forged initiations per second over all sources (0: as fast as possible).
+    #[arg(long, value_name = "PER_SEC", default_value_t = 1000)]
+    pub rate: u64,
+    /// How long, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    pub duration_secs: u64,
+    /// The first source address; the next ones count up from it (skipping x.y.z.0 and .255).
+    #[arg(long, value_name = "IP", default_value = "127.2.0.1")]
+    pub source_base: std::net::Ipv4Addr,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `device-sim forge`.
+#[derive(Debug, Args)]
+pub struct ForgeArgs {
+    /// Where to send (a gateway's device port).
+    #[arg(long, value_name = "ADDR")]
+    pub target: String,
+    /// The session ids the frames name (hex, comma-separated), round robin.
+    #[arg(long, value_name = "HEX,HEX", value_delimiter = ',', required = true, value_parser = crate::flood::parse_session_id)]
+    pub sessions: Vec<relay_protocol::frame::SessionId>,
+    /// Frames in all.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub count: u64,
+    /// Frames per second (0: as fast as possible).
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub rate: u64,
+    /// Ciphertext bytes per frame (a 64-byte reading seals into 89).
+    #[arg(long, value_name = "B", default_value_t = 89)]
+    pub ciphertext_bytes: usize,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `device-sim manufacture`.
@@ -318,10 +412,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     relay_ops::telemetry::init();
     let code = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Manufacture(args) => manufacture_command(args),
         Command::Bench(args) => bench(args),
         Command::Probe(args) => probe(args),
+        Command::Flood(args) => flood(args),
+        Command::Forge(args) => forge(args),
     };
     ExitCode::from(code)
 }
@@ -361,6 +457,57 @@ fn bench(args: BenchArgs) -> u8 {
         }
     } else {
         print!("{}", render_table(&report));
+    }
+    EXIT_OK
+}
+
+fn flood(args: FloodArgs) -> u8 {
+    let target = match resolve("--target", &args.target) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let opts = FloodOptions {
+        target,
+        sources: args.sources,
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration_secs),
+        source_base: args.source_base,
+        seed: None,
+    };
+    print_attack(run_flood(&opts), args.json)
+}
+
+fn forge(args: ForgeArgs) -> u8 {
+    let target = match resolve("--target", &args.target) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let opts = ForgeOptions {
+        target,
+        sessions: args.sessions,
+        count: args.count,
+        rate: args.rate,
+        ciphertext_bytes: args.ciphertext_bytes,
+        seed: None,
+    };
+    print_attack(run_forge(&opts), args.json)
+}
+
+fn print_attack(
+    result: Result<crate::flood::AttackReport, crate::flood::AttackError>,
+    json: bool,
+) -> u8 {
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        match serde_json::to_string(&report) {
+            Ok(line) => println!("{line}"),
+            Err(e) => return fail(&e),
+        }
+    } else {
+        println!("{}", report.line());
     }
     EXIT_OK
 }
@@ -590,6 +737,15 @@ pub fn fleet_options(args: RunArgs) -> Result<FleetOptions, CliError> {
         ),
         ..MeterConfig::default()
     };
+    let mut moves = Vec::with_capacity(args.move_to.len());
+    for m in &args.move_to {
+        moves.push(Move {
+            at: Duration::from_millis(m.at_ms),
+            target: resolve("--move-to", &m.addr)?,
+            name: m.addr.clone(),
+        });
+    }
+    moves.sort_by_key(|m| m.at);
     let (target, target_name, core_public_key, devices, element_devices) = match &args.config {
         Some(config) => {
             let (target, core, devices) = fixed_fleet(config, &args)?;
@@ -615,6 +771,7 @@ pub fn fleet_options(args: RunArgs) -> Result<FleetOptions, CliError> {
         follow_config: args.follow_config,
         crash_at: crash_point_from_env(),
         target_name,
+        moves,
         ..FleetOptions::new(target, core_public_key, devices)
     })
 }
@@ -821,7 +978,7 @@ mod tests {
         let mut argv = vec!["device-sim", "run"];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).expect("parses").command {
-            Command::Run(a) => a,
+            Command::Run(a) => *a,
             _ => panic!("not run"),
         }
     }
@@ -1000,5 +1157,111 @@ mod tests {
             panic!("not bench");
         };
         assert_eq!((b.meters, b.secs, b.quick), (50, 10, false));
+    }
+
+    #[test]
+    fn parses_handovers_and_the_attack_commands() {
+        assert_eq!(
+            "127.0.0.1:5684@3000".parse::<MoveTo>(),
+            Ok(MoveTo {
+                addr: "127.0.0.1:5684".into(),
+                at_ms: 3000
+            })
+        );
+        assert_eq!(
+            "gw-b.example:5683@0".parse::<MoveTo>().map(|m| m.addr),
+            Ok("gw-b.example:5683".into())
+        );
+        // IPv6 with brackets: the last @ splits.
+        assert_eq!("[::1]:5683@250".parse::<MoveTo>().map(|m| m.at_ms), Ok(250));
+        for bad in [
+            "127.0.0.1:5684",
+            "@100",
+            "127.0.0.1:1@soon",
+            "127.0.0.1:1@-5",
+        ] {
+            assert!(bad.parse::<MoveTo>().is_err(), "{bad}");
+        }
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_config(dir.path(), 1);
+        let p = path.to_str().expect("utf-8");
+        let o = fleet_options(parse(&[
+            "--config",
+            p,
+            "--move-to",
+            "127.0.0.1:7002@2000",
+            "--move-to",
+            "127.0.0.1:7001@1000",
+        ]))
+        .expect("valid");
+        assert_eq!(
+            o.moves
+                .iter()
+                .map(|m| (m.at.as_millis(), m.target.port(), m.name.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (1000, 7001, "127.0.0.1:7001"),
+                (2000, 7002, "127.0.0.1:7002")
+            ],
+            "in time order"
+        );
+        assert!(fleet_options(parse(&["--config", p, "--move-to", "nonsense:x@5"])).is_err());
+
+        let Command::Flood(f) = Cli::try_parse_from([
+            "device-sim",
+            "flood",
+            "--target",
+            "127.0.0.1:5683",
+            "--sources",
+            "500",
+            "--rate",
+            "20000",
+            "--duration-secs",
+            "5",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not flood");
+        };
+        assert_eq!(
+            (f.sources, f.rate, f.duration_secs, f.source_base, f.json),
+            (500, 20_000, 5, std::net::Ipv4Addr::new(127, 2, 0, 1), false)
+        );
+        let Command::Forge(f) = Cli::try_parse_from([
+            "device-sim",
+            "forge",
+            "--target",
+            "127.0.0.1:5683",
+            "--sessions",
+            "0000abcd,0x10",
+            "--count",
+            "100000",
+            "--json",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("not forge");
+        };
+        assert_eq!(
+            f.sessions,
+            [
+                relay_protocol::frame::SessionId(0xabcd),
+                relay_protocol::frame::SessionId(0x10)
+            ]
+        );
+        assert_eq!((f.count, f.rate, f.json), (100_000, 0, true));
+        assert!(Cli::try_parse_from([
+            "device-sim",
+            "forge",
+            "--target",
+            "127.0.0.1:5683",
+            "--sessions",
+            "xyz"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["device-sim", "forge", "--target", "127.0.0.1:1"]).is_err());
     }
 }

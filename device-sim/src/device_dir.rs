@@ -10,7 +10,19 @@
 //!    next.key                     0600  sealed key of a switch in progress (rarely present)
 //!    state.json                   0600  DeviceState, written atomically (temp, fsync, rename,
 //!                                       fsync dir)
+//!    session.sealed               0600  a sleepy device's persisted session (see below), sealed
+//!                                       under the KEK like the key files, written atomically
 //! ```
+//!
+//! `session.sealed` (only while the device holds a session it may resume) is the
+//! [`crate::secure_element::SealedKeyStore::seal_state`] envelope (`RSES` | version 1 | nonce |
+//! ChaCha20-Poly1305 under the KEK, associated data = serial and file name) around
+//! `format:u8 = 1 | SessionSnapshot` (`relay_protocol::session::SessionSnapshot::encode`: session
+//! ids, both transport keys, the next send counter with the lease added, the receive floor, when it
+//! was established, the rekey time, the admission key). The snapshot's send counter is the
+//! counter at the moment of writing plus a lease ([`SESSION_COUNTER_LEASE`]); the device writes
+//! the file again before it has used half the lease, so a crash after any write never makes it
+//! reuse a nonce.
 //!
 //! `state.json` (format 1; unknown fields are ignored, so a newer simulator's file still opens):
 //!
@@ -48,6 +60,13 @@ pub const DEFAULT_KEK_FILE: &str = "kek";
 pub const STATE_FORMAT: u32 = 1;
 /// The longest state file read (a real one is a few hundred bytes).
 const MAX_STATE_LEN: u64 = 64 * 1024;
+/// The sealed session file's name in a device directory.
+pub const SESSION_FILE: &str = "session.sealed";
+/// The session file's inner format.
+pub const SESSION_FORMAT: u8 = 1;
+/// Send counters skipped ahead of the persisted session: a restarted device resumes at the
+/// persisted counter plus this, so frames sent after the last write never reuse a nonce.
+pub const SESSION_COUNTER_LEASE: u64 = 1024;
 
 /// Why a device directory could not be created, opened or written. Local failures all.
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +333,38 @@ impl DeviceDir {
         Ok(SealedKeyStore::open(&self.path, &self.state.serial, kek)?)
     }
 
+    /// Persists a session snapshot (an opaque encoding) in the sealed session file, atomically.
+    pub fn save_session(
+        &self,
+        store: &SealedKeyStore,
+        snapshot: &[u8],
+    ) -> Result<(), DeviceDirError> {
+        let mut contents = Vec::with_capacity(1 + snapshot.len());
+        contents.push(SESSION_FORMAT);
+        contents.extend_from_slice(snapshot);
+        let sealed = store.seal_state(SESSION_FILE, &contents);
+        contents.fill(0);
+        Ok(sealed?)
+    }
+
+    /// The persisted session snapshot, if there is one. A file of another format counts as none.
+    pub fn load_session(&self, store: &SealedKeyStore) -> Result<Option<Vec<u8>>, DeviceDirError> {
+        let Some(mut contents) = store.open_state(SESSION_FILE)? else {
+            return Ok(None);
+        };
+        let snapshot = match contents.split_first() {
+            Some((&SESSION_FORMAT, rest)) => Some(rest.to_vec()),
+            _ => None,
+        };
+        contents.fill(0);
+        Ok(snapshot)
+    }
+
+    /// Removes the persisted session (it ended, or cannot be resumed).
+    pub fn forget_session(&self, store: &SealedKeyStore) -> Result<(), DeviceDirError> {
+        Ok(store.remove_state(SESSION_FILE)?)
+    }
+
     /// Records the meter's memory and the next reading sequence number, atomically.
     pub fn save(&mut self, memory: &DeviceMemory, next_seq: u64) -> Result<(), DeviceDirError> {
         self.state.remember(memory);
@@ -464,5 +515,71 @@ mod tests {
             DeviceDir::open(&path),
             Err(DeviceDirError::State { .. })
         ));
+    }
+
+    #[test]
+    fn the_session_file_is_sealed_for_this_device_and_round_trips() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("dev-000001");
+        let (dir, _) =
+            DeviceDir::manufacture(&path, "dev-000001", "m1", Path::new(DEFAULT_KEK_FILE))
+                .expect("manufacture");
+        let store = dir.open_store().expect("store");
+        assert_eq!(dir.load_session(&store).expect("load"), None);
+        let snapshot: Vec<u8> = (0..126u8).collect();
+        dir.save_session(&store, &snapshot).expect("save");
+        let file = path.join(SESSION_FILE);
+        let sealed = fs::read(&file).expect("read");
+        assert_eq!(&sealed[..4], b"RSES");
+        assert!(
+            !sealed.windows(16).any(|w| w == &snapshot[10..26]),
+            "the snapshot is not in the clear"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&file).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        // Reopened (a restart): the same bytes.
+        let reopened = DeviceDir::open(&path).expect("open");
+        let store = reopened.open_store().expect("store");
+        assert_eq!(
+            reopened.load_session(&store).expect("load"),
+            Some(snapshot.clone())
+        );
+
+        // Altered, or another device's file: refused, never a panic.
+        let mut altered = sealed.clone();
+        let last = altered.len() - 1;
+        altered[last] ^= 1;
+        fs::write(&file, &altered).expect("write");
+        assert!(reopened.load_session(&store).is_err());
+        let other_path = tmp.path().join("dev-000002");
+        let (other, _) =
+            DeviceDir::manufacture(&other_path, "dev-000002", "m1", Path::new(DEFAULT_KEK_FILE))
+                .expect("manufacture");
+        let other_store = other.open_store().expect("store");
+        fs::write(other_path.join(SESSION_FILE), &sealed).expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(
+                other_path.join(SESSION_FILE),
+                fs::Permissions::from_mode(0o600),
+            )
+            .expect("chmod");
+        }
+        assert!(matches!(
+            other.load_session(&other_store),
+            Err(DeviceDirError::Store(SealedStoreError::Unseal { .. }))
+        ));
+
+        dir.save_session(&store, &snapshot).expect("save again");
+        dir.forget_session(&store).expect("forget");
+        assert!(!file.exists());
+        dir.forget_session(&store)
+            .expect("forgetting twice is fine");
+        assert_eq!(dir.load_session(&store).expect("load"), None);
     }
 }

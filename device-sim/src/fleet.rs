@@ -22,6 +22,20 @@
 //! manufacture`), which provision themselves, follow update notices and releases, and persist
 //! their state in their directory. A sleepy device ([`FleetOptions::sleepy`]) wakes, sends one
 //! reading, waits for its acknowledgement (and any key switch it brought), and sleeps.
+//!
+//! A sleepy device with a directory also persists its session there (sealed, see
+//! [`crate::device_dir`]) when it goes to sleep, when a new session is established and at the
+//! end, each time with a counter lease it renews before half of it is used; a later run resumes
+//! a persisted session younger than its rekey time with no handshake (and then keeps it
+//! persisted too, sleepy or not), so its first reading is its first datagram. A session file that
+//! cannot be resumed is removed.
+//!
+//! Handovers ([`FleetOptions::moves`], `--move-to ADDR@MS`): at each, every device connects its
+//! socket to the new target; the session stays, and readings in flight on the old path are
+//! retransmitted on the new one (the core stores each once).
+//!
+//! Every place a device event is handled also handles the core's cookie challenge: the meter
+//! hands out the `CookieInit` as its next datagram ([`crate::meter::MeterStats::cookie_challenges`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,12 +52,15 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeviceIdentity;
-use crate::device_dir::{DeviceDir, DeviceDirError};
+use crate::device_dir::{DeviceDir, DeviceDirError, SESSION_COUNTER_LEASE};
 use crate::meter::{
     reading_payload, seq_base, CrashHook, CrashPoint, Meter, MeterConfig, MeterEvent, MeterStats,
     QueueError, RefusalCounts, Timebase,
 };
+use crate::secure_element::SealedKeyStore;
+use relay_protocol::frame::SessionId;
 use relay_protocol::payload::DeviceConfig;
+use relay_protocol::session::SessionSnapshot;
 
 /// The environment variable naming a [`CrashPoint`] at which a device aborts the process.
 pub const CRASH_ENV: &str = "RELAY_CRASH_AT";
@@ -54,6 +71,18 @@ pub fn crash_point_from_env() -> Option<CrashPoint> {
     std::env::var(CRASH_ENV)
         .ok()
         .and_then(|v| CrashPoint::from_label(v.trim()))
+}
+
+/// A handover (`--move-to`): at `at` after the start every device sends to `target` instead, from
+/// the same socket, on the same session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// After the start of the run.
+    pub at: Duration,
+    /// The new target.
+    pub target: SocketAddr,
+    /// How reports name it (`HOST:PORT` as given).
+    pub name: String,
 }
 
 /// Activation waves: devices start `size` at a time, `interval` apart.
@@ -108,6 +137,8 @@ pub struct FleetOptions {
     /// How reports name the target for devices that were not released elsewhere (the `HOST:PORT`
     /// as given) [default: the address].
     pub target_name: Option<String>,
+    /// Handovers, in time order: every device switches its target at each.
+    pub moves: Vec<Move>,
 }
 
 impl FleetOptions {
@@ -135,6 +166,7 @@ impl FleetOptions {
             follow_config: false,
             crash_at: None,
             target_name: None,
+            moves: Vec::new(),
         }
     }
 }
@@ -304,6 +336,10 @@ pub struct DeviceResult {
     pub endpoint: String,
     /// The core key it trusted at the end.
     pub core_public_key: PublicKey,
+    /// It started from the session persisted in its directory.
+    pub resumed: bool,
+    /// Times its session was written to its directory (each with a fresh counter lease).
+    pub session_writes: u64,
 }
 
 /// The fleet's totals. `lost` is what was queued and never acknowledged; `refused` readings never
@@ -320,6 +356,8 @@ pub struct FleetSummary {
     pub acknowledged: u64,
     /// Retransmissions.
     pub retransmitted: u64,
+    /// Datagrams the devices sent, of every kind (handshakes, readings, retransmissions).
+    pub frames_sent: u64,
     /// `queued - acknowledged` at the end.
     pub lost: u64,
     /// Readings refused because a meter's outbox was full.
@@ -421,6 +459,16 @@ pub struct DeviceReport {
     pub readings_acknowledged: u64,
     /// Readings queued and never acknowledged.
     pub readings_lost: u64,
+    /// Datagrams it sent, of every kind (handshake initiations, readings, retransmissions).
+    pub frames_sent: u64,
+    /// Handshakes completed during the run.
+    pub handshakes: u64,
+    /// Handshake initiations sent, retries and cookie echoes included.
+    pub handshakes_started: u64,
+    /// Cookie challenges the core answered its handshakes with.
+    pub cookie_challenges: u64,
+    /// It started from the session persisted in its directory (no handshake needed).
+    pub resumed: bool,
     /// Refusals by reason.
     pub refusals: RefusalCounts,
     /// Where it sends (`HOST:PORT`).
@@ -440,6 +488,11 @@ impl From<&DeviceResult> for DeviceReport {
             config: d.config.map(ConfigReport::from),
             readings_acknowledged: d.stats.acked,
             readings_lost: d.unacked.len() as u64,
+            frames_sent: d.stats.frames_sent,
+            handshakes: d.stats.handshakes,
+            handshakes_started: d.stats.handshakes_started,
+            cookie_challenges: d.stats.cookie_challenges,
+            resumed: d.resumed,
             refusals: d.stats.refusals_by_reason,
             endpoint: d.endpoint.clone(),
             core_public_key: d.core_public_key.to_hex(),
@@ -579,7 +632,7 @@ pub async fn run_fleet(
             Prepared::Element { dir, store } => {
                 let meter = Meter::with_element(
                     dir.serial(),
-                    store,
+                    Arc::clone(&store) as Arc<dyn relay_protocol::secure_element::SecureElement>,
                     opts.core_public_key,
                     dir.memory(),
                     opts.meter.clone(),
@@ -591,7 +644,7 @@ pub async fn run_fleet(
                     reason: e.to_string(),
                 })?;
                 let seq_base = base.max(dir.state().next_seq);
-                (meter, Some(dir), seq_base)
+                (meter, Some((dir, store)), seq_base)
             }
         };
         let mut meter = meter;
@@ -617,10 +670,22 @@ pub async fn run_fleet(
             shutdown: opts.shutdown.clone(),
             progress: progress.clone(),
         };
-        let driver = Driver {
+        let moves = opts
+            .moves
+            .iter()
+            .map(|m| (start + m.at, m.target, m.name.clone()))
+            .collect();
+        let (dir, store) = dir.unzip();
+        let mut driver = Driver {
             meter,
             socket,
             dir,
+            store,
+            persist_session: false,
+            lease_mark: None,
+            session_writes: 0,
+            moves,
+            resumed: false,
             endpoint,
             seq_base,
             queued: 0,
@@ -632,6 +697,7 @@ pub async fn run_fleet(
             progress: plan.progress.clone(),
             config_change: None,
         };
+        driver.resume(opts.sleepy.is_some(), start);
         tasks.spawn(async move { (index, run_meter(driver, plan).await) });
     }
 
@@ -677,6 +743,19 @@ struct Driver {
     socket: UdpSocket,
     /// A device with a secure element keeps its state here.
     dir: Option<DeviceDir>,
+    /// Its secure element, which also seals the persisted session.
+    store: Option<Arc<SealedKeyStore>>,
+    /// Keep the session persisted in the directory (a sleepy device, or one that resumed).
+    persist_session: bool,
+    /// The persisted session's id and the send counter at which its lease is half used: the
+    /// session is written again before it sends with that counter.
+    lease_mark: Option<(SessionId, u64)>,
+    /// Session writes so far.
+    session_writes: u64,
+    /// Handovers still to come: when, where to, its name.
+    moves: std::collections::VecDeque<(Instant, SocketAddr, String)>,
+    /// The meter started from a persisted session.
+    resumed: bool,
     endpoint: String,
     seq_base: u64,
     /// Readings queued so far (reading `i` has sequence number `seq_base + i`).
@@ -718,9 +797,11 @@ impl Driver {
     /// Sends what the meter has to send and handles its events (a release re-targets the
     /// socket before the handshake with the new core goes out).
     async fn flush(&mut self, now: Instant) {
+        self.handover(now).await;
         self.drain_events().await;
         loop {
             while let Some(datagram) = self.meter.poll_transmit(now) {
+                self.renew_lease(now);
                 if let Err(e) = self.socket.send(&datagram).await {
                     // Lost like any datagram: retransmission covers it.
                     self.socket_errors += 1;
@@ -750,6 +831,9 @@ impl Driver {
                 }
                 MeterEvent::Established { rekey_after } => {
                     tracing::debug!(%serial, ?rekey_after, "session established");
+                    if self.persist_session {
+                        self.save_session(Instant::now());
+                    }
                 }
                 MeterEvent::Refused { reason, slot } => {
                     tracing::debug!(%serial, reason = reason.label(), ?slot, "handshake refused");
@@ -782,6 +866,86 @@ impl Driver {
         }
     }
 
+    /// Resumes the session persisted in the device's directory, if there is one it may resume
+    /// (younger than its rekey time, no key switch under way), and from then on keeps it
+    /// persisted; a sleepy device keeps its session persisted in any case. A session file that
+    /// cannot be resumed is removed.
+    fn resume(&mut self, sleepy: bool, now: Instant) {
+        let (Some(dir), Some(store)) = (&self.dir, &self.store) else {
+            return;
+        };
+        let serial = dir.serial().to_owned();
+        let loaded = match dir.load_session(store) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::warn!(%serial, error = %e, "persisted session unreadable; removed");
+                None
+            }
+        };
+        if let Some(mut bytes) = loaded {
+            let snapshot = SessionSnapshot::decode(&bytes);
+            bytes.fill(0);
+            match snapshot {
+                Ok(snapshot) => self.resumed = self.meter.resume_session(&snapshot, now),
+                Err(e) => tracing::warn!(%serial, error = %e, "persisted session malformed"),
+            }
+            if self.resumed {
+                tracing::debug!(%serial, "resumed the persisted session");
+            }
+        }
+        self.persist_session = sleepy || self.resumed;
+        if self.resumed {
+            // A fresh lease before the first frame on the resumed session.
+            self.save_session(now);
+        } else if let Some(store) = &self.store {
+            if let Some(dir) = &self.dir {
+                if let Err(e) = dir.forget_session(store) {
+                    tracing::warn!(%serial, error = %e, "cannot remove the persisted session");
+                }
+            }
+        }
+    }
+
+    /// Writes the current session to the directory with a fresh counter lease, or removes the
+    /// file when there is no session to resume. If the write fails the file is removed, so that
+    /// no later run resumes with counters this one has used.
+    fn save_session(&mut self, now: Instant) {
+        let (Some(dir), Some(store)) = (&self.dir, &self.store) else {
+            return;
+        };
+        let serial = dir.serial();
+        self.lease_mark = None;
+        let snapshot = self.meter.session_snapshot(SESSION_COUNTER_LEASE, now);
+        let counter = self.meter.session_counter();
+        if let (Some(snapshot), Some((id, sent))) = (snapshot, counter) {
+            let mut bytes = snapshot.encode();
+            let saved = dir.save_session(store, &bytes);
+            bytes.fill(0);
+            match saved {
+                Ok(()) => {
+                    self.lease_mark = Some((id, sent.saturating_add(SESSION_COUNTER_LEASE / 2)));
+                    self.session_writes += 1;
+                    return;
+                }
+                Err(e) => tracing::warn!(%serial, error = %e, "cannot persist the session"),
+            }
+        }
+        if let Err(e) = dir.forget_session(store) {
+            tracing::warn!(%serial, error = %e, "cannot remove the persisted session");
+        }
+    }
+
+    /// Writes the persisted session again once half its counter lease is used.
+    fn renew_lease(&mut self, now: Instant) {
+        if let (Some((id, mark)), Some((current, sent))) =
+            (self.lease_mark, self.meter.session_counter())
+        {
+            if id == current && sent >= mark {
+                self.save_session(now);
+            }
+        }
+    }
+
     /// A release: from now on the device talks to `endpoint`.
     async fn retarget(&mut self, endpoint: String) {
         let serial = self.meter.serial().to_owned();
@@ -802,8 +966,32 @@ impl Driver {
         }
     }
 
-    /// Waits for a datagram (handled), `wake`, or the shutdown.
+    /// Handovers due by `now`: the same socket, connected to the new target (datagrams from the
+    /// old one are no longer received; what was in flight there is retransmitted on the new path).
+    async fn handover(&mut self, now: Instant) {
+        while self.moves.front().is_some_and(|(at, _, _)| *at <= now) {
+            let Some((_, target, name)) = self.moves.pop_front() else {
+                break;
+            };
+            match self.socket.connect(target).await {
+                Ok(()) => {
+                    tracing::debug!(serial = %self.meter.serial(), %name, "handover");
+                    self.endpoint = name;
+                }
+                Err(e) => {
+                    self.socket_errors += 1;
+                    tracing::warn!(serial = %self.meter.serial(), %name, error = %e, "handover failed");
+                }
+            }
+        }
+    }
+
+    /// Waits for a datagram (handled), `wake`, the next handover, or the shutdown.
     async fn wait(&mut self, wake: Option<Instant>, shutdown: &CancellationToken) -> Woke {
+        let wake = [wake, self.moves.front().map(|(at, _, _)| *at)]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
             _ = shutdown.cancelled() => Woke::Shutdown,
             received = self.socket.recv(&mut self.buf) => {
@@ -836,6 +1024,9 @@ impl Driver {
             p.devices_done.fetch_add(1, Ordering::Relaxed);
         }
         self.persist();
+        if self.persist_session {
+            self.save_session(Instant::now());
+        }
         let mut unacked: Vec<ReadingSeq> = self.meter.unacked().collect();
         unacked.sort();
         MeterOutcome {
@@ -852,6 +1043,8 @@ impl Driver {
                 config: self.meter.device_config().copied(),
                 endpoint: self.endpoint,
                 core_public_key: *self.meter.core(),
+                resumed: self.resumed,
+                session_writes: self.session_writes,
             },
             latencies: self.latencies,
         }
@@ -954,6 +1147,10 @@ async fn run_sleepy(driver: &mut Driver, plan: &Plan, wake_every: Duration) {
             }
         }
         driver.config_change = None;
+        // Going to sleep: the session goes to the directory, to survive a restart.
+        if driver.persist_session {
+            driver.save_session(Instant::now());
+        }
         next_wake = (next_wake + wake_every).max(Instant::now());
     }
 }
@@ -1049,6 +1246,7 @@ fn summarize(outcomes: Vec<MeterOutcome>, elapsed: Duration, interrupted: bool) 
         total.refused += s.refused;
         total.sent += s.sent;
         total.retransmitted += s.retransmitted;
+        total.frames_sent += s.frames_sent;
         total.acked += s.acked;
         total.handshakes += s.handshakes;
         total.handshakes_started += s.handshakes_started;
@@ -1084,6 +1282,7 @@ fn summarize(outcomes: Vec<MeterOutcome>, elapsed: Duration, interrupted: bool) 
         sent: total.sent,
         acknowledged: total.acked,
         retransmitted: total.retransmitted,
+        frames_sent: total.frames_sent,
         lost: total.queued.saturating_sub(total.acked),
         refused: total.refused,
         handshakes: total.handshakes,

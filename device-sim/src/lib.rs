@@ -27,22 +27,27 @@
 //!   real device could reuse: the element does the key operations, the caller the I/O and the
 //!   persistence of [`meter::DeviceMemory`]), with [`meter::CrashPoint`]s for kill tests;
 //!   [`meter::reading_payload`] makes the recognisable reading bodies tests look for.
-//! - [`device_dir::DeviceDir`]: a device's directory (sealed key files, KEK, `state.json`), and
+//! - [`device_dir::DeviceDir`]: a device's directory (sealed key files, KEK, `state.json`, a
+//!   sleepy device's sealed session), and
 //!   [`factory::manufacture`]: factory-fresh devices and the shipping manifest.
 //! - [`fleet::run_fleet`]: N meters on tokio, one task and one UDP socket each, configured by
-//!   [`fleet::FleetOptions`] (activation waves, sleepy devices, `RELAY_CRASH_AT`), ending in a
-//!   [`fleet::FleetSummary`] (and live [`fleet::FleetProgress`]).
+//!   [`fleet::FleetOptions`] (activation waves, sleepy devices that persist and resume their
+//!   session, handovers, `RELAY_CRASH_AT`), ending in a [`fleet::FleetSummary`] (and live
+//!   [`fleet::FleetProgress`]).
 //! - [`config`]: `device-sim.toml` and `fleet.keys`, validated at the edge.
 //! - [`report`] and [`cli`]: the progress line, the summary table and the `device-sim` command.
 //! - [`secure_element::SealedKeyStore`]: the device's secure element in software (factory,
 //!   subscription and next keys generated inside, sealed at rest, committed and erased
 //!   atomically, used by the handshake through `relay_protocol::secure_element::SecureElement`,
 //!   never read out).
+//! - [`flood`]: `device-sim flood` and `device-sim forge`, forged handshakes from many loopback
+//!   sources and forged admitted frames for given session ids (flood-resistance tests, the bench).
 //! - [`probe`]: `device-sim probe`, whether the core answers a device directly (field-network
 //!   isolation checks).
 //! - [`mod@bench`]: `device-sim bench`, which starts the real `core-stub` and `gateway` and measures
-//!   relay against direct throughput, the core's handshake rate against snow's, and memory per
-//!   idle device ([`bench::run_bench`] → [`bench::BenchReport`]).
+//!   relay against direct throughput, the core's handshake rate against snow's, memory per
+//!   idle device, the gateway's forged-frame drop rate against a plain socket's receive rate, and
+//!   real handshakes under a flood ([`bench::run_bench`] → [`bench::BenchReport`]).
 //!
 //! ```text
 //!  device-sim.toml, fleet.keys ─▶ config ─┐
@@ -62,6 +67,7 @@ pub mod config;
 pub mod device_dir;
 pub mod factory;
 pub mod fleet;
+pub mod flood;
 pub mod meter;
 pub mod probe;
 pub mod report;

@@ -38,6 +38,11 @@
 //! and starts 2 with `NextKey`, then 1. Crash points ([`CrashPoint`]) let kill tests stop the
 //! device between any two of these steps.
 //!
+//! Under load the core answers an initiation with a cookie challenge: the meter's next datagram
+//! is then the `CookieInit` its session built, and the handshake stays pending. A device that
+//! sleeps across restarts persists [`Meter::session_snapshot`] (with a counter lease) and installs
+//! it again with [`Meter::resume_session`]: its next reading is its first datagram, no handshake.
+//!
 //! Nothing here reads a clock, touches a socket or needs tokio: `now: Instant` comes in with every
 //! call, wall-clock time for handshake timestamps comes from a [`Timebase`] the caller anchors,
 //! and randomness (session ids, jitter) from a seed the caller chooses. Tests drive a meter against
@@ -58,7 +63,9 @@ use relay_protocol::payload::{
     ResponsePayload, MAX_READING,
 };
 use relay_protocol::secure_element::{KeySlot, SecureElement};
-use relay_protocol::session::{DeviceEvent, DeviceSession, PublicKey, SessionError, StaticKeypair};
+use relay_protocol::session::{
+    DeviceEvent, DeviceSession, PublicKey, SessionError, SessionSnapshot, StaticKeypair,
+};
 use relay_protocol::DecodeError;
 
 mod lifecycle;
@@ -270,6 +277,9 @@ pub struct MeterStats {
     pub sent: u64,
     /// Retransmissions of readings.
     pub retransmitted: u64,
+    /// Datagrams handed out to send, of every kind: handshake initiations (retries and cookie
+    /// echoes included), readings and retransmissions.
+    pub frames_sent: u64,
     /// Readings acknowledged (each once).
     pub acked: u64,
     /// Acknowledgements for readings no longer (or never) in the outbox.
@@ -278,6 +288,10 @@ pub struct MeterStats {
     pub handshakes_started: u64,
     /// Handshakes completed.
     pub handshakes: u64,
+    /// Cookie challenges: the core, under load, answered a handshake with a cookie to echo.
+    pub cookie_challenges: u64,
+    /// Persisted sessions resumed (no handshake).
+    pub resumptions: u64,
     /// Handshakes started because the core had gone silent.
     pub silence_rehandshakes: u64,
     /// Datagrams dropped as bad (see [`DatagramError`]).
@@ -356,6 +370,8 @@ pub struct Meter {
     crash_hook: Option<CrashHook>,
     /// A crash hook stopped the meter: it does nothing more.
     crashed: bool,
+    /// The core answered the pending handshake with a cookie: the `CookieInit` to send at once.
+    cookie_echo: Option<(Vec<u8>, Instant)>,
 }
 
 impl Meter {
@@ -414,6 +430,7 @@ impl Meter {
             lifecycle: None,
             crash_hook: None,
             crashed: false,
+            cookie_echo: None,
         }
     }
 
@@ -497,6 +514,57 @@ impl Meter {
     /// established with a pre-provisioned or subscription key, no refusal since.
     pub fn has_working_session(&self) -> bool {
         self.usable && self.session.is_established()
+    }
+
+    /// The current session as a snapshot for a device going to sleep (see
+    /// [`DeviceSession::snapshot`]: its send counter is the current one plus `lease`), if it has
+    /// a working session and no key switch is under way (a switch must finish with a handshake).
+    pub fn session_snapshot(&self, lease: u64, now: Instant) -> Option<SessionSnapshot> {
+        if !self.has_working_session() || !self.lifecycle.as_ref().is_none_or(Lifecycle::is_settled)
+        {
+            return None;
+        }
+        self.session
+            .snapshot(lease, now, self.timebase.unix_ms_at(now))
+    }
+
+    /// The current session: this side's id and how many frames it has sealed.
+    pub fn session_counter(&self) -> Option<(SessionId, u64)> {
+        self.session.current().map(|t| (t.local_id(), t.sent()))
+    }
+
+    /// Installs a persisted session (a sleepy device waking after a restart): readings flow on it
+    /// at once, with no handshake. Refused (`false`, nothing changed) when the session is past
+    /// its rekey time, when the meter already has a session or a handshake under way, or when
+    /// its element is in the middle of a key switch or holds no subscription key.
+    pub fn resume_session(&mut self, snapshot: &SessionSnapshot, now: Instant) -> bool {
+        let now_unix_ms = self.timebase.unix_ms_at(now);
+        let age_ms = now_unix_ms.saturating_sub(snapshot.established_unix_ms());
+        let rekey_ms = u64::from(snapshot.rekey_after_secs()).saturating_mul(1000);
+        if age_ms >= rekey_ms
+            || self.crashed
+            || self.session.is_established()
+            || self.handshake.is_some()
+            || self.want_handshake
+        {
+            return false;
+        }
+        if let Some(l) = &self.lifecycle {
+            if !l.is_settled()
+                || l.element.public(KeySlot::Next).is_ok()
+                || l.element.public(KeySlot::Subscription).is_err()
+                || self.session.slot() != Some(KeySlot::Subscription)
+            {
+                return false;
+            }
+        }
+        self.session.resume(snapshot, now, now_unix_ms);
+        self.usable = true;
+        self.suspect = false;
+        self.silence_from = None;
+        self.rekey_at = now.checked_add(Duration::from_millis(rekey_ms - age_ms));
+        self.stats.resumptions += 1;
+        true
     }
 
     /// Whether nothing is left to do before the device may sleep: every reading acknowledged,
@@ -617,6 +685,10 @@ impl Meter {
                 self.heard(now);
                 result
             }
+            Ok(DeviceEvent::CookieChallenge) => {
+                self.on_cookie(&plaintext, now);
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         };
         self.plaintext = plaintext;
@@ -669,6 +741,19 @@ impl Meter {
             (response.refused, &response.notices.release)
         {
             self.on_release(release.clone(), now);
+        }
+    }
+
+    /// The core is under load and answered the pending handshake with a cookie: echo it at once
+    /// (the `CookieInit` in `echo`), and give the echo at least one initial retry interval before
+    /// the handshake is retried (a retry would carry the cookie too).
+    fn on_cookie(&mut self, echo: &[u8], now: Instant) {
+        self.stats.cookie_challenges += 1;
+        self.cookie_echo = Some((echo.to_vec(), now));
+        if let Some(attempt) = self.handshake.as_mut() {
+            attempt.retry_at = attempt
+                .retry_at
+                .max(now + self.config.handshake_retry_initial);
         }
     }
 
@@ -767,8 +852,20 @@ impl Meter {
     /// The next datagram to send, if any is due at `now`. Call it until it returns `None`, then
     /// wait until [`Meter::poll_timeout`], a datagram arrives or a reading is queued.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        let datagram = self.poll_transmit_inner(now);
+        if datagram.is_some() {
+            self.stats.frames_sent += 1;
+        }
+        datagram
+    }
+
+    fn poll_transmit_inner(&mut self, now: Instant) -> Option<Vec<u8>> {
         if self.crashed {
             return None;
+        }
+        if let Some((echo, _)) = self.cookie_echo.take() {
+            self.stats.handshakes_started += 1;
+            return Some(echo);
         }
         if let Some(init) = self.poll_handshake(now) {
             return Some(init);
@@ -943,6 +1040,7 @@ impl Meter {
         if self.crashed {
             return None;
         }
+        consider(self.cookie_echo.as_ref().map(|(_, at)| *at));
         match &self.handshake {
             Some(attempt) => consider(Some(attempt.retry_at)),
             None => {

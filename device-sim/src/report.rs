@@ -83,12 +83,13 @@ pub fn lifecycle_table(s: &FleetSummary) -> String {
 /// The summary as an aligned two-column table, one line per figure, ending with a newline.
 pub fn summary_table(s: &FleetSummary) -> String {
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
-    let rows: [(&str, String); 17] = [
+    let rows: [(&str, String); 18] = [
         ("devices", s.devices.to_string()),
         ("readings queued", s.queued.to_string()),
         ("sent (first time)", s.sent.to_string()),
         ("acknowledged", s.acknowledged.to_string()),
         ("retransmitted", s.retransmitted.to_string()),
+        ("datagrams sent", s.frames_sent.to_string()),
         ("lost", s.lost.to_string()),
         ("refused (outbox full)", s.refused.to_string()),
         ("handshakes", s.handshakes.to_string()),
@@ -136,6 +137,7 @@ mod tests {
             sent: 10,
             acknowledged: 10,
             retransmitted: 0,
+            frames_sent: 0,
             lost: 0,
             refused: 0,
             handshakes: 2,
@@ -160,6 +162,6 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("latency max            -\n"), "{t}");
-        assert_eq!(t.lines().count(), 17);
+        assert_eq!(t.lines().count(), 18);
     }
 }

@@ -67,6 +67,12 @@ pub const KEK_LEN: usize = 32;
 pub const MAX_SERIAL_LEN: usize = 128;
 /// Temporary files are named `.<final name>` followed by this and random hex.
 const TEMP_MARKER: &str = ".tmp-";
+/// The first bytes of every sealed state file (a device's other secrets: a persisted session).
+pub const STATE_FILE_MAGIC: &[u8; 4] = b"RSES";
+/// The sealed state file format version.
+pub const STATE_FILE_VERSION: u8 = 1;
+/// The longest sealed state file read or written (a persisted session is about 150 bytes).
+pub const MAX_SEALED_STATE: usize = 4096;
 
 /// Why the sealed key store could not open, load or write a key. Local failures all: the
 /// filesystem, the KEK, or files altered behind the store's back.
@@ -335,6 +341,110 @@ impl SealedKeyStore {
             .and_then(|sealed| write_atomic(&self.dir, &file_name(to), &sealed));
         private.fill(0);
         result
+    }
+
+    /// Seals `contents` (a secret the device keeps besides its keys, such as a persisted
+    /// session) under the KEK into the file `name` of the store's directory, written atomically
+    /// (0600). The associated data binds the serial number and `name`, so the file opens only as
+    /// itself, on this device.
+    pub fn seal_state(&self, name: &str, contents: &[u8]) -> Result<(), SealedStoreError> {
+        if contents.len() > MAX_SEALED_STATE || name.contains(['/', '\\']) || name.is_empty() {
+            return Err(SealedStoreError::Malformed {
+                path: self.dir.join(name),
+                reason: "too large a state, or not a file name",
+            });
+        }
+        let rng = SystemRandom::new();
+        let mut nonce = [0; NONCE_LEN];
+        rng.fill(&mut nonce).map_err(|_| SealedStoreError::Random)?;
+        let mut file = Vec::with_capacity(HEADER_LEN + NONCE_LEN + contents.len() + TAG_LEN);
+        file.extend_from_slice(STATE_FILE_MAGIC);
+        file.push(STATE_FILE_VERSION);
+        file.extend_from_slice(&nonce);
+        file.extend_from_slice(contents);
+        let tag = self
+            .kek
+            .aead()?
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(self.state_aad(name)),
+                &mut file[HEADER_LEN + NONCE_LEN..],
+            )
+            .map_err(|_| SealedStoreError::Crypto)?;
+        file.extend_from_slice(tag.as_ref());
+        let _writing = lock(&self.writing);
+        let written = write_atomic(&self.dir, name, &file);
+        file.fill(0);
+        written
+    }
+
+    /// The contents of the sealed state file `name`, or `None` if there is none. Fails on a file
+    /// that is altered, truncated, another device's or another name's, and on one others may read.
+    pub fn open_state(&self, name: &str) -> Result<Option<Vec<u8>>, SealedStoreError> {
+        let path = self.dir.join(name);
+        remove_leftovers(&self.dir, name)?;
+        let Some(mut file) = read_secret_file(&path)? else {
+            return Ok(None);
+        };
+        let malformed = |reason| SealedStoreError::Malformed {
+            path: path.clone(),
+            reason,
+        };
+        if file.len() < HEADER_LEN + NONCE_LEN + TAG_LEN
+            || &file[..STATE_FILE_MAGIC.len()] != STATE_FILE_MAGIC
+        {
+            file.fill(0);
+            return Err(malformed("not a sealed state file"));
+        }
+        if file[STATE_FILE_MAGIC.len()] != STATE_FILE_VERSION {
+            return Err(malformed("unknown version"));
+        }
+        if file.len() > HEADER_LEN + NONCE_LEN + MAX_SEALED_STATE + TAG_LEN {
+            return Err(malformed("too large"));
+        }
+        let (head, sealed) = file.split_at_mut(HEADER_LEN + NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(&head[HEADER_LEN..])
+            .map_err(|_| malformed("bad nonce"))?;
+        let opened =
+            match self
+                .kek
+                .aead()?
+                .open_in_place(nonce, Aad::from(self.state_aad(name)), sealed)
+            {
+                Ok(opened) => {
+                    let contents = opened.to_vec();
+                    opened.fill(0);
+                    Ok(Some(contents))
+                }
+                Err(_) => Err(SealedStoreError::Unseal { path: path.clone() }),
+            };
+        file.fill(0);
+        opened
+    }
+
+    /// Removes the sealed state file `name`, if any, durably.
+    pub fn remove_state(&self, name: &str) -> Result<(), SealedStoreError> {
+        let path = self.dir.join(name);
+        let _writing = lock(&self.writing);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(io_error(&path)(source)),
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.dir))
+    }
+
+    fn state_aad(&self, name: &str) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(HEADER_LEN + 4 + self.serial.len() + name.len());
+        aad.extend_from_slice(STATE_FILE_MAGIC);
+        aad.push(STATE_FILE_VERSION);
+        aad.extend_from_slice(&(self.serial.len() as u16).to_be_bytes());
+        aad.extend_from_slice(self.serial.as_bytes());
+        aad.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        aad.extend_from_slice(name.as_bytes());
+        aad
     }
 
     /// Removes `slot`'s key file, if any, and makes the removal durable.

@@ -12,6 +12,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use relay_protocol::admission::AdmissionKey;
+use relay_protocol::cookie::CookieJar;
 use relay_protocol::frame::{DeviceFrame, SessionId};
 use relay_protocol::payload::{
     DeviceConfig, InitPayload, Message, Notices, ReadingSeq, RefusalReason, Release,
@@ -81,12 +83,30 @@ pub(crate) struct TestCore {
     pub refusals: HashMap<RefusalReason, u64>,
     /// Every authenticated initiation: the device key and its payload.
     pub inits: Vec<(PublicKey, InitPayload)>,
+    /// Give every accepted session an admission key (the real core always does); the device
+    /// then tags its frames (`AdmittedTransport`), and frames with a bad tag are dropped.
+    pub admission: bool,
+    /// Admission keys by session.
+    admission_keys: HashMap<SessionId, AdmissionKey>,
+    /// Answer plain initiations with a cookie challenge (the real core under load).
+    pub demand_cookies: bool,
+    jar: CookieJar,
+    /// Cookie replies sent.
+    pub cookie_replies: u64,
+    /// `CookieInit`s whose MAC did not check.
+    pub stale_cookies: u64,
+    /// `AdmittedTransport` frames whose tag did not check.
+    pub bad_tags: u64,
 }
+
+/// The path bytes the test core's cookies are bound to (one path: no addresses in memory).
+const COOKIE_SOURCE: &[u8] = b"test";
 
 impl TestCore {
     pub fn new() -> Self {
         let kp = StaticKeypair::generate().expect("keypair");
         let key_hex = kp.private_hex_for_storage();
+        let jar = CookieJar::new(kp.public(), Instant::now()).expect("cookie jar");
         Self {
             key_hex,
             responder: Responder::new(kp),
@@ -110,6 +130,13 @@ impl TestCore {
             },
             refusals: HashMap::new(),
             inits: Vec::new(),
+            admission: false,
+            admission_keys: HashMap::new(),
+            demand_cookies: false,
+            jar,
+            cookie_replies: 0,
+            stale_cookies: 0,
+            bad_tags: 0,
         }
     }
 
@@ -123,6 +150,7 @@ impl TestCore {
         let kp = StaticKeypair::from_private_hex(&self.key_hex).expect("stored key");
         self.responder = Responder::new(kp);
         self.sessions.clear();
+        self.admission_keys.clear();
         self.pending_acks.clear();
         self.next_id += 0x1000;
     }
@@ -200,7 +228,27 @@ impl TestCore {
 
     fn try_handle(&mut self, datagram: &[u8], now: Instant) -> Option<Vec<Vec<u8>>> {
         match DeviceFrame::decode(datagram).ok()? {
-            DeviceFrame::HandshakeInit { sender, noise } => {
+            DeviceFrame::HandshakeInit { sender, noise } if self.demand_cookies => {
+                let mut out = Vec::new();
+                self.jar
+                    .reply(sender, noise, COOKIE_SOURCE, now, &mut out)
+                    .ok()?;
+                self.cookie_replies += 1;
+                Some(vec![out])
+            }
+            DeviceFrame::CookieInit { sender, noise, .. }
+                if !self.jar.check(datagram, COOKIE_SOURCE, now) =>
+            {
+                self.stale_cookies += 1;
+                let mut out = Vec::new();
+                self.jar
+                    .reply(sender, noise, COOKIE_SOURCE, now, &mut out)
+                    .ok()?;
+                self.cookie_replies += 1;
+                Some(vec![out])
+            }
+            DeviceFrame::HandshakeInit { sender, noise }
+            | DeviceFrame::CookieInit { sender, noise, .. } => {
                 let incoming = self.responder.read_init(sender, noise).ok()?;
                 let device = *incoming.device();
                 let last = self.last_timestamp.get(&device).copied().unwrap_or(0);
@@ -211,9 +259,17 @@ impl TestCore {
                 self.inits.push((device, *incoming.init()));
                 let mut out = Vec::new();
                 match self.decide(&incoming) {
-                    Decision::Accept { identity, policy } => {
+                    Decision::Accept {
+                        identity,
+                        mut policy,
+                    } => {
                         self.next_id += 1;
                         let id = SessionId(self.next_id);
+                        if self.admission {
+                            let key = AdmissionKey(rand::random());
+                            policy.admission = Some(key);
+                            self.admission_keys.insert(id, key);
+                        }
                         let transport = incoming.accept(id, &policy, now, &mut out).ok()?;
                         self.sessions.insert(id, (transport, identity));
                         self.handshakes += 1;
@@ -227,38 +283,63 @@ impl TestCore {
                 }
                 Some(vec![out])
             }
+            DeviceFrame::AdmittedTransport {
+                receiver,
+                counter,
+                ciphertext,
+                ..
+            } => {
+                if !self
+                    .admission_keys
+                    .get(&receiver)
+                    .is_some_and(|k| k.verify(datagram))
+                {
+                    self.bad_tags += 1;
+                    return None;
+                }
+                self.transport(receiver, counter, ciphertext)
+            }
             DeviceFrame::Transport {
                 receiver,
                 counter,
                 ciphertext,
-            } => {
-                let (transport, device) = self.sessions.get_mut(&receiver)?;
-                let device = *device;
-                let mut plain = Vec::new();
-                transport.open(counter, ciphertext, &mut plain).ok()?;
-                let Message::Reading { seq, data } = Message::decode(&plain).ok()? else {
-                    return Some(Vec::new());
-                };
-                let stored = self.store.entry(device).or_default();
-                match stored.entry(seq.0) {
-                    std::collections::btree_map::Entry::Occupied(_) => self.duplicates += 1,
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(data.to_vec());
-                    }
-                }
-                if self.batch_acks {
-                    self.pending_acks.entry(receiver).or_default().push(seq);
-                    return Some(Vec::new());
-                }
-                let notices = self.ack_notices(&device);
-                let ack = Message::Ack {
-                    seqs: vec![seq],
-                    notices,
-                };
-                Some(vec![self.seal(receiver, &ack)?])
-            }
-            DeviceFrame::HandshakeResponse { .. } => None,
+            } => self.transport(receiver, counter, ciphertext),
+            DeviceFrame::HandshakeResponse { .. } | DeviceFrame::CookieReply { .. } => None,
         }
+    }
+
+    /// A transport frame's ciphertext on session `receiver`: a reading is stored (once) and
+    /// acknowledged.
+    fn transport(
+        &mut self,
+        receiver: SessionId,
+        counter: u64,
+        ciphertext: &[u8],
+    ) -> Option<Vec<Vec<u8>>> {
+        let (transport, device) = self.sessions.get_mut(&receiver)?;
+        let device = *device;
+        let mut plain = Vec::new();
+        transport.open(counter, ciphertext, &mut plain).ok()?;
+        let Message::Reading { seq, data } = Message::decode(&plain).ok()? else {
+            return Some(Vec::new());
+        };
+        let stored = self.store.entry(device).or_default();
+        match stored.entry(seq.0) {
+            std::collections::btree_map::Entry::Occupied(_) => self.duplicates += 1,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(data.to_vec());
+            }
+        }
+        if self.batch_acks {
+            self.pending_acks.entry(receiver).or_default().push(seq);
+            return Some(Vec::new());
+        }
+        let notices = self.ack_notices(&device);
+        let ack = Message::Ack {
+            seqs: vec![seq],
+            notices,
+        };
+        Some(vec![self.seal(receiver, &ack)?])
     }
 
     /// What rides on the next acknowledgement to the device `identity`: a rotation notice while

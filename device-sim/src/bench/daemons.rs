@@ -95,6 +95,35 @@ pub(super) fn ensure_gateway_flows(path: &Path, flows: usize) -> Result<(), Benc
     std::fs::write(path, text).map_err(BenchError::io(path.display().to_string()))
 }
 
+/// Sets (`Some`) or removes (`None`) keys of `path`'s TOML tables: `(table, key, value)`.
+pub(super) fn edit_toml(
+    path: &Path,
+    edits: &[(&str, &str, Option<i64>)],
+) -> Result<(), BenchError> {
+    let text = std::fs::read_to_string(path).map_err(BenchError::io(path.display().to_string()))?;
+    let bad = |why: &str| BenchError::Daemon(format!("{}: {why}", path.display()));
+    let mut doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| bad(e.message()))?;
+    for (table, key, value) in edits {
+        let t = doc
+            .entry(*table)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("[{table}] is not a table")))?;
+        match value {
+            Some(v) => {
+                t.insert((*key).into(), toml::Value::Integer(*v));
+            }
+            None => {
+                t.remove(*key);
+            }
+        }
+    }
+    let text = toml::to_string(&doc).map_err(|e| bad(&e.to_string()))?;
+    std::fs::write(path, text).map_err(BenchError::io(path.display().to_string()))
+}
+
 /// One daemon; SIGKILL when dropped.
 #[derive(Debug)]
 struct Daemon {
@@ -115,6 +144,12 @@ impl Daemon {
         limit: Duration,
     ) -> Result<Self, BenchError> {
         let ready_file = dir.join(format!("{name}.ready.json"));
+        // A restart: the previous run's ready file names the previous addresses.
+        match std::fs::remove_file(&ready_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BenchError::io(ready_file.display().to_string())(e)),
+        }
         let log = dir.join(format!("{name}.log"));
         let log_file =
             std::fs::File::create(&log).map_err(BenchError::io(log.display().to_string()))?;
@@ -352,14 +387,16 @@ impl Daemons {
         }
     }
 
-    async fn core_metrics(&self) -> Option<String> {
+    /// The core's whole `/metrics` text, if it can be scraped.
+    pub async fn core_metrics(&self) -> Option<String> {
         match http_get(self.core_admin, "/metrics").await {
             Ok((200, body)) => Some(body),
             _ => None,
         }
     }
 
-    async fn gateway_metrics(&self) -> Option<String> {
+    /// The gateway's whole `/metrics` text, if it can be scraped.
+    pub async fn gateway_metrics(&self) -> Option<String> {
         match http_get(self.gateway_admin, "/metrics").await {
             Ok((200, body)) => Some(body),
             _ => None,
@@ -532,6 +569,32 @@ mod tests {
         assert_eq!(doc["flows"]["max"].as_integer(), Some(121_400));
         assert_eq!(doc["flows"]["idle_timeout_secs"].as_integer(), Some(900));
         assert_eq!(doc["name"].as_str(), Some("gateway-1"));
+    }
+
+    #[test]
+    fn edits_toml_keys_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("core.toml");
+        std::fs::write(
+            &path,
+            "name = \"core\"\n\n[handshakes]\ncookie_above_per_sec = 7\n",
+        )
+        .expect("write");
+        edit_toml(
+            &path,
+            &[
+                ("admission", "quota_frames", Some(9)),
+                ("handshakes", "cookie_above_per_sec", None),
+            ],
+        )
+        .expect("edited");
+        let doc: toml::Table = std::fs::read_to_string(&path)
+            .expect("read")
+            .parse()
+            .expect("toml");
+        assert_eq!(doc["admission"]["quota_frames"].as_integer(), Some(9));
+        assert!(doc["handshakes"].get("cookie_above_per_sec").is_none());
+        assert_eq!(doc["name"].as_str(), Some("core"));
     }
 
     #[test]

@@ -85,13 +85,16 @@ impl SourceAddrs {
 }
 
 /// How one step went.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct IdleOutcome {
     pub established: u64,
     /// Devices without a session after every attempt.
     pub failed: u64,
     /// Attempts that got no response in time.
     pub timeouts: u64,
+    /// The core's ids of the first sessions established (at most the `keep_ids` asked for): the
+    /// sessions the gateway holds admissions for.
+    pub sessions: Vec<SessionId>,
 }
 
 #[derive(Debug, Default)]
@@ -99,10 +102,12 @@ struct Counters {
     established: AtomicU64,
     failed: AtomicU64,
     timeouts: AtomicU64,
+    sessions: std::sync::Mutex<Vec<SessionId>>,
 }
 
-/// Establishes one session per device through `gateway`, `concurrency` handshakes at a time.
-/// `already` (idle devices before this step) only shows in the progress lines.
+/// Establishes one session per device through `gateway`, `concurrency` handshakes at a time,
+/// and keeps the core's ids of the first `keep_ids` sessions. `already` (idle devices before this
+/// step) only shows in the progress lines.
 pub(super) async fn establish(
     devices: Vec<DeviceIdentity>,
     core: PublicKey,
@@ -110,6 +115,7 @@ pub(super) async fn establish(
     sources: &mut SourceAddrs,
     concurrency: usize,
     already: usize,
+    keep_ids: usize,
 ) -> Result<IdleOutcome, BenchError> {
     let total = devices.len();
     let counters = Arc::new(Counters::default());
@@ -145,6 +151,15 @@ pub(super) async fn establish(
                 .fetch_add(result.timeouts, Ordering::Relaxed);
             if result.established {
                 shared.established.fetch_add(1, Ordering::Relaxed);
+                if let Some(id) = result.session {
+                    let mut ids = shared
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if ids.len() < keep_ids {
+                        ids.push(id);
+                    }
+                }
             } else {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -162,37 +177,54 @@ pub(super) async fn establish(
         joined.map_err(|e| BenchError::Daemon(format!("idle-session task: {e}")))?;
     }
     report(&counters);
+    let sessions = std::mem::take(
+        &mut *counters
+            .sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
     Ok(IdleOutcome {
         established: counters.established.load(Ordering::Relaxed),
         failed: counters.failed.load(Ordering::Relaxed),
         timeouts: counters.timeouts.load(Ordering::Relaxed),
+        sessions,
     })
 }
 
-struct SessionResult {
-    established: bool,
-    timeouts: u64,
+/// How one device's handshake went.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct SessionResult {
+    pub established: bool,
+    /// Attempts that got no response in time.
+    pub timeouts: u64,
+    /// Initiations sent (cookie echoes included).
+    pub initiations: u64,
+    /// Cookie challenges the core answered with.
+    pub cookie_challenges: u64,
+    /// From the first initiation to the session.
+    pub latency: Option<Duration>,
+    /// The core's id of the session (the `receiver` of the device's frames).
+    pub session: Option<SessionId>,
 }
 
 /// Up to [`ATTEMPTS`] handshakes (new ephemeral key, id and a greater timestamp each), each
-/// waiting [`ATTEMPT_TIMEOUT`] for its response. The socket closes when this returns.
-async fn one_session(
+/// waiting [`ATTEMPT_TIMEOUT`] for its response; a cookie challenge is echoed at once (the
+/// attempt keeps waiting). The socket closes when this returns.
+pub(super) async fn one_session(
     device: DeviceIdentity,
     core: PublicKey,
     socket: UdpSocket,
     gateway: SocketAddr,
 ) -> SessionResult {
-    let mut result = SessionResult {
-        established: false,
-        timeouts: 0,
-    };
+    let mut result = SessionResult::default();
     if socket.connect(gateway).await.is_err() {
         return result;
     }
     let mut session = DeviceSession::new(device.keypair, core);
     let mut last_timestamp = 0u64;
     let mut buf = [0u8; 2048];
-    let mut plaintext = Vec::new();
+    let mut out = Vec::new();
+    let started = Instant::now();
     for _ in 0..ATTEMPTS {
         let timestamp = unix_ms().max(last_timestamp + 1);
         last_timestamp = timestamp;
@@ -202,6 +234,7 @@ async fn one_session(
         };
         // A failed send is a lost datagram like any other: the attempt times out.
         let _ = socket.send(&init).await;
+        result.initiations += 1;
         let deadline = tokio::time::Instant::now() + ATTEMPT_TIMEOUT;
         loop {
             match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
@@ -209,14 +242,21 @@ async fn one_session(
                     result.timeouts += 1;
                     break;
                 }
-                Ok(Ok(n)) => {
-                    if let Ok(DeviceEvent::Established { .. }) =
-                        session.handle_datagram(&buf[..n], Instant::now(), &mut plaintext)
-                    {
+                Ok(Ok(n)) => match session.handle_datagram(&buf[..n], Instant::now(), &mut out) {
+                    Ok(DeviceEvent::Established { .. }) => {
                         result.established = true;
+                        result.latency = Some(started.elapsed());
+                        result.session = session.current().map(|t| t.remote_id());
                         return result;
                     }
-                }
+                    Ok(DeviceEvent::CookieChallenge) => {
+                        result.cookie_challenges += 1;
+                        result.initiations += 1;
+                        let _ = socket.send(&out).await;
+                    }
+                    // A refusal, a stray or a late datagram: keep waiting.
+                    _ => {}
+                },
                 // An ICMP error for an earlier send; keep waiting for this attempt's response.
                 Ok(Err(_)) => {}
             }

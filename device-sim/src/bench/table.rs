@@ -88,6 +88,52 @@ pub fn render_table(r: &BenchReport) -> String {
         }
     }
 
+    let f = &r.forged_frames;
+    row(
+        "forged frames: plain UDP socket receives/s".into(),
+        per_sec(f.plain_received_per_sec),
+        "",
+        None,
+    );
+    row(
+        "forged frames: gateway drops/s (bad admission tag)".into(),
+        per_sec(f.gateway_dropped_per_sec),
+        "",
+        None,
+    );
+    row(
+        "gateway filter / raw UDP receive".into(),
+        pct(f.ratio),
+        ">= 90 %",
+        check("gateway forged-frame drops / raw UDP receive rate"),
+    );
+    row(
+        "forged frames on the uplink (core counters)".into(),
+        if f.uplink_untouched {
+            "none".into()
+        } else {
+            "some".into()
+        },
+        "none",
+        check("forged frames reaching the uplink"),
+    );
+    let fl = &r.flood;
+    row(
+        format!(
+            "handshake flood: forged inits/s, {} sources",
+            fl.flood_sources
+        ),
+        per_sec(fl.flood_sent_per_sec),
+        "",
+        None,
+    );
+    row(
+        format!("real handshakes completed under flood ({})", fl.devices),
+        pct(fl.success_ratio),
+        ">= 99 %",
+        check("real handshakes completed under flood"),
+    );
+
     let mut out = String::new();
     let header = ["what", "figure", "target", "result"];
     let width = |i: usize| {
@@ -175,6 +221,64 @@ pub fn render_table(r: &BenchReport) -> String {
             p.ports_skipped
         );
     }
+    let _ = writeln!(
+        out,
+        "forged frames: {} B each, {} distinct, for {} admitted sessions; blaster {} thread(s), {} datagrams per send, {} rounds of {:.0} s (best round counted)",
+        f.frame_bytes,
+        f.distinct_frames,
+        f.sessions,
+        f.blaster_threads,
+        f.segments_per_send,
+        f.rounds.len(),
+        f.blast_secs
+    );
+    for (i, round) in f.rounds.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  round {}: plain socket {:.0}/s of {:.0}/s sent; gateway dropped {:.0}/s of {:.0}/s sent",
+            i + 1,
+            round.plain_received_per_sec,
+            round.plain_sent_per_sec,
+            round.gateway_dropped_per_sec,
+            round.gateway_sent_per_sec
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  gateway: received +{}, dropped admission_mac +{}, other +{}, forwarded up +{}, admission queries +{}; core: frames received +{}, dropped +{}",
+        opt(f.gateway_received),
+        opt(f.gateway_dropped_admission_mac),
+        opt(f.gateway_dropped_other),
+        opt(f.gateway_forwarded_uplink),
+        opt(f.gateway_admission_queries),
+        opt(f.core_frames_received),
+        opt(f.core_frames_dropped)
+    );
+    let _ = writeln!(out, "  drops: {}", drops(&f.drops));
+    let _ = writeln!(
+        out,
+        "flood: {} forged inits/s asked ({:.0} × core rate {:.0}/s), {} sent in {:.1} s from {} sources; {} of {} real handshakes, {} initiations, {} cookie challenges, p50 {} p99 {}; core cookie replies +{}, accepted +{}, stale cookies +{}; gateway handshake_rate drops +{}",
+        fl.flood_rate_per_sec,
+        if fl.core_capacity_per_sec > 0.0 {
+            fl.flood_rate_per_sec as f64 / fl.core_capacity_per_sec
+        } else {
+            0.0
+        },
+        fl.core_capacity_per_sec,
+        fl.flood_sent,
+        fl.flood_secs,
+        fl.flood_sources,
+        fl.established,
+        fl.devices,
+        fl.initiations,
+        fl.cookie_challenges,
+        ms(fl.latency_p50_ms),
+        ms(fl.latency_p99_ms),
+        opt(fl.core_cookie_replies),
+        opt(fl.core_accepted),
+        opt(fl.core_stale_cookies),
+        opt(fl.gateway_handshake_rate_drops)
+    );
     let _ = writeln!(
         out,
         "machine: {} CPUs, {}, kernel {}; fleet {} devices; {}",

@@ -2,6 +2,7 @@
 //! [`TestCore`] (the Noise responder of `relay-protocol`, acknowledging every reading).
 
 use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
 use relay_protocol::session::StaticKeypair;
@@ -31,33 +32,24 @@ impl CoreLoop {
         let addr = socket.local_addr().expect("addr");
         let core = Arc::new(Mutex::new(TestCore::new()));
         let stop = CancellationToken::new();
-        let (c, s) = (core.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let (mut received, mut sent) = (0u64, 0u64);
-            loop {
-                let (n, from) = tokio::select! {
-                    _ = s.cancelled() => return,
-                    r = socket.recv_from(&mut buf) => match r {
-                        Ok(x) => x,
-                        Err(_) => continue,
-                    },
-                };
-                received += 1;
-                if loss.in_every.is_some_and(|k| received % k == 0) {
-                    continue;
-                }
-                let replies = c.lock().expect("core").handle(&buf[..n], Instant::now());
-                for r in replies {
-                    sent += 1;
-                    if loss.out_every.is_some_and(|k| sent % k == 0) {
-                        continue;
-                    }
-                    let _ = socket.send_to(&r, from).await;
-                }
-            }
-        });
+        serve(socket, core.clone(), stop.clone(), loss, Arc::default());
         Self { addr, core, stop }
+    }
+
+    /// Another address into the same core (a second gateway, or direct access), and how many
+    /// datagrams arrive there.
+    async fn another_path(&self) -> (SocketAddr, Arc<AtomicU64>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let count = Arc::new(AtomicU64::new(0));
+        serve(
+            socket,
+            self.core.clone(),
+            self.stop.clone(),
+            Loss::default(),
+            count.clone(),
+        );
+        (addr, count)
     }
 
     /// Every acknowledged reading is in the store, unaltered; nothing was stored that the fleet
@@ -76,6 +68,42 @@ impl CoreLoop {
             assert_eq!(acked.len(), d.acked.len(), "each reading acknowledged once");
         }
     }
+}
+
+/// The core's receive loop on `socket`: each datagram to the core, its answers back to the sender.
+fn serve(
+    socket: UdpSocket,
+    core: Arc<Mutex<TestCore>>,
+    stop: CancellationToken,
+    loss: Loss,
+    count: Arc<AtomicU64>,
+) {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        let (mut received, mut sent) = (0u64, 0u64);
+        loop {
+            let (n, from) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(_) => continue,
+                },
+            };
+            received += 1;
+            count.fetch_add(1, Ordering::Relaxed);
+            if loss.in_every.is_some_and(|k| received % k == 0) {
+                continue;
+            }
+            let replies = core.lock().expect("core").handle(&buf[..n], Instant::now());
+            for r in replies {
+                sent += 1;
+                if loss.out_every.is_some_and(|k| sent % k == 0) {
+                    continue;
+                }
+                let _ = socket.send_to(&r, from).await;
+            }
+        }
+    });
 }
 
 impl Drop for CoreLoop {
@@ -534,4 +562,140 @@ async fn an_unactivated_device_ends_without_a_subscription() {
         crate::cli::EXIT_NO_SUBSCRIPTION
     );
     assert_eq!(crate::cli::exit_code_for(&s, true), crate::cli::EXIT_OK);
+}
+
+#[tokio::test]
+async fn devices_move_between_paths_on_the_same_session() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    core.core.lock().expect("core").admission = true;
+    let (b, on_b) = core.another_path().await;
+    let (c_addr, on_c) = core.another_path().await;
+    let opts = FleetOptions {
+        interval: Duration::from_millis(20),
+        moves: vec![
+            Move {
+                at: Duration::from_millis(300),
+                target: b,
+                name: "gateway-b".into(),
+            },
+            Move {
+                at: Duration::from_millis(600),
+                target: c_addr,
+                name: c_addr.to_string(),
+            },
+        ],
+        ..options(core.addr, public, 3, 50)
+    };
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (150, 0), "{s:?}");
+    assert_eq!(s.handshakes, 3, "the session moves, no new handshake");
+    core.check_store(&s, 100);
+    let (b, c) = (on_b.load(Ordering::Relaxed), on_c.load(Ordering::Relaxed));
+    assert!(
+        b >= 15 && c >= 15,
+        "both new paths carried readings: {b}, {c}"
+    );
+    for d in &s.per_device {
+        assert_eq!(d.endpoint, c_addr.to_string(), "{d:?}");
+        assert_eq!(d.stats.handshakes_started, 1);
+    }
+    let stored: usize = {
+        let core = core.core.lock().expect("core");
+        s.per_device
+            .iter()
+            .map(|d| core.store.get(&d.public_key).map_or(0, |r| r.len()))
+            .sum()
+    };
+    assert_eq!(stored, 150, "every reading stored once");
+}
+
+#[tokio::test]
+async fn a_sleepy_device_resumes_its_persisted_session_in_one_datagram() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    core.core.lock().expect("core").admission = true;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = manufactured(tmp.path(), &core.core, 2);
+    let sleepy = |dirs, readings| FleetOptions {
+        sleepy: Some(Duration::from_millis(200)),
+        ..element_options(core.addr, public, dirs, readings)
+    };
+    let s = run_fleet(sleepy(dirs, 2), None).await.expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (4, 0), "{s:?}");
+    for d in &s.per_device {
+        assert!(!d.resumed);
+        let file = tmp
+            .path()
+            .join(&d.serial)
+            .join(crate::device_dir::SESSION_FILE);
+        assert!(file.exists(), "{} persisted its session", d.serial);
+    }
+    let handshakes = core.core.lock().expect("core").handshakes;
+
+    // The next run (the device woke after a restart): one datagram each, no handshake.
+    let s = run_fleet(sleepy(reopen(tmp.path(), 2), 1), None)
+        .await
+        .expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (2, 0), "{s:?}");
+    for d in &s.per_device {
+        assert!(d.resumed, "{d:?}");
+        assert_eq!(
+            (
+                d.stats.handshakes,
+                d.stats.handshakes_started,
+                d.stats.frames_sent
+            ),
+            (0, 0, 1),
+            "{d:?}"
+        );
+    }
+    assert_eq!(core.core.lock().expect("core").handshakes, handshakes);
+    assert_eq!(core.core.lock().expect("core").bad_tags, 0);
+    let json = serde_json::to_value(&s).expect("json");
+    for d in json["per_device"].as_array().expect("per device") {
+        assert_eq!(
+            (&d["frames_sent"], &d["handshakes"]),
+            (&1.into(), &0.into())
+        );
+        assert_eq!(d["resumed"], true);
+    }
+    assert_eq!(json["frames_sent"], 2);
+
+    // The core lost its sessions meanwhile: the resumed session goes unanswered, the device
+    // handshakes again and delivers.
+    core.core.lock().expect("core").restart();
+    let s = run_fleet(sleepy(reopen(tmp.path(), 2), 1), None)
+        .await
+        .expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (2, 0), "{s:?}");
+    for d in &s.per_device {
+        assert!(d.resumed);
+        assert_eq!(d.stats.handshakes, 1, "{d:?}");
+    }
+
+    // A streaming run resumes the persisted session too, and keeps it persisted.
+    let s = run_fleet(
+        element_options(core.addr, public, reopen(tmp.path(), 2), 3),
+        None,
+    )
+    .await
+    .expect("ran");
+    assert_eq!((s.acknowledged, s.lost, s.handshakes), (6, 0, 0), "{s:?}");
+    assert!(s.per_device.iter().all(|d| d.resumed));
+
+    // More frames than half the counter lease: the session is written again before the lease
+    // could run out (at the resume, once in between, at the end).
+    let n = crate::device_dir::SESSION_COUNTER_LEASE / 2 + 100;
+    let s = run_fleet(
+        FleetOptions {
+            interval: Duration::ZERO,
+            ..element_options(core.addr, public, reopen(tmp.path(), 1), n)
+        },
+        None,
+    )
+    .await
+    .expect("ran");
+    assert_eq!((s.acknowledged, s.lost, s.handshakes), (n, 0, 0), "{s:?}");
+    assert_eq!(s.per_device[0].session_writes, 3, "{:?}", s.per_device[0]);
 }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use relay_protocol::frame::DeviceFrame;
+use relay_protocol::frame::{DeviceFrame, FrameType};
 
 use super::*;
 use crate::test_core::TestCore;
@@ -35,6 +35,8 @@ struct Sim {
     uplink: Vec<(Instant, Vec<u8>)>,
     next_seq: u64,
     max_in_flight: usize,
+    /// The meter's private key, to make the same device again (a restart).
+    key_hex: String,
 }
 
 fn fast_config() -> MeterConfig {
@@ -45,9 +47,11 @@ impl Sim {
     fn new(config: MeterConfig) -> Self {
         let core = TestCore::new();
         let start = Instant::now();
+        let keypair = StaticKeypair::generate().expect("keypair");
+        let key_hex = keypair.private_hex_for_storage();
         let meter = Meter::new(
             SERIAL,
-            StaticKeypair::generate().expect("keypair"),
+            keypair,
             core.public(),
             config,
             Timebase::new(start, 1_700_000_000_000),
@@ -65,7 +69,23 @@ impl Sim {
             uplink: Vec::new(),
             next_seq: seq_base(1_700_000_000_000),
             max_in_flight: 0,
+            key_hex,
         }
+    }
+
+    /// The same device restarted at `self.now`: a new meter with the same key and clock, no
+    /// session, an empty outbox.
+    fn restart_meter(&mut self, config: MeterConfig) {
+        self.meter = Meter::new(
+            SERIAL,
+            StaticKeypair::from_private_hex(&self.key_hex).expect("key"),
+            self.core.public(),
+            config,
+            Timebase::new(self.start, 1_700_000_000_000),
+            9,
+        );
+        self.uplink.clear();
+        self.events.clear();
     }
 
     fn queue(&mut self, n: usize) {
@@ -546,4 +566,122 @@ fn seq_base_and_payload() {
     assert_eq!(p, reading_payload("meter-00001", 42, 40));
     assert_eq!(reading_payload("meter-00001", 42, 5), b"meter");
     assert_eq!(reading_payload("m", 1, 10_000).len(), MAX_READING);
+}
+
+fn frame_kind(d: &[u8]) -> Option<FrameType> {
+    DeviceFrame::decode(d).ok().map(|f| f.frame_type())
+}
+
+#[test]
+fn with_an_admission_key_every_reading_is_tagged() {
+    let mut sim = Sim::new(fast_config());
+    sim.core.admission = true;
+    sim.queue(5);
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.meter.outstanding() == 0));
+    let kinds: Vec<_> = sim.uplink.iter().map(|(_, d)| frame_kind(d)).collect();
+    assert_eq!(kinds[0], Some(FrameType::HandshakeInit));
+    assert!(
+        kinds[1..]
+            .iter()
+            .all(|k| *k == Some(FrameType::AdmittedTransport)),
+        "{kinds:?}"
+    );
+    assert_eq!((sim.core.bad_tags, sim.meter.stats().acked), (0, 5));
+    // A frame altered after the tag was computed is stopped by the tag.
+    let (_, frame) = sim.uplink.last().expect("a reading");
+    let mut altered = frame.clone();
+    altered[20] ^= 1;
+    assert!(sim.core.handle(&altered, sim.now).is_empty());
+    assert_eq!(sim.core.bad_tags, 1);
+    assert_eq!(sim.meter.stats().frames_sent, 6);
+}
+
+#[test]
+fn a_cookie_challenge_is_echoed_at_once_and_the_handshake_completes() {
+    let mut sim = Sim::new(fast_config());
+    sim.core.demand_cookies = true;
+    sim.queue(2);
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.meter.outstanding() == 0));
+    let kinds: Vec<_> = sim.uplink.iter().map(|(_, d)| frame_kind(d)).collect();
+    assert_eq!(
+        kinds[..2],
+        [Some(FrameType::HandshakeInit), Some(FrameType::CookieInit)]
+    );
+    // The echo left as soon as the cookie came: one round trip after the initiation.
+    assert_eq!(sim.uplink[1].0 - sim.uplink[0].0, 2 * ONE_WAY);
+    let stats = sim.meter.stats();
+    assert_eq!(
+        (
+            stats.cookie_challenges,
+            stats.handshakes,
+            stats.handshakes_started
+        ),
+        (1, 1, 2)
+    );
+    assert_eq!((sim.core.cookie_replies, sim.core.stale_cookies), (1, 0));
+    assert_eq!(stats.bad_datagrams, 0);
+    // A forged cookie reply (wrong receiver, or not sealed for this initiation) is dropped.
+    let forged = [1u8, 5, 0, 0, 0, 1]
+        .into_iter()
+        .chain([0u8; 56])
+        .collect::<Vec<u8>>();
+    assert!(sim.meter.handle_datagram(&forged, sim.now).is_err());
+}
+
+#[test]
+fn a_resumed_session_sends_at_once_past_its_counter_lease() {
+    let mut sim = Sim::new(fast_config());
+    sim.core.admission = true;
+    sim.queue(3);
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.meter.outstanding() == 0));
+    let (_, sent) = sim.meter.session_counter().expect("session");
+    assert_eq!(sent, 3);
+    let snapshot = sim
+        .meter
+        .session_snapshot(1024, sim.now)
+        .expect("a working session");
+    assert_eq!(snapshot.sent(), sent + 1024);
+    let bytes = snapshot.encode();
+    let snapshot = SessionSnapshot::decode(&bytes).expect("round trip");
+    assert_eq!(snapshot.sent(), 1027);
+
+    // The device sleeps a minute, restarts, and resumes: one datagram, no handshake.
+    sim.now += Duration::from_secs(60);
+    sim.restart_meter(fast_config());
+    assert!(sim.meter.resume_session(&snapshot, sim.now));
+    assert!(sim.meter.has_working_session());
+    assert!(
+        !sim.meter.resume_session(&snapshot, sim.now),
+        "not over a session"
+    );
+    sim.queue(1);
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.meter.outstanding() == 0));
+    assert_eq!(sim.uplink.len(), 1);
+    let Ok(DeviceFrame::AdmittedTransport { counter, .. }) = DeviceFrame::decode(&sim.uplink[0].1)
+    else {
+        panic!("not a tagged transport frame");
+    };
+    assert_eq!(counter, 1027, "the lease is skipped");
+    let stats = sim.meter.stats();
+    assert_eq!(
+        (
+            stats.handshakes_started,
+            stats.frames_sent,
+            stats.resumptions
+        ),
+        (0, 1, 1)
+    );
+    assert_eq!(sim.core.handshakes, 1, "only the first run's");
+
+    // Past its rekey time a snapshot is not resumed.
+    let mut sim = Sim::new(fast_config());
+    sim.core.rekey_after_secs = 2;
+    sim.queue(1);
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.meter.outstanding() == 0));
+    let short = sim.meter.session_snapshot(1024, sim.now).expect("snapshot");
+    assert_eq!(short.rekey_after_secs(), 2);
+    sim.now += Duration::from_secs(3);
+    sim.restart_meter(fast_config());
+    assert!(!sim.meter.resume_session(&short, sim.now));
+    assert!(!sim.meter.has_working_session());
 }

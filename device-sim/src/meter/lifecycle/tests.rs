@@ -318,7 +318,9 @@ fn frame_type(d: &[u8]) -> &'static str {
     match DeviceFrame::decode(d) {
         Ok(DeviceFrame::HandshakeInit { .. }) => "init",
         Ok(DeviceFrame::HandshakeResponse { .. }) => "response",
-        Ok(DeviceFrame::Transport { .. }) => "transport",
+        Ok(DeviceFrame::Transport { .. } | DeviceFrame::AdmittedTransport { .. }) => "transport",
+        Ok(DeviceFrame::CookieReply { .. }) => "cookie_reply",
+        Ok(DeviceFrame::CookieInit { .. }) => "cookie_init",
         Err(_) => "bad",
     }
 }
