@@ -124,6 +124,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// (the gateways' default memory of revoked ids), so a new session is never mistaken for it.
 const REVOKED_ID_HOLD: Duration = Duration::from_secs(600);
 
+/// Under load, whatever the initiation rate: more than this many frames waiting in the engine's
+/// input queue (a flood the engine cannot keep up with; WireGuard's criterion).
+const COOKIE_BACKLOG: usize = 256;
+
 /// The window the engine counts handshake initiations in, against
 /// `handshakes.cookie_above_per_sec`.
 const INITIATION_WINDOW: Duration = Duration::from_secs(1);
@@ -760,6 +764,9 @@ pub(crate) struct SessionTable {
     cookies: CookieJar,
     /// The start of the current initiation-counting window, and the initiations in it.
     initiations: (Instant, u32),
+    /// Frames waiting in the engine's input queue when the current one was taken: past
+    /// [`COOKIE_BACKLOG`] the core is under load whatever the initiation rate.
+    backlog: usize,
     sessions: HashMap<SessionId, CoreSession>,
     subs: Vec<SubscriptionEntry>,
     /// Subscriptions appended out of id order (rare), by id; the others are found by binary
@@ -916,6 +923,7 @@ impl SessionTable {
             admission,
             cookies,
             initiations: (now, 0),
+            backlog: 0,
             sessions: HashMap::new(),
             subs: Vec::with_capacity(index.len()),
             late_ids: HashMap::new(),
@@ -1362,7 +1370,8 @@ impl SessionTable {
         match DeviceFrame::decode(bytes) {
             Err(e) => self.metrics.frame_dropped(DropReason::Decode(e)),
             Ok(DeviceFrame::HandshakeInit { sender, noise }) => {
-                if self.count_initiation(now) > self.admission.cookie_above_per_sec {
+                let rate = self.count_initiation(now);
+                if rate > self.admission.cookie_above_per_sec || self.backlog > COOKIE_BACKLOG {
                     // Under load: prove the path first, no Diffie-Hellman until then.
                     self.cookie_reply(sender, noise, route, now, out);
                 } else {
@@ -1403,6 +1412,11 @@ impl SessionTable {
                 }
             }
         }
+    }
+
+    /// How many frames wait behind the one being handled (the engine's input queue).
+    pub fn set_backlog(&mut self, waiting: usize) {
+        self.backlog = waiting;
     }
 
     /// Counts one initiation in the current window; returns the count so far.
@@ -2146,7 +2160,10 @@ impl Engine {
                 Some(c) = control.recv() => self.on_control(c),
                 Some(c) = self.committed.recv() => self.on_committed(c),
                 msg = input.recv() => match msg {
-                    Some(msg) => self.on_input(msg).await,
+                    Some(msg) => {
+                        self.table.set_backlog(input.len());
+                        self.on_input(msg).await
+                    }
                     None => break,
                 },
                 _ = sweep.tick() => self.table.sweep(Instant::now()),

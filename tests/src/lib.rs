@@ -161,10 +161,22 @@ pub async fn start_gateway(
     core: SocketAddr,
     hooks: gateway::Hooks,
 ) -> Result<Gateway> {
+    start_gateway_on(dep, k, core, hooks, None).await
+}
+
+/// [`start_gateway`] with the device port at `devices` when given (a restarted gateway comes back
+/// where its devices send).
+pub async fn start_gateway_on(
+    dep: &Deployment,
+    k: u32,
+    core: SocketAddr,
+    hooks: gateway::Hooks,
+    devices: Option<SocketAddr>,
+) -> Result<Gateway> {
     let any: SocketAddr = "127.0.0.1:0".parse()?;
     let cli = gateway::Cli {
         config: dep.gateway_config(k),
-        listen_devices: Some(any),
+        listen_devices: Some(devices.unwrap_or(any)),
         listen_admin: Some(any),
         core: Some(core.into()),
         ready_file: None,

@@ -46,4 +46,26 @@ impl Recorder {
             })
             .unwrap_or(false)
     }
+
+    /// The distinct core-side session ids of the admitted transport frames recorded at `point`.
+    pub fn admitted_sessions(&self, point: TapPoint) -> Vec<relay_protocol::SessionId> {
+        let mut ids: Vec<_> = self
+            .records
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .filter(|(p, _)| *p == point)
+                    .filter_map(|(_, b)| match relay_protocol::DeviceFrame::decode(b) {
+                        Ok(f @ relay_protocol::DeviceFrame::AdmittedTransport { .. }) => {
+                            f.receiver()
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
 }
