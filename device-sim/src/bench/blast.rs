@@ -197,7 +197,9 @@ fn send_until(
 }
 
 /// A plain UDP socket on 127.0.0.1 (buffers as the gateway's) and a thread that receives and
-/// counts until stopped.
+/// counts until stopped: with one blocking `recv_from` per datagram, or (`batched`) with the same
+/// receive calls the gateway makes (`recvmmsg` of 32 buffers, GRO, through quinn-udp), so that the
+/// comparison with the gateway measures its per-frame work, not its system calls.
 pub(super) struct PlainReceiver {
     pub addr: SocketAddr,
     count: Arc<AtomicU64>,
@@ -206,14 +208,14 @@ pub(super) struct PlainReceiver {
 }
 
 impl PlainReceiver {
-    pub fn start() -> Result<Self, BenchError> {
+    pub fn start(batched: bool) -> Result<Self, BenchError> {
         let socket = relay_ops::udp::bind(
             SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             relay_ops::udp::DEFAULT_BUFFER_BYTES,
         )
         .map_err(BenchError::io("plain receiver socket"))?;
         socket
-            .set_nonblocking(false)
+            .set_nonblocking(batched)
             .and_then(|()| socket.set_read_timeout(Some(Duration::from_millis(50))))
             .map_err(BenchError::io("plain receiver socket"))?;
         let addr = socket
@@ -222,11 +224,44 @@ impl PlainReceiver {
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (Arc::clone(&count), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !s.load(Ordering::Relaxed) {
-                if socket.recv_from(&mut buf).is_ok() {
-                    c.fetch_add(1, Ordering::Relaxed);
+        let state = if batched {
+            Some(
+                UdpSocketState::new((&socket).into())
+                    .map_err(BenchError::io("plain receiver socket state"))?,
+            )
+        } else {
+            None
+        };
+        let thread = std::thread::spawn(move || match state {
+            None => {
+                let mut buf = [0u8; 2048];
+                while !s.load(Ordering::Relaxed) {
+                    if socket.recv_from(&mut buf).is_ok() {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Some(state) => {
+                let per_buf = 1201 * state.gro_segments().max(1);
+                let batch = quinn_udp::BATCH_SIZE.max(1);
+                let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; per_buf]).collect();
+                let mut meta = vec![quinn_udp::RecvMeta::default(); batch];
+                while !s.load(Ordering::Relaxed) {
+                    let mut iovs: Vec<std::io::IoSliceMut<'_>> = bufs
+                        .iter_mut()
+                        .map(|b| std::io::IoSliceMut::new(b))
+                        .collect();
+                    match state.recv((&socket).into(), &mut iovs, &mut meta) {
+                        Ok(n) => {
+                            let datagrams: usize = meta
+                                .iter()
+                                .take(n)
+                                .map(|m| m.len.div_ceil(m.stride.max(1)).max(1))
+                                .sum();
+                            c.fetch_add(datagrams as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_micros(20)),
+                    }
                 }
             }
         });
@@ -279,7 +314,7 @@ mod tests {
 
     #[test]
     fn the_blaster_reaches_a_plain_receiver() {
-        let receiver = PlainReceiver::start().expect("receiver");
+        let receiver = PlainReceiver::start(false).expect("receiver");
         let segments = gso_segments();
         assert!((1..=MAX_SEGMENTS).contains(&segments));
         let batches = Arc::new(forged_batches(&[SessionId(1)], 4, segments, 16, 2));

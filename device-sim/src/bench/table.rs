@@ -90,7 +90,13 @@ pub fn render_table(r: &BenchReport) -> String {
 
     let f = &r.forged_frames;
     row(
-        "forged frames: plain UDP socket receives/s".into(),
+        "forged frames: plain UDP socket receives/s, recv_from".into(),
+        per_sec(f.plain_recv_from_per_sec),
+        "",
+        None,
+    );
+    row(
+        "forged frames: plain UDP socket receives/s, recvmmsg + GRO".into(),
         per_sec(f.plain_received_per_sec),
         "",
         None,
@@ -235,9 +241,10 @@ pub fn render_table(r: &BenchReport) -> String {
     for (i, round) in f.rounds.iter().enumerate() {
         let _ = writeln!(
             out,
-            "  round {}: plain socket {:.0}/s of {:.0}/s sent; gateway dropped {:.0}/s of {:.0}/s sent",
+            "  round {}: plain socket {:.0}/s batched ({:.0}/s by recv_from) of {:.0}/s sent; gateway dropped {:.0}/s of {:.0}/s sent",
             i + 1,
             round.plain_received_per_sec,
+            round.plain_recv_from_per_sec,
             round.plain_sent_per_sec,
             round.gateway_dropped_per_sec,
             round.gateway_sent_per_sec
