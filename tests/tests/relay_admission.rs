@@ -132,6 +132,23 @@ async fn forged_frames_for_admitted_sessions_stop_at_the_gateway() -> anyhow::Re
     Ok(())
 }
 
+/// One wake of the factory's single sleepy meter through `target`: one reading, acknowledged;
+/// returns its summary entry.
+async fn wake_once(
+    factory: &Factory,
+    target: SocketAddr,
+    core_key: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let once = ["--sleepy", "--wake-every-ms", "100", "--readings", "1"];
+    let summary = run_devices(factory, &factory.serials, target, core_key, &once, &[])
+        .await?
+        .ok()?
+        .json()?;
+    let d = device_entry(&summary, &factory.serials[0])?.clone();
+    assert_eq!(d["readings_acknowledged"], 1, "{d}");
+    Ok(d)
+}
+
 fn handshakes(core_metrics: &str) -> f64 {
     metrics::sum(core_metrics, "core_handshakes_total")
 }
@@ -152,40 +169,14 @@ async fn a_sleepy_meter_resumes_through_a_restarted_gateway_in_one_datagram() ->
     admin.claim(&factory.manifest).await?;
     admin.activate(&factory.serials, "default").await?;
     let serial = factory.serials[0].clone();
-    let once = ["--sleepy", "--wake-every-ms", "100", "--readings", "1"];
-
-    let first = run_devices(
-        &factory,
-        &factory.serials,
-        gw.devices,
-        &core_key,
-        &once,
-        &[],
-    )
-    .await?
-    .ok()?
-    .json()?;
-    let d = device_entry(&first, &serial)?;
-    assert_eq!(d["readings_acknowledged"], 1, "{d}");
+    wake_once(&factory, gw.devices, &core_key).await?;
 
     let devices_at = gw.devices;
     gw.stop().await?;
     let gw = start_gateway_on(&dep, 1, core.quic, Hooks::default(), Some(devices_at)).await?;
     let before = handshakes(&core.metrics().await?);
 
-    let woke = run_devices(
-        &factory,
-        &factory.serials,
-        gw.devices,
-        &core_key,
-        &once,
-        &[],
-    )
-    .await?
-    .ok()?
-    .json()?;
-    let d = device_entry(&woke, &serial)?;
-    assert_eq!(d["readings_acknowledged"], 1, "{d}");
+    let d = wake_once(&factory, gw.devices, &core_key).await?;
     assert_eq!(d["handshakes_started"], 0, "the meter handshook: {d}");
     assert_eq!(d["frames_sent"], 1, "more than one datagram: {d}");
 
@@ -223,18 +214,7 @@ async fn a_meter_moves_gateway_a_to_b_to_direct_access_mid_stream() -> anyhow::R
     let serial = factory.serials[0].clone();
 
     // Provisioned and admitted through A; the session is persisted in the device directory.
-    let first = run_devices(
-        &factory,
-        &factory.serials,
-        gw_a.devices,
-        &core_key,
-        &["--sleepy", "--wake-every-ms", "100", "--readings", "1"],
-        &[],
-    )
-    .await?
-    .ok()?
-    .json()?;
-    assert_eq!(device_entry(&first, &serial)?["readings_acknowledged"], 1);
+    wake_once(&factory, gw_a.devices, &core_key).await?;
     let before = handshakes(&core.metrics().await?);
 
     const READINGS: u64 = 60;
