@@ -460,10 +460,19 @@ impl DeviceLink {
     /// Checks the frames held for `id` against its admission now, and forwards or drops them.
     async fn release(&self, id: SessionId, fwd: &mut Forwarder) {
         let held = fwd.pending.release(id);
-        if held.is_empty() {
-            return;
+        if !held.is_empty() {
+            self.check_held(id, held, Instant::now(), fwd).await;
         }
-        let now = Instant::now();
+    }
+
+    /// Checks held frames of `id` like frames just received, and forwards or drops them.
+    async fn check_held(
+        &self,
+        id: SessionId,
+        held: Vec<HeldFrame>,
+        now: Instant,
+        fwd: &mut Forwarder,
+    ) {
         for HeldFrame { from, frame } in held {
             match check_drop(self.admissions.check(id, &frame, now)) {
                 None => {
@@ -481,15 +490,7 @@ impl DeviceLink {
         let now = Instant::now();
         for (id, frames) in fwd.pending.expire(now) {
             if self.admissions.contains(id, now) {
-                for HeldFrame { from, frame } in frames {
-                    match check_drop(self.admissions.check(id, &frame, now)) {
-                        None => {
-                            self.metrics.admitted_frames.inc();
-                            self.forward(&frame, from, fwd).await;
-                        }
-                        Some(reason) => self.metrics.drop_frame(reason),
-                    }
-                }
+                self.check_held(id, frames, now, fwd).await;
             } else {
                 tracing::trace!(session = %id, "no admission answer in time");
                 for _ in frames {
