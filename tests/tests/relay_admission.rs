@@ -17,6 +17,11 @@ use relay_tests::{
     fleet, metrics, start_core, start_gateway, start_gateway_on, verify_store, Deployment,
 };
 
+/// Held by the two tests that load the machine (1000 meters and a forged blast; a flood): they
+/// measure behaviour under their own load, not under each other's, when the harness runs this
+/// file's tests in parallel.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn counter(text: &str, name: &str, labels: &str) -> f64 {
     metrics::value(text, name, labels)
 }
@@ -55,6 +60,7 @@ fn forge(target: SocketAddr, sessions: &[SessionId], count: usize) -> anyhow::Re
 async fn forged_frames_for_admitted_sessions_stop_at_the_gateway() -> anyhow::Result<()> {
     const METERS: usize = 1000;
     const FORGED: usize = 100_000;
+    let _heavy = HEAVY.lock().await;
     let dep = Deployment::new(METERS as u32, 1)?;
     let core = start_core(&dep, None).await?;
     let recorder = Arc::new(Recorder::default());
@@ -284,6 +290,7 @@ async fn a_meter_moves_gateway_a_to_b_to_direct_access_mid_stream() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_handshakes_complete_under_a_flood_of_forged_ones() -> anyhow::Result<()> {
     const METERS: usize = 200;
+    let _heavy = HEAVY.lock().await;
     let dep = Deployment::new(METERS as u32, 1)?;
     let core = start_core(&dep, None).await?;
     let gw = start_gateway(&dep, 1, core.quic, Hooks::default()).await?;
