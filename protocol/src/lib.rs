@@ -28,6 +28,7 @@
 pub mod admission;
 pub mod frame;
 pub mod replay;
+pub mod stream;
 pub mod uplink;
 
 #[cfg(feature = "session")]

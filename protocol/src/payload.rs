@@ -8,6 +8,7 @@
 //!   0x01 Reading   body = seq:u64 | data (0..=MAX_READING bytes)
 //!   0x02 Ack       body = count:u8 (0..=MAX_ACKS) | seq:u64 × count | ext*
 //!   0x03 Keepalive body = (empty)
+//!   0x04 StreamOpen body = salt:16 | upload:16 | chunk_size:u32 | total_size:u64 | meta_len:u8 | meta  (§13)
 //! ext              = type:u8 | len:u8 | value (len bytes)
 //!   in InitPayload:     0x01 NextKey key:32 · 0x02 ConfigVersion version:u32
 //!   in ResponsePayload: 0x01 Refused reason:u8 · 0x02 KeyAccepted key:32 · and the notices
@@ -521,6 +522,7 @@ pub struct ReadingSeq(pub u64);
 const MSG_READING: u8 = 0x01;
 const MSG_ACK: u8 = 0x02;
 const MSG_KEEPALIVE: u8 = 0x03;
+const MSG_STREAM_OPEN: u8 = 0x04;
 
 /// One message in a transport frame's plaintext.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -542,6 +544,9 @@ pub enum Message<'a> {
     },
     /// Either way: nothing but proof of life.
     Keepalive,
+    /// Device to core, only as the first frame of a stream (`docs/protocol.md` §13): which upload
+    /// the stream carries, and the salt of its keys.
+    StreamOpen(crate::stream::StreamOpen),
 }
 
 impl<'a> Message<'a> {
@@ -572,6 +577,10 @@ impl<'a> Message<'a> {
                 notices.encode(buf);
             }
             Self::Keepalive => buf.put_u8(MSG_KEEPALIVE),
+            Self::StreamOpen(open) => {
+                buf.put_u8(MSG_STREAM_OPEN);
+                open.encode(buf);
+            }
         }
     }
 
@@ -627,6 +636,7 @@ impl<'a> Message<'a> {
                 no_trailing(body)?;
                 Ok(Self::Keepalive)
             }
+            MSG_STREAM_OPEN => Ok(Self::StreamOpen(crate::stream::StreamOpen::decode(body)?)),
             other => Err(DecodeError::UnknownType(other)),
         }
     }

@@ -373,6 +373,17 @@ impl Transport {
         }
     }
 
+    /// The keys of one stream connection (`docs/protocol.md` §13), derived from this session's
+    /// transport keys, the connection's `salt` and the upload. On either side the result's sending
+    /// key is this side's sending direction.
+    pub fn stream_keys(
+        &self,
+        salt: &[u8; 16],
+        upload: &crate::stream::UploadId,
+    ) -> crate::stream::StreamKeys {
+        crate::stream::StreamKeys::derive(&self.keys, salt, upload)
+    }
+
     /// The session's state for a device that goes to sleep (`docs/protocol.md` §12.5). The
     /// snapshot's send counter is `sent + lease`: a device persists it before sending more, and
     /// persists again before it has sent `lease` frames, so that a crash never makes it reuse a

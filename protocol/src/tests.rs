@@ -16,16 +16,16 @@ fn policy() -> ResponsePayload {
     ResponsePayload::accept(60)
 }
 
-struct Pair {
-    device: DeviceSession,
+pub(crate) struct Pair {
+    pub(crate) device: DeviceSession,
     core: Responder,
-    core_session: Option<Transport>,
+    pub(crate) core_session: Option<Transport>,
     now: Instant,
     next_ts: u64,
 }
 
 impl Pair {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::with_device(|core| DeviceSession::new(StaticKeypair::generate().unwrap(), core))
     }
 
@@ -43,7 +43,7 @@ impl Pair {
     }
 
     /// Runs one full handshake; returns the device's public key as the core saw it.
-    fn handshake(&mut self, device_id: u32, core_id: u32) -> PublicKey {
+    pub(crate) fn handshake(&mut self, device_id: u32, core_id: u32) -> PublicKey {
         self.next_ts += 1;
         let init = self
             .device
