@@ -391,6 +391,8 @@ fn core_toml() -> String {
 [listen]
 quic = "127.0.0.1:4433"       # gateways (QUIC, UDP)
 direct = "127.0.0.1:5684"     # devices with direct access (UDP)
+# streams = "127.0.0.1:5684"  # devices' video streams with direct access (TCP); unset: the
+                              # direct address's port number, over TCP (follows --listen-direct)
 admin = "127.0.0.1:9464"      # /metrics /live /ready (TCP)
 
 [tls]
@@ -425,6 +427,15 @@ quota_interval_secs = 60
 cookie_above_per_sec = 2000   # above this many initiations in a second the core answers with a
                               # cookie challenge (no Noise work until the device echoes it);
                               # 0 = always demand a cookie
+
+[video]                       # uploads over device streams (a camera's video)
+dir = "videos"                # <dir>/<subscription>/<upload>.video + .json (.part + .state while
+                              # incomplete)
+max_bytes = 4294967296        # larger uploads are refused
+max_streams = 256             # streams at once, direct and through all gateways together
+stall_timeout_secs = 30       # a stream that delivers nothing this long is ended
+ack_every_chunks = 16         # chunks synced to disk per acknowledgement (more, up to 16x, while
+                              # the disk is still syncing the previous batch)
 
 [admin]
 tokens_file = "admin-tokens.toml"   # admin API tokens: name, role, owner, SHA-256 of the secret
@@ -484,6 +495,13 @@ pending_timeout_ms = 2000
 queries_per_sec = 2000        # admission queries to the core
 not_admitted_ttl_secs = 60    # sessions the core refused are not asked about again for this long
 not_admitted_max = 65536
+
+[streams]
+# listen = "{devices}"   # devices' video streams (TCP); unset: the devices address's port
+                              # number, over TCP (follows --listen-devices)
+enabled = true                # one QUIC stream to the core per device stream
+max_streams = 64              # streams relayed at once; further connections are closed at once
+stall_timeout_secs = 30       # a stream with no whole frame either way for this long is ended
 "#,
         devices = gateway_devices_addr(k),
         admin = gateway_admin_addr(k),

@@ -305,6 +305,28 @@ impl AdmissionTable {
         Check::Pass
     }
 
+    /// Checks `frame`'s tag like [`check`](Self::check) but counts nothing against the quota and
+    /// removes nothing: for the first frame of a device stream, which opens a stream rather than
+    /// carrying a reading. An expired admission reads as [`Check::Expired`]; never
+    /// [`Check::OverQuota`].
+    pub fn verify(&self, session: SessionId, frame: &[u8], now: Instant) -> Check {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return Check::Unknown;
+        }
+        let secs = self.secs(now);
+        let inner = self.lock();
+        let Some(entry) = inner.by_id.get(&session) else {
+            return Check::Unknown;
+        };
+        if secs >= entry.expires_secs {
+            Check::Expired
+        } else if entry.key.verify(frame) {
+            Check::Pass
+        } else {
+            Check::BadTag
+        }
+    }
+
     /// Whether `session` holds an admission that has not expired at `now`.
     pub fn contains(&self, session: SessionId, now: Instant) -> bool {
         if self.len.load(Ordering::Relaxed) == 0 {
@@ -440,6 +462,36 @@ mod tests {
         assert_eq!(t.check(SessionId(6), &good, t0), Check::Unknown);
         assert!(t.contains(SessionId(5), t0));
         assert!(!t.contains(SessionId(6), t0));
+    }
+
+    #[test]
+    fn verify_checks_the_tag_and_counts_nothing() {
+        let t0 = Instant::now();
+        let t = AdmissionTable::new(10, t0);
+        let quota = Quota {
+            frames: 1,
+            bytes: 0,
+            interval_secs: 60,
+        };
+        let a = admission(5, 30, quota);
+        assert_eq!(t.verify(SessionId(5), &[1, 4], t0), Check::Unknown);
+        t.install(&a, t0).expect("room");
+        let good = frame(5, &a.key, 1, 60);
+        for _ in 0..3 {
+            assert_eq!(t.verify(SessionId(5), &good, t0), Check::Pass);
+        }
+        let mut bad = good.clone();
+        bad[20] ^= 1;
+        assert_eq!(t.verify(SessionId(5), &bad, t0), Check::BadTag);
+        assert_eq!(t.verify(SessionId(6), &good, t0), Check::Unknown);
+        // The quota is untouched: the one frame allowed still passes.
+        assert_eq!(t.check(SessionId(5), &good, t0), Check::Pass);
+        assert_eq!(t.check(SessionId(5), &good, t0), Check::OverQuota);
+        assert_eq!(
+            t.verify(SessionId(5), &good, t0 + Duration::from_secs(30)),
+            Check::Expired
+        );
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -3,6 +3,18 @@
 //! Everything that can be wrong with the configuration is found here, before any socket is bound:
 //! unknown keys, out-of-range limits, unreadable or unusable certificates. Paths in the file are
 //! relative to the file's directory; a flag overrides the file.
+//!
+//! Sections: `name`, `[listen]` (`devices`: UDP, `admin`: TCP), `[uplink]`, `[flows]`,
+//! `[revocation]`, `[handshakes]`, `[admission]` and `[streams]` (device streams, a camera's
+//! video, over TCP: [`StreamsConfig`]). Every section but `[uplink]` may be left out (defaults).
+//!
+//! ```toml
+//! [streams]
+//! # listen = "0.0.0.0:5683"   # TCP; left out: the [listen] devices address (its port, over TCP)
+//! enabled = true              # false: no stream listener
+//! max_streams = 64            # streams relayed at once; further connections are closed at once
+//! stall_timeout_secs = 30     # a stream with no whole frame either way for this long is ended
+//! ```
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -34,7 +46,8 @@ pub struct Cli {
     #[arg(long, env = "GATEWAY_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
 
-    /// UDP address for devices; overrides `listen.devices`.
+    /// UDP address for devices; overrides `listen.devices`. Device streams (TCP) listen on it too
+    /// unless `streams.listen` is set.
     #[arg(long, env = "GATEWAY_LISTEN_DEVICES", value_name = "ADDR")]
     pub listen_devices: Option<SocketAddr>,
 
@@ -47,7 +60,8 @@ pub struct Cli {
     #[arg(long, env = "GATEWAY_CORE", value_name = "ADDR")]
     pub core: Option<CoreAddr>,
 
-    /// Once the listeners are bound, write `{"devices":"ADDR","admin":"ADDR"}` to this file.
+    /// Once the listeners are bound, write `{"devices":"ADDR","streams":"ADDR","admin":"ADDR"}` to
+    /// this file (`streams` only while device streams are enabled).
     #[arg(long, env = "GATEWAY_READY_FILE", value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
 }
@@ -73,7 +87,47 @@ pub struct GatewayConfig {
     pub handshakes: HandshakeLimits,
     /// `[admission]`: the sessions the core admitted, their tags and quotas.
     pub admission: AdmissionConfig,
+    /// `[streams]`: device streams (TCP) relayed over QUIC streams.
+    pub streams: StreamsConfig,
 }
+
+/// The `[streams]` section, validated: the TCP listener for device streams (`docs/protocol.md`
+/// §13, a camera's video) and their limits. Each device stream is relayed over its own QUIC stream
+/// of the uplink, frame by frame, holding at most one frame per direction.
+///
+/// The first frame of a stream is checked like a datagram's admission: an `AdmittedTransport`
+/// frame of a session the gateway holds an admission for must carry a valid tag; a plain
+/// `Transport` frame, or one of a session the gateway does not know, is refused when
+/// `[admission] require` is on. The gateway does not ask the core about unknown sessions for a
+/// stream (no `AdmitQuery`): a device opens its stream after its datagram session is established,
+/// by which time its admission is installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamsConfig {
+    /// Accept device streams at all (`enabled`).
+    pub enabled: bool,
+    /// The TCP address (`listen`); `None`: the device address of `[listen] devices` (or
+    /// `--listen-devices`), its port over TCP. With port 0 there, the TCP listener takes the port
+    /// the UDP socket was given.
+    pub listen: Option<SocketAddr>,
+    /// The most device streams relayed at once (`max_streams`); a connection over it is closed at
+    /// once (`limit`). The core must allow at least one more concurrent QUIC stream than this.
+    pub max_streams: usize,
+    /// A stream in which neither side delivered a whole frame for this long is ended (`stalled`);
+    /// it also bounds the wait for the first frame and for a QUIC stream (`stall_timeout_secs`).
+    pub stall_timeout: Duration,
+}
+
+/// Default `streams.enabled`.
+pub const DEFAULT_STREAMS_ENABLED: bool = true;
+/// Default `streams.max_streams`.
+pub const DEFAULT_STREAMS_MAX: usize = 64;
+/// Default `streams.stall_timeout_secs`.
+pub const DEFAULT_STREAMS_STALL_TIMEOUT_SECS: u64 = 30;
+/// The largest `streams.max_streams` accepted (each may hold two frames of 64 KiB, and a QUIC
+/// stream at the core).
+pub const MAX_STREAMS_LIMIT: usize = 65_536;
+/// The longest `streams.stall_timeout_secs` accepted, one hour.
+pub const MAX_STREAMS_STALL_TIMEOUT_SECS: u64 = 3600;
 
 /// The `[uplink]` section, validated.
 #[derive(Clone, Debug)]
@@ -394,6 +448,28 @@ struct FileConfig {
     handshakes: FileHandshakes,
     #[serde(default)]
     admission: FileAdmission,
+    #[serde(default)]
+    streams: FileStreams,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileStreams {
+    listen: Option<SocketAddr>,
+    enabled: bool,
+    max_streams: usize,
+    stall_timeout_secs: u64,
+}
+
+impl Default for FileStreams {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            enabled: DEFAULT_STREAMS_ENABLED,
+            max_streams: DEFAULT_STREAMS_MAX,
+            stall_timeout_secs: DEFAULT_STREAMS_STALL_TIMEOUT_SECS,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -695,6 +771,22 @@ impl GatewayConfig {
             ));
         }
 
+        let streams = file.streams;
+        if streams.max_streams == 0 || streams.max_streams > MAX_STREAMS_LIMIT {
+            return Err(invalid(
+                "streams.max_streams",
+                format!("must be 1 to {MAX_STREAMS_LIMIT}"),
+            ));
+        }
+        if streams.stall_timeout_secs == 0
+            || streams.stall_timeout_secs > MAX_STREAMS_STALL_TIMEOUT_SECS
+        {
+            return Err(invalid(
+                "streams.stall_timeout_secs",
+                format!("must be 1 to {MAX_STREAMS_STALL_TIMEOUT_SECS}"),
+            ));
+        }
+
         let base = path.parent().unwrap_or_else(|| Path::new(""));
         let files = TlsFiles {
             ca: resolve(base, &up.ca),
@@ -747,6 +839,12 @@ impl GatewayConfig {
                 queries_per_sec: adm.queries_per_sec,
                 not_admitted_ttl: Duration::from_secs(adm.not_admitted_ttl_secs),
                 not_admitted_max: adm.not_admitted_max,
+            },
+            streams: StreamsConfig {
+                enabled: streams.enabled,
+                listen: streams.listen,
+                max_streams: streams.max_streams,
+                stall_timeout: Duration::from_secs(streams.stall_timeout_secs),
             },
         })
     }
@@ -860,6 +958,15 @@ key = "key.pem"
                 not_admitted_max: 65_536,
             }
         );
+        assert_eq!(
+            c.streams,
+            StreamsConfig {
+                enabled: true,
+                listen: None,
+                max_streams: 64,
+                stall_timeout: Duration::from_secs(30),
+            }
+        );
         assert_eq!(c.uplink.files.ca, dir.path().join("gw/../ca.pem"));
         assert_eq!(c.uplink.files.cert, dir.path().join("gw/cert.pem"));
         assert_eq!(c.uplink.files.key, dir.path().join("gw/key.pem"));
@@ -893,6 +1000,37 @@ key = "key.pem"
         let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
         assert!(!c.admission.require);
         assert_eq!(c.admission.max_sessions, DEFAULT_ADMISSION_MAX_SESSIONS);
+    }
+
+    #[test]
+    fn streams_section() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_pki(dir.path());
+        let path = dir.path().join("gw/gateway.toml");
+        let text = format!(
+            "{MINIMAL}\n[streams]\nlisten = \"127.0.0.1:6000\"\nenabled = false\n\
+             max_streams = 3\nstall_timeout_secs = 5\n"
+        );
+        let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
+        assert_eq!(
+            c.streams,
+            StreamsConfig {
+                enabled: false,
+                listen: Some("127.0.0.1:6000".parse().expect("addr")),
+                max_streams: 3,
+                stall_timeout: Duration::from_secs(5),
+            }
+        );
+        // Keys left out keep their defaults; the address follows the devices'.
+        let text = format!("{MINIMAL}\n[streams]\nmax_streams = 1\n");
+        let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
+        assert!(c.streams.enabled);
+        assert_eq!(c.streams.listen, None);
+        assert_eq!(c.streams.max_streams, 1);
+        assert_eq!(
+            c.streams.stall_timeout,
+            Duration::from_secs(DEFAULT_STREAMS_STALL_TIMEOUT_SECS)
+        );
     }
 
     #[test]
@@ -1040,6 +1178,20 @@ key = "key.pem"
             ("require = 1", "line 11"),
         ] {
             check(&format!("{MINIMAL}[admission]\n{section}\n"), needle);
+        }
+        for (section, needle) in [
+            ("max_streams = 0", "streams.max_streams: must be 1 to 65536"),
+            ("max_streams = 70000", "streams.max_streams"),
+            (
+                "stall_timeout_secs = 0",
+                "streams.stall_timeout_secs: must be 1",
+            ),
+            ("stall_timeout_secs = 3601", "streams.stall_timeout_secs"),
+            ("listen = \"nowhere\"", "line 11"),
+            ("listen = \"127.0.0.1\"", "socket address"),
+            ("maximum = 3", "unknown field `maximum`"),
+        ] {
+            check(&format!("{MINIMAL}[streams]\n{section}\n"), needle);
         }
         check(
             &MINIMAL.replace("\"gateway-1\"", "\"\""),

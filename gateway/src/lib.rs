@@ -9,10 +9,11 @@
 //!
 //! What it deliberately does not do: it holds no device identity or end-to-end session key and
 //! does not link `snow` (`cargo tree -p gateway` shows it), so it cannot read or forge a frame's
-//! content; the admission key (16 random bytes the core draws per session, independent of the
-//! end-to-end keys) only lets it tell frames of whoever holds the session from junk. It keeps no
-//! per-device state beyond an address↔flow entry and one admission entry per session; it
-//! retransmits nothing (devices do).
+//! content, nor a device stream's chunks (their keys derive from the session); the admission key
+//! (16 random bytes the core draws per session, independent of the end-to-end keys) only lets it
+//! tell frames of whoever holds the session from junk. It keeps no per-device state beyond an
+//! address↔flow entry and one admission entry per session (and, while a device stream is open,
+//! at most one frame per direction); it retransmits nothing (devices do).
 //!
 //! ```text
 //!                ┌─────────────────────────── gateway ────────────────────────────┐
@@ -27,6 +28,8 @@
 //!                │                        flushed after the next HelloAck)        │
 //!  device ◀─UDP─ │ DeviceLink::deliver ◀─ uplink task ◀─ datagrams, stream ◀──────┼── core
 //!                │                        └ admissions installed (kind 2, Admit)  │
+//!  device ─TCP─▶ │ streams: first frame's admission checked, then one QUIC stream │
+//!         ◀─TCP─ │   per device stream, frame by frame both ways ◀────────────────┼─▶ core
 //!                │ metrics ─▶ admin: /metrics /live /ready (relay-ops)            │
 //!                └────────────────────────────────────────────────────────────────┘
 //! ```
@@ -46,6 +49,7 @@ pub mod metrics;
 mod pending;
 mod queue;
 pub mod revoked;
+pub mod streams;
 mod tap;
 pub mod tls;
 pub mod uplink;
@@ -57,18 +61,19 @@ use std::time::Duration;
 
 use relay_ops::admin::{AdminConfig, Readiness};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{
     AdmissionConfig, Cli, ConfigError, CoreAddr, FlowsConfig, GatewayConfig, RevocationConfig,
-    TlsFiles, UplinkConfig,
+    StreamsConfig, TlsFiles, UplinkConfig,
 };
 pub use tap::{FrameTap, Hooks, TapPoint};
 
 use device_link::DeviceLink;
 use metrics::Metrics;
+use streams::StreamRelay;
 use uplink::Uplink;
 
 /// How long shutdown waits for the tasks to finish.
@@ -81,7 +86,7 @@ pub enum GatewayError {
     /// A listening socket could not be bound.
     #[error("cannot bind the {what} listener on {addr}: {source}")]
     Bind {
-        /// `devices` or `admin`.
+        /// `devices`, `streams` or `admin`.
         what: &'static str,
         /// The address asked for.
         addr: SocketAddr,
@@ -113,35 +118,91 @@ pub enum GatewayError {
 pub struct Listeners {
     devices: UdpSocket,
     admin: TcpListener,
+    streams: Option<TcpListener>,
     device_addr: SocketAddr,
     admin_addr: SocketAddr,
+    stream_addr: Option<SocketAddr>,
 }
 
+/// Attempts at finding a port free for both UDP and TCP when the stream listener follows a device
+/// address of port 0.
+const SAME_PORT_ATTEMPTS: usize = 16;
+
 impl Listeners {
-    /// Binds the device UDP socket and the admin TCP listener of `config`.
+    /// Binds the device UDP socket, the device stream TCP listener (unless `[streams]` is
+    /// disabled) and the admin TCP listener of `config`.
+    ///
+    /// Without `[streams] listen` the stream listener takes the device socket's address and port
+    /// over TCP; with port 0 there, a port free for both is found.
     pub async fn bind(config: &GatewayConfig) -> Result<Self, GatewayError> {
         let bind_err = |what, addr| move |source| GatewayError::Bind { what, addr, source };
-        let devices =
-            relay_ops::udp::bind(config.listen_devices, relay_ops::udp::DEFAULT_BUFFER_BYTES)
-                .and_then(UdpSocket::from_std)
+        let bind_devices = || {
+            let devices =
+                relay_ops::udp::bind(config.listen_devices, relay_ops::udp::DEFAULT_BUFFER_BYTES)
+                    .and_then(UdpSocket::from_std)
+                    .map_err(bind_err("devices", config.listen_devices))?;
+            let addr = devices
+                .local_addr()
                 .map_err(bind_err("devices", config.listen_devices))?;
-        let device_addr = devices
-            .local_addr()
-            .map_err(bind_err("devices", config.listen_devices))?;
+            Ok::<_, GatewayError>((devices, addr))
+        };
+        let streams = &config.streams;
+        let (devices, device_addr, streams) = match (streams.enabled, streams.listen) {
+            (false, _) => {
+                let (devices, addr) = bind_devices()?;
+                (devices, addr, None)
+            }
+            (true, Some(listen)) => {
+                let (devices, addr) = bind_devices()?;
+                let streams = TcpListener::bind(listen)
+                    .await
+                    .map_err(bind_err("streams", listen))?;
+                (devices, addr, Some(streams))
+            }
+            (true, None) => {
+                let any_port = config.listen_devices.port() == 0;
+                let mut attempt = 1;
+                loop {
+                    let (devices, addr) = bind_devices()?;
+                    match TcpListener::bind(addr).await {
+                        Ok(streams) => break (devices, addr, Some(streams)),
+                        Err(e)
+                            if any_port
+                                && attempt < SAME_PORT_ATTEMPTS
+                                && e.kind() == std::io::ErrorKind::AddrInUse =>
+                        {
+                            attempt += 1;
+                        }
+                        Err(e) => return Err(bind_err("streams", addr)(e)),
+                    }
+                }
+            }
+        };
+        let stream_addr = match &streams {
+            Some(l) => Some(l.local_addr().map_err(bind_err("streams", device_addr))?),
+            None => None,
+        };
         let (admin, admin_addr) = relay_ops::admin::bind(config.listen_admin)
             .await
             .map_err(bind_err("admin", config.listen_admin))?;
         Ok(Self {
             devices,
             admin,
+            streams,
             device_addr,
             admin_addr,
+            stream_addr,
         })
     }
 
     /// The bound device address (UDP).
     pub fn device_addr(&self) -> SocketAddr {
         self.device_addr
+    }
+
+    /// The bound device stream address (TCP); `None` when `[streams] enabled = false`.
+    pub fn stream_addr(&self) -> Option<SocketAddr> {
+        self.stream_addr
     }
 
     /// The bound admin address (TCP).
@@ -168,8 +229,10 @@ pub async fn run(
     let Listeners {
         devices,
         admin,
+        streams,
         device_addr,
         admin_addr,
+        stream_addr,
     } = listeners;
     let device_link = Arc::new(DeviceLink::new(
         devices,
@@ -200,6 +263,15 @@ pub async fn run(
             .clone()
             .expire_idle_flows(sweep_interval(config.flows.idle_timeout), stop.clone()),
     );
+    let (connection, uplink_connection) = watch::channel(None);
+    if let Some(listener) = streams {
+        let relay = Arc::new(StreamRelay::new(
+            config.streams,
+            device_link.clone(),
+            uplink_connection,
+        ));
+        tasks.spawn(relay.accept(listener, tasks.clone(), stop.clone()));
+    }
     tasks.spawn(
         Uplink {
             name: config.name.clone(),
@@ -211,6 +283,7 @@ pub async fn run(
             device_link,
             readiness,
             events: events_tx,
+            connection,
             shutdown: stop.clone(),
         }
         .run(endpoint),
@@ -219,13 +292,14 @@ pub async fn run(
     tracing::info!(
         name = %config.name,
         devices = %device_addr,
+        streams = ?stream_addr,
         admin = %admin_addr,
         core = %config.uplink.core,
         "gateway started"
     );
 
     let started = match &config.ready_file {
-        Some(path) => write_ready_file(path, device_addr, admin_addr),
+        Some(path) => write_ready_file(path, device_addr, stream_addr, admin_addr),
         None => Ok(()),
     };
     if started.is_ok() {
@@ -250,17 +324,22 @@ fn sweep_interval(idle_timeout: Duration) -> Duration {
     (idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Writes `{"devices":"ADDR","admin":"ADDR"}` atomically (temporary file, then rename).
+/// Writes `{"devices":"ADDR","streams":"ADDR","admin":"ADDR"}` atomically (temporary file, then
+/// rename); `streams` only when device streams are enabled.
 fn write_ready_file(
     path: &Path,
     devices: SocketAddr,
+    streams: Option<SocketAddr>,
     admin: SocketAddr,
 ) -> Result<(), GatewayError> {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "devices": devices.to_string(),
         "admin": admin.to_string(),
-    })
-    .to_string();
+    });
+    if let Some(streams) = streams {
+        body["streams"] = serde_json::Value::String(streams.to_string());
+    }
+    let body = body.to_string();
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);

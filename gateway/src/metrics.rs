@@ -119,6 +119,65 @@ impl DropReason {
     }
 }
 
+/// Why a device stream ended (`gateway_stream_ends_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamEnd {
+    /// Both sides finished (or the device went away, or the gateway shut down).
+    Closed,
+    /// A length prefix of 0 or over the limit (the first frame's: a datagram's size; later ones:
+    /// `MAX_STREAM_FRAME`), from either side.
+    TooLarge,
+    /// A first frame that is not a `Transport` or `AdmittedTransport` device frame.
+    Malformed,
+    /// Neither side delivered a whole frame for `stall_timeout_secs`.
+    Stalled,
+    /// A first frame of a session the gateway holds no admission for (or one the core revoked)
+    /// while `[admission] require` is on, or a plain `Transport` frame then.
+    Unadmitted,
+    /// A first frame whose admission tag does not match its session's key.
+    AdmissionMac,
+    /// No uplink to carry the stream when it opened.
+    UplinkDown,
+    /// The uplink connection was lost, or the core reset the stream.
+    UplinkLost,
+    /// `max_streams` streams were open already: closed at once.
+    Limit,
+}
+
+impl StreamEnd {
+    /// Every reason, so that each series exists (at 0) from the start.
+    pub const ALL: [Self; 9] = [
+        Self::Closed,
+        Self::TooLarge,
+        Self::Malformed,
+        Self::Stalled,
+        Self::Unadmitted,
+        Self::AdmissionMac,
+        Self::UplinkDown,
+        Self::UplinkLost,
+        Self::Limit,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::TooLarge => "too_large",
+            Self::Malformed => "malformed",
+            Self::Stalled => "stalled",
+            Self::Unadmitted => "unadmitted",
+            Self::AdmissionMac => "admission_mac",
+            Self::UplinkDown => "uplink_down",
+            Self::UplinkLost => "uplink_lost",
+            Self::Limit => "limit",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// A direction of forwarding, the `direction` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -157,6 +216,14 @@ pub struct Metrics {
     pub admitted_frames: IntCounter,
     /// `gateway_admission_pending_frames`: frames held for sessions being asked about.
     pub admission_pending_frames: IntGauge,
+    /// `gateway_streams_open`: device streams being relayed now.
+    pub streams_open: IntGauge,
+    /// `gateway_streams_total`: TCP connections accepted on the stream port (those closed at once
+    /// for `limit` included), so that the ends add up to it once none is open.
+    pub streams_total: IntCounter,
+    stream_ends: Vec<IntCounter>,
+    stream_bytes_up: IntCounter,
+    stream_bytes_down: IntCounter,
 }
 
 impl Metrics {
@@ -201,6 +268,21 @@ impl Metrics {
             .iter()
             .map(|r| dropped_vec.with_label_values(&[r.label()]))
             .collect();
+        let stream_ends_vec = counter_vec(
+            "gateway_stream_ends_total",
+            "Device streams ended, by reason.",
+            "reason",
+        )?;
+        let stream_ends = StreamEnd::ALL
+            .iter()
+            .map(|r| stream_ends_vec.with_label_values(&[r.label()]))
+            .collect();
+        let stream_bytes = counter_vec(
+            "gateway_stream_bytes_total",
+            "Bytes relayed on device streams, length prefixes included, by direction (up: device \
+             to core, down: core to device).",
+            "direction",
+        )?;
 
         Ok(Self {
             device_frames_received: counter(
@@ -245,6 +327,17 @@ impl Metrics {
                 "gateway_admission_pending_frames",
                 "Device frames held until the core answers whether their session is admitted.",
             )?,
+            streams_open: gauge(
+                "gateway_streams_open",
+                "Device streams (TCP) being relayed to the core now.",
+            )?,
+            streams_total: counter(
+                "gateway_streams_total",
+                "Device stream connections accepted (TCP), those refused at once included.",
+            )?,
+            stream_ends,
+            stream_bytes_up: stream_bytes.with_label_values(&["up"]),
+            stream_bytes_down: stream_bytes.with_label_values(&["down"]),
             registry,
         })
     }
@@ -274,6 +367,29 @@ impl Metrics {
     /// The current count for `reason`.
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.dropped.get(reason.index()).map_or(0, IntCounter::get)
+    }
+
+    /// Counts one device stream ended for `reason`.
+    pub fn stream_ended(&self, reason: StreamEnd) {
+        if let Some(c) = self.stream_ends.get(reason.index()) {
+            c.inc();
+        }
+    }
+
+    /// The current count of streams ended for `reason`.
+    pub fn stream_ends(&self, reason: StreamEnd) -> u64 {
+        self.stream_ends
+            .get(reason.index())
+            .map_or(0, IntCounter::get)
+    }
+
+    /// Counts `len` bytes relayed on a device stream.
+    pub fn stream_bytes(&self, direction: Direction, len: usize) {
+        let c = match direction {
+            Direction::Uplink => &self.stream_bytes_up,
+            Direction::Downlink => &self.stream_bytes_down,
+        };
+        c.inc_by(len as u64);
     }
 }
 
@@ -312,6 +428,11 @@ mod tests {
             let series = format!("gateway_frames_dropped_total{{reason=\"{}\"}} 0", r.label());
             assert!(text.contains(&series), "{series} missing");
         }
+        for (i, r) in StreamEnd::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            let series = format!("gateway_stream_ends_total{{reason=\"{}\"}} 0", r.label());
+            assert!(text.contains(&series), "{series} missing");
+        }
         for name in [
             "gateway_build_info{version=",
             "gateway_device_frames_received_total 0",
@@ -327,6 +448,10 @@ mod tests {
             "gateway_admission_queries_total 0",
             "gateway_admitted_frames_total 0",
             "gateway_admission_pending_frames 0",
+            "gateway_streams_open 0",
+            "gateway_streams_total 0",
+            "gateway_stream_bytes_total{direction=\"up\"} 0",
+            "gateway_stream_bytes_total{direction=\"down\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

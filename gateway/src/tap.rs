@@ -12,10 +12,17 @@ pub enum TapPoint {
     DeviceRx,
     /// A datagram sent to a device.
     DeviceTx,
-    /// A QUIC payload sent to the core: a datagram, or bytes written to the control stream.
+    /// A QUIC payload sent to the core: a datagram, or bytes written to the control stream or to
+    /// a device stream's QUIC stream.
     UplinkTx,
-    /// A QUIC payload received from the core: a datagram, or bytes read from the control stream.
+    /// A QUIC payload received from the core: a datagram, or bytes read from the control stream or
+    /// from a device stream's QUIC stream.
     UplinkRx,
+    /// Bytes read from a device's TCP stream (one length-prefixed frame at a time, before any
+    /// check).
+    StreamRx,
+    /// Bytes written to a device's TCP stream.
+    StreamTx,
 }
 
 /// Receives a copy of the bytes at each [`TapPoint`]. Called on the forwarding path: keep it quick.

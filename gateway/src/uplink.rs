@@ -10,8 +10,9 @@
 //! anything that follows them is delivered, hands the session ids of the core's `Revoked` and
 //! `NotAdmitted` messages to the device link's sets, tells the device link which held sessions
 //! were answered, and writes the control-stream messages the device link queued (oversized
-//! frames, `AdmitQuery`). When the connection ends, for whatever reason, the device link is told,
-//! and the task reconnects.
+//! frames, `AdmitQuery`). While up, the connection is also published to the device streams
+//! ([`crate::streams`]), each of which opens its own bidirectional QUIC stream on it. When the
+//! connection ends, for whatever reason, the device link is told, and the task reconnects.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -24,7 +25,7 @@ use rand::Rng;
 use relay_ops::admin::Readiness;
 use relay_protocol::uplink::DATAGRAM_HEADER;
 use relay_protocol::{Admission, DecodeError, FlowId, SessionId, UplinkDatagram, UplinkMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -271,6 +272,8 @@ pub(crate) struct Uplink {
     pub device_link: Arc<DeviceLink>,
     pub readiness: Readiness,
     pub events: mpsc::Sender<LinkEvent>,
+    /// The connection while the uplink is up, for device streams (each opens a QUIC stream on it).
+    pub connection: watch::Sender<Option<Connection>>,
     pub shutdown: CancellationToken,
 }
 
@@ -430,6 +433,7 @@ impl Uplink {
         };
         // The device link gone means shutdown is under way; the select below notices.
         let _ = self.events.send(LinkEvent::Up(link)).await;
+        self.connection.send_replace(Some(conn.clone()));
 
         let end = tokio::select! {
             e = self.downlink_datagrams(&conn) => e,
@@ -440,6 +444,7 @@ impl Uplink {
 
         self.readiness.set(false);
         metrics.uplink_connected.set(0);
+        self.connection.send_replace(None);
         let _ = self.events.send(LinkEvent::Down).await;
         control_rx.close();
         while let Ok(message) = control_rx.try_recv() {
