@@ -2,7 +2,7 @@
 //! from the owner's side. Claim devices from a shipping manifest, activate them with a plan,
 //! manage profiles, list and show devices, suspend, resume, revoke, rotate their credentials,
 //! transfer them to another owner, release them to another operator, read their readings and the
-//! audit log. JSON (and CSV for manifests and plans) over HTTP/1.1, bearer tokens per role and
+//! audit log, list the videos their cameras uploaded (`GET /v1/videos`, operator role). JSON (and CSV for manifests and plans) over HTTP/1.1, bearer tokens per role and
 //! owner ([`crate::tokens`]): a token sees and changes its owner's devices only.
 //!
 //! A change is made durable first (SQLite, with its audit record in the same transaction), then
@@ -36,7 +36,8 @@ use crate::store::{
 use crate::tokens::{Role, TokenSet};
 
 /// Every route the API serves, as `docs/admin-api.json` names them (method, path template).
-pub const ROUTES: [(&str, &str); 16] = [
+/// `GET /v1/videos` (issue 6) is served too and joins this list once the document describes it.
+pub const ROUTES: [(&str, &str); 17] = [
     ("get", "/v1/devices"),
     ("get", "/v1/devices/{serial}"),
     ("post", "/v1/devices/{serial}/suspend"),
@@ -53,6 +54,7 @@ pub const ROUTES: [(&str, &str); 16] = [
     ("get", "/v1/profiles"),
     ("put", "/v1/profiles/{name}"),
     ("get", "/v1/audit"),
+    ("get", "/v1/videos"),
 ];
 
 /// The page size when `limit` is not given.
@@ -111,6 +113,7 @@ enum Action {
     AcceptTransfer { serial: String },
     Release { serial: String },
     Readings { serial: String, limit: u32 },
+    Videos { limit: u32 },
 }
 
 impl Action {
@@ -130,6 +133,7 @@ impl Action {
             Self::AcceptTransfer { .. } => "accept_transfer",
             Self::Release { .. } => "release",
             Self::Readings { .. } => "read_readings",
+            Self::Videos { .. } => "list_videos",
         }
     }
 
@@ -295,6 +299,13 @@ fn parse(method: &str, path: &str, query: &str) -> Result<Action, Refusal> {
                 name: (*name).to_owned(),
             }
         }
+        ["videos"] => {
+            want("GET")?;
+            let q = parse_query(query, &["limit"])?;
+            Action::Videos {
+                limit: q.limit.unwrap_or(DEFAULT_LIMIT),
+            }
+        }
         ["audit"] => {
             want("GET")?;
             let q = parse_query(query, &["limit"])?;
@@ -424,6 +435,8 @@ pub(crate) struct AdminApi {
     changes: tokio::sync::Mutex<()>,
     metrics: Metrics,
     release: ReleaseSettings,
+    /// Where completed uploads are recorded; `None`: `/v1/videos` is not served.
+    videos: Option<crate::video::VideoStore>,
 }
 
 impl std::fmt::Debug for AdminApi {
@@ -450,7 +463,14 @@ impl AdminApi {
             changes: tokio::sync::Mutex::new(()),
             metrics,
             release,
+            videos: None,
         }
+    }
+
+    /// Serves `GET /v1/videos` from `videos`.
+    pub fn with_videos(mut self, videos: crate::video::VideoStore) -> Self {
+        self.videos = Some(videos);
+        self
     }
 
     /// The handler for `relay_ops::admin`.
@@ -536,6 +556,7 @@ impl AdminApi {
             Action::AcceptTransfer { serial } => self.accept_transfer(&caller, serial, &body).await,
             Action::Release { serial } => self.release(&caller, serial, &body).await,
             Action::Readings { serial, limit } => self.readings(&caller, serial, limit).await,
+            Action::Videos { limit } => self.videos(&caller, limit).await,
         };
         Some(match outcome {
             Ok(body) => {
@@ -973,6 +994,38 @@ impl AdminApi {
             .await
             .map_err(Failure::refusal)?;
         json(&serde_json::json!({ "serial": serial, "readings": readings }))
+    }
+
+    /// The newest `limit` completed uploads of the caller's owner's subscriptions, each record
+    /// with the device's serial.
+    async fn videos(&self, caller: &Caller, limit: u32) -> Result<Vec<u8>, Refusal> {
+        let videos = self
+            .videos
+            .clone()
+            .ok_or_else(|| Refusal::new(404, "no video store"))?;
+        let owner = caller.owner.clone();
+        let serials = self
+            .with_store(move |s| s.subscription_serials(&owner))
+            .await
+            .map_err(Failure::refusal)?;
+        let records = tokio::task::spawn_blocking(move || videos.list())
+            .await
+            .map_err(|_| Refusal::new(500, "video listing task"))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot list the stored videos");
+                Refusal::new(500, "cannot list the stored videos")
+            })?;
+        let mine: Vec<_> = records
+            .into_iter()
+            .rev()
+            .filter_map(|mut r| {
+                let serial = serials.get(&r.subscription)?;
+                r.device = Some(serial.clone());
+                Some(r)
+            })
+            .take(limit as usize)
+            .collect();
+        json(&serde_json::json!({ "videos": mine }))
     }
 }
 

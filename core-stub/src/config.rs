@@ -86,6 +86,8 @@ pub struct CoreConfig {
     pub admission: AdmissionConfig,
     /// Handshake load control: `[handshakes]`.
     pub handshakes: HandshakesConfig,
+    /// The video sink for device streams: `[video]`.
+    pub video: VideoConfig,
     /// Where to write `{"quic":…,"direct":…,"admin":…}` once ready (command line only).
     pub ready_file: Option<PathBuf>,
 }
@@ -97,6 +99,10 @@ pub struct ListenConfig {
     pub quic: SocketAddr,
     /// Devices with direct access (UDP).
     pub direct: SocketAddr,
+    /// Device streams with direct access (TCP, `docs/protocol.md` §13). `None`: the direct
+    /// address's IP and bound port number, over TCP (resolved when binding, so that a command-line
+    /// override of the direct address moves it too).
+    pub streams: Option<SocketAddr>,
     /// `/metrics`, `/live`, `/ready` (TCP).
     pub admin: SocketAddr,
 }
@@ -236,6 +242,50 @@ impl Default for HandshakesConfig {
     }
 }
 
+/// `[video]`: where and how the core stores what devices upload over streams
+/// (`docs/protocol.md` §13).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VideoConfig {
+    /// The directory of stored and partial uploads (`dir`, relative to the config file).
+    pub dir: PathBuf,
+    /// The largest upload accepted, in bytes (`max_bytes`; larger ones are refused `too_large`).
+    pub max_bytes: u64,
+    /// Device streams open at once, all gateways and direct access together (`max_streams`;
+    /// more are refused `busy`). Each gateway connection may open this many QUIC streams.
+    pub max_streams: usize,
+    /// A stream that delivers no whole frame for this long is ended (`stall_timeout_secs`).
+    pub stall_timeout: Duration,
+    /// Chunks stored per acknowledgement (`ack_every_chunks`): each batch costs a sync of the
+    /// data and an atomic rewrite of the state file. While one batch is being synced the next may
+    /// grow beyond this (group commit, at most 16 times; see `streams.rs`).
+    pub ack_every_chunks: u32,
+}
+
+/// The default `[video] dir`.
+pub const DEFAULT_VIDEO_DIR: &str = "videos";
+/// The default `[video] max_bytes`: 4 GiB.
+pub const DEFAULT_VIDEO_MAX_BYTES: u64 = 4 << 30;
+/// The default `[video] max_streams`.
+pub const DEFAULT_VIDEO_MAX_STREAMS: usize = 256;
+/// The default `[video] stall_timeout_secs`.
+pub const DEFAULT_VIDEO_STALL_SECS: u64 = 30;
+/// The default `[video] ack_every_chunks` (1 MiB at 64 KiB chunks).
+pub const DEFAULT_VIDEO_ACK_EVERY: u32 = 16;
+/// The most `[video] max_streams` accepted: each may hold a few MiB in flight.
+pub const MAX_VIDEO_STREAMS: u64 = 65_536;
+
+impl Default for VideoConfig {
+    fn default() -> Self {
+        Self {
+            dir: DEFAULT_VIDEO_DIR.into(),
+            max_bytes: DEFAULT_VIDEO_MAX_BYTES,
+            max_streams: DEFAULT_VIDEO_MAX_STREAMS,
+            stall_timeout: Duration::from_secs(DEFAULT_VIDEO_STALL_SECS),
+            ack_every_chunks: DEFAULT_VIDEO_ACK_EVERY,
+        }
+    }
+}
+
 /// `[admin]`: the admin API (`/v1/…` on the admin listener). Without a tokens file no token is
 /// valid, so every API request is refused (and audited).
 #[derive(Clone, Debug, Default)]
@@ -294,6 +344,30 @@ struct RawConfig {
     release: RawRelease,
     admission: RawAdmission,
     handshakes: RawHandshakes,
+    video: RawVideo,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawVideo {
+    dir: PathBuf,
+    max_bytes: u64,
+    max_streams: u64,
+    stall_timeout_secs: u64,
+    ack_every_chunks: u64,
+}
+
+impl Default for RawVideo {
+    fn default() -> Self {
+        let d = VideoConfig::default();
+        Self {
+            dir: d.dir,
+            max_bytes: d.max_bytes,
+            max_streams: d.max_streams as u64,
+            stall_timeout_secs: d.stall_timeout.as_secs(),
+            ack_every_chunks: d.ack_every_chunks.into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -389,6 +463,7 @@ impl Default for RawConfig {
             release: RawRelease::default(),
             admission: RawAdmission::default(),
             handshakes: RawHandshakes::default(),
+            video: RawVideo::default(),
         }
     }
 }
@@ -398,6 +473,8 @@ impl Default for RawConfig {
 struct RawListen {
     quic: SocketAddr,
     direct: SocketAddr,
+    /// `None`: the direct address, over TCP.
+    streams: Option<SocketAddr>,
     admin: SocketAddr,
 }
 
@@ -406,6 +483,7 @@ impl Default for RawListen {
         Self {
             quic: SocketAddr::from(([127, 0, 0, 1], 4433)),
             direct: SocketAddr::from(([127, 0, 0, 1], 5684)),
+            streams: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
@@ -588,6 +666,8 @@ impl CoreConfig {
                 )
             })?;
 
+        let video = video_config(&raw.video, base).map_err(|(f, why)| invalid(f, why))?;
+
         let cert_path = base.join(&raw.tls.cert);
         let tls = TlsConfig {
             cert_chain: read_certs(&cert_path)?,
@@ -625,6 +705,7 @@ impl CoreConfig {
             listen: ListenConfig {
                 quic: raw.listen.quic,
                 direct: raw.listen.direct,
+                streams: raw.listen.streams,
                 admin: raw.listen.admin,
             },
             tls,
@@ -649,6 +730,7 @@ impl CoreConfig {
             handshakes: HandshakesConfig {
                 cookie_above_per_sec,
             },
+            video,
             ready_file: None,
         })
     }
@@ -659,6 +741,7 @@ impl CoreConfig {
         self.listen = ListenConfig {
             quic: any,
             direct: any,
+            streams: Some(any),
             admin: any,
         };
     }
@@ -686,6 +769,46 @@ fn admission_config(raw: &RawAdmission) -> Result<AdmissionConfig, (&'static str
         ));
     }
     Ok(config)
+}
+
+/// Checks `[video]` and resolves its directory against `base`.
+fn video_config(raw: &RawVideo, base: &Path) -> Result<VideoConfig, (&'static str, String)> {
+    if raw.dir.as_os_str().is_empty() {
+        return Err(("video.dir", "must not be empty".into()));
+    }
+    let max_total = relay_protocol::stream::MAX_TOTAL_SIZE;
+    if raw.max_bytes == 0 || raw.max_bytes > max_total {
+        return Err((
+            "video.max_bytes",
+            format!("must be between 1 and {max_total} (the protocol's limit)"),
+        ));
+    }
+    if raw.max_streams == 0 || raw.max_streams > MAX_VIDEO_STREAMS {
+        return Err((
+            "video.max_streams",
+            format!("must be between 1 and {MAX_VIDEO_STREAMS}"),
+        ));
+    }
+    if raw.stall_timeout_secs == 0 || raw.stall_timeout_secs > 3600 {
+        return Err((
+            "video.stall_timeout_secs",
+            "must be between 1 and 3600".into(),
+        ));
+    }
+    // At most 64 MiB between two acknowledgements (at 64 KiB chunks): what a stream may buffer.
+    if raw.ack_every_chunks == 0 || raw.ack_every_chunks > 1024 {
+        return Err((
+            "video.ack_every_chunks",
+            "must be between 1 and 1024".into(),
+        ));
+    }
+    Ok(VideoConfig {
+        dir: base.join(&raw.dir),
+        max_bytes: raw.max_bytes,
+        max_streams: raw.max_streams as usize,
+        stall_timeout: Duration::from_secs(raw.stall_timeout_secs),
+        ack_every_chunks: raw.ack_every_chunks as u32,
+    })
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -947,6 +1070,64 @@ mod tests {
         let e = parse_err("[admission]\nquota = 5\n");
         assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
         let e = parse_err("[handshakes]\ncookies = 5\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn video_and_stream_listener_have_defaults_and_are_validated() {
+        let base = Path::new("/etc/relay");
+        let raw: RawConfig = toml::from_str("").expect("defaults");
+        assert_eq!(raw.listen.streams, None, "follows the direct address");
+        let video = video_config(&raw.video, base).expect("valid");
+        assert_eq!(
+            video,
+            VideoConfig {
+                dir: base.join("videos"),
+                max_bytes: 4 << 30,
+                max_streams: 256,
+                stall_timeout: Duration::from_secs(30),
+                ack_every_chunks: 16,
+            }
+        );
+        let raw: RawConfig = toml::from_str(
+            "[listen]\nstreams = \"0.0.0.0:7000\"\n[video]\ndir = \"/data/v\"\nmax_bytes = 10\n\
+             max_streams = 2\nstall_timeout_secs = 5\nack_every_chunks = 1\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            raw.listen.streams,
+            Some(SocketAddr::from(([0, 0, 0, 0], 7000)))
+        );
+        let video = video_config(&raw.video, base).expect("valid");
+        assert_eq!(
+            (
+                video.dir,
+                video.max_bytes,
+                video.max_streams,
+                video.stall_timeout,
+                video.ack_every_chunks
+            ),
+            (PathBuf::from("/data/v"), 10, 2, Duration::from_secs(5), 1)
+        );
+        for (text, field) in [
+            ("[video]\nmax_bytes = 0\n", "video.max_bytes"),
+            ("[video]\nmax_bytes = 1099511627777\n", "video.max_bytes"),
+            ("[video]\nmax_streams = 0\n", "video.max_streams"),
+            (
+                "[video]\nstall_timeout_secs = 0\n",
+                "video.stall_timeout_secs",
+            ),
+            ("[video]\nack_every_chunks = 0\n", "video.ack_every_chunks"),
+            (
+                "[video]\nack_every_chunks = 1025\n",
+                "video.ack_every_chunks",
+            ),
+            ("[video]\ndir = \"\"\n", "video.dir"),
+        ] {
+            let raw: RawConfig = toml::from_str(text).expect("parse");
+            assert_eq!(video_config(&raw.video, base).map_err(|e| e.0), Err(field));
+        }
+        let e = parse_err("[video]\nmax_gigabytes = 1\n");
         assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
     }
 

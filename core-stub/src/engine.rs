@@ -99,6 +99,7 @@ use relay_protocol::payload::{
 use relay_protocol::session::{
     IncomingHandshake, PublicKey, Responder, SessionError, StaticKeypair, Transport,
 };
+use relay_protocol::stream::{StreamKeys, StreamOpen};
 use relay_protocol::uplink::{MAX_ADMITS, MAX_ADMIT_QUERY, MAX_REVOKED};
 use relay_protocol::{
     Admission, AdmissionKey, DecodeError, DeviceFrame, FlowId, Quota, SessionId, UplinkDatagram,
@@ -498,6 +499,30 @@ pub(crate) enum EngineInput {
         conn: GatewayConnId,
         sessions: Vec<SessionId>,
     },
+    /// The first frame of a device stream (`docs/protocol.md` §13.2): authenticate it with its
+    /// session and answer with the upload it opens and the stream's keys.
+    StreamOpen {
+        frame: Bytes,
+        origin: StreamOrigin,
+        reply: oneshot::Sender<Result<StreamGrant, DropReason>>,
+    },
+}
+
+/// Where a device stream came from: the path its device's profile must allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamOrigin {
+    /// A TCP connection to the core's stream port.
+    Direct(SocketAddr),
+    /// A QUIC stream of a gateway connection.
+    Gateway(GatewayConnId),
+}
+
+/// An authenticated stream open: whose upload, which one, and the connection's keys.
+#[derive(Debug)]
+pub(crate) struct StreamGrant {
+    pub owner: crate::video::Owner,
+    pub open: StreamOpen,
+    pub keys: StreamKeys,
 }
 
 /// What the admin API asks of the engine, on its own bounded channel, served before frames so a
@@ -1977,8 +2002,85 @@ impl SessionTable {
                 Ok(())
             }
             Message::Keepalive => Ok(()),
-            Message::Ack { .. } => Err(DropReason::UnexpectedMessage),
+            // A StreamOpen is only ever a stream's first frame, never a datagram.
+            Message::Ack { .. } | Message::StreamOpen(_) => Err(DropReason::UnexpectedMessage),
         }
+    }
+
+    /// Authenticates the first frame of a device stream like a transport frame (its session, the
+    /// session's age, the replay window, the path policy), without moving the session's datagram
+    /// route, marking it used or storing anything: the stream is a side channel of the session.
+    /// Its plaintext must be a `StreamOpen`.
+    pub fn open_stream(
+        &mut self,
+        bytes: &[u8],
+        origin: StreamOrigin,
+        now: Instant,
+    ) -> Result<StreamGrant, DropReason> {
+        let (receiver, counter, ciphertext) =
+            match DeviceFrame::decode(bytes).map_err(DropReason::Decode)? {
+                DeviceFrame::Transport {
+                    receiver,
+                    counter,
+                    ciphertext,
+                }
+                | DeviceFrame::AdmittedTransport {
+                    receiver,
+                    counter,
+                    ciphertext,
+                    ..
+                } => (receiver, counter, ciphertext),
+                _ => return Err(DropReason::UnexpectedType),
+            };
+        let session = self
+            .sessions
+            .get_mut(&receiver)
+            .ok_or(DropReason::UnknownSession)?;
+        if session.transport.age(now) > self.policy.reject_after {
+            self.remove_session(receiver);
+            return Err(DropReason::Expired);
+        }
+        session
+            .transport
+            .open(counter, ciphertext, &mut self.plaintext)
+            .map_err(|e| match e {
+                SessionError::Replay(_) | SessionError::Exhausted => DropReason::Replay,
+                _ => DropReason::Authentication,
+            })?;
+        let slot = session.slot;
+        let entry = self
+            .subs
+            .get(slot as usize)
+            .ok_or(DropReason::UnknownSession)?;
+        // `permits` looks at the gateway connection only, never at the flow.
+        let route = match origin {
+            StreamOrigin::Direct(addr) => Route::Direct(addr),
+            StreamOrigin::Gateway(conn) => Route::Gateway {
+                conn,
+                flow: FlowId(0),
+            },
+        };
+        if !self.permits(entry.profile, route) {
+            return Err(DropReason::NotPermitted);
+        }
+        let open = match Message::decode(&self.plaintext).map_err(DropReason::Decode)? {
+            Message::StreamOpen(open) => open,
+            _ => return Err(DropReason::UnexpectedMessage),
+        };
+        let serial = Some(entry.device)
+            .filter(|d| *d != NONE)
+            .and_then(|d| self.devices.get(d as usize))
+            .map(|d| d.serial.to_string());
+        let owner = crate::video::Owner {
+            subscription: entry.id,
+            serial,
+        };
+        let session = self
+            .sessions
+            .get(&receiver)
+            .ok_or(DropReason::UnknownSession)?;
+        let keys = session.transport.stream_keys(&open.salt, &open.upload);
+        Ok(StreamGrant { owner, open, keys })
     }
 
     /// A frame on a subscription's older session from `route`, while its newer session already
@@ -2200,6 +2302,17 @@ impl Engine {
             EngineInput::AdmitQuery { conn, sessions } => {
                 let answer = self.table.admit_query(conn, &sessions, Instant::now());
                 self.answer_query(conn, answer);
+            }
+            EngineInput::StreamOpen {
+                frame,
+                origin,
+                reply,
+            } => {
+                let granted = self.table.open_stream(&frame, origin, Instant::now());
+                if let Err(reason) = &granted {
+                    self.metrics.frame_dropped(*reason);
+                }
+                let _ = reply.send(granted);
             }
         }
     }

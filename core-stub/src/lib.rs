@@ -1,7 +1,9 @@
 //! `core-stub`: the operator side of the relay. It accepts gateways over QUIC with mutual TLS and
 //! devices with direct access over UDP, ends every device's end-to-end Noise IK session,
 //! authenticates devices against the SQLite subscription store, and stores their readings exactly
-//! once, acknowledging each only after it is on disk.
+//! once, acknowledging each only after it is on disk. Large uploads (a camera's video) come over
+//! device streams (TCP, or one QUIC stream each through a gateway) under keys derived from the
+//! same session, and are stored resumably with their SHA-256.
 //!
 //! Devices are provisioned at run time through their factory identity (the engine creates the
 //! subscription in the same handshake, [`engine`]), or statically by [`init::init`]. It
@@ -9,14 +11,19 @@
 //! session ids the core revoked), or keep per-device labels in metrics.
 //!
 //! Main types: [`run`] with [`Listeners`] and [`CoreConfig`] (the daemon), [`store::Store`] (the
-//! subscriptions, readings and the append-only audit log), [`init::init`] (a whole deployment in
-//! one directory), [`admin_api`] with [`tokens`] (the operators' and technicians' JSON API).
+//! subscriptions, readings and the append-only audit log), [`video::VideoStore`] (uploads from
+//! device streams: a camera's video, resumable, stored with its SHA-256), [`init::init`] (a whole
+//! deployment in one directory), [`admin_api`] with [`tokens`] (the operators' and technicians'
+//! JSON API).
 //!
 //! ```text
 //!  gateways ──QUIC datagrams──▶ uplink.rs ─┐                                    ┌──▶ store.rs writer thread
 //!  (mTLS, control stream)                   ├─▶ EngineInput ─▶ engine.rs (1 task) ┤    (batch, INSERT OR IGNORE,
 //!  devices ───UDP───────────▶ direct.rs ───┘   bounded mpsc    sessions, index,   │     COMMIT, synchronous=FULL)
 //!                                                              routes             ◀──┘ Committed seqs
+//!  cameras ──TCP (direct)────▶ streams.rs ◀── gateways' further QUIC streams (uplink.rs)
+//!           (docs §13)          one task per stream: open ─EngineInput::StreamOpen─▶ engine (auth,
+//!                               keys) ─▶ video.rs on disk (.part/.state ─▶ .video/.json) ─▶ acks
 //!  devices ◀── Ack (+ notices) / HandshakeResponse by route (UDP send_to, QUIC datagram or
 //!              control stream); gateways ◀── Revoked{sessions} on their control streams
 //!  Prometheus ──▶ admin (relay-ops): /metrics (metrics.rs), /live, /ready
@@ -37,9 +44,11 @@ pub mod manifest;
 pub mod metrics;
 pub mod release;
 pub mod store;
+mod streams;
 pub mod tls;
 pub mod tokens;
 mod uplink;
+pub mod video;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -107,20 +116,22 @@ impl CoreError {
     }
 }
 
-/// The core's three listeners, bound before [`run`] so that port 0 can be used and the bound
+/// The core's four listeners, bound before [`run`] so that port 0 can be used and the bound
 /// addresses known up front.
 #[derive(Debug)]
 pub struct Listeners {
     quic: std::net::UdpSocket,
     direct: tokio::net::UdpSocket,
+    streams: tokio::net::TcpListener,
     admin: tokio::net::TcpListener,
     quic_addr: SocketAddr,
     direct_addr: SocketAddr,
+    stream_addr: SocketAddr,
     admin_addr: SocketAddr,
 }
 
 impl Listeners {
-    /// Binds `config.listen.{quic,direct,admin}`. Must be called inside a tokio runtime.
+    /// Binds `config.listen.{quic,direct,streams,admin}`. Must be called inside a tokio runtime.
     pub async fn bind(config: &CoreConfig) -> Result<Self, CoreError> {
         let listen = config.listen;
         let bind_err = |what, addr| move |source| CoreError::Bind { what, addr, source };
@@ -134,15 +145,40 @@ impl Listeners {
         let direct_addr = direct
             .local_addr()
             .map_err(bind_err("direct", listen.direct))?;
+        let streams = match listen.streams {
+            Some(addr) => tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("streams", addr))?,
+            None => {
+                // The direct port number over TCP; with an ephemeral direct port, any free one
+                // when that number is taken over TCP.
+                let same = SocketAddr::new(direct_addr.ip(), direct_addr.port());
+                match tokio::net::TcpListener::bind(same).await {
+                    Ok(l) => l,
+                    Err(_) if listen.direct.port() == 0 => {
+                        let any = SocketAddr::new(direct_addr.ip(), 0);
+                        tokio::net::TcpListener::bind(any)
+                            .await
+                            .map_err(bind_err("streams", any))?
+                    }
+                    Err(e) => return Err(bind_err("streams", same)(e)),
+                }
+            }
+        };
+        let stream_addr = streams
+            .local_addr()
+            .map_err(bind_err("streams", direct_addr))?;
         let (admin, admin_addr) = relay_ops::admin::bind(listen.admin)
             .await
             .map_err(bind_err("admin", listen.admin))?;
         Ok(Self {
             quic,
             direct,
+            streams,
             admin,
             quic_addr,
             direct_addr,
+            stream_addr,
             admin_addr,
         })
     }
@@ -155,6 +191,11 @@ impl Listeners {
     /// The bound direct-access UDP address.
     pub fn direct_addr(&self) -> SocketAddr {
         self.direct_addr
+    }
+
+    /// The bound direct-access stream address (TCP, `docs/protocol.md` §13).
+    pub fn stream_addr(&self) -> SocketAddr {
+        self.stream_addr
     }
 
     /// The bound admin HTTP address.
@@ -178,6 +219,12 @@ pub async fn run(
 
     let metrics = metrics::Metrics::new()?;
     let readiness = Readiness::new();
+    let listeners_addrs = BoundAddrs {
+        quic: listeners.quic_addr,
+        direct: listeners.direct_addr,
+        streams: listeners.stream_addr,
+        admin: listeners.admin_addr,
+    };
 
     let store_path = config.store.path.clone();
     let (store, api_store, engine_stores, loaded) = tokio::task::spawn_blocking(move || {
@@ -210,7 +257,7 @@ pub async fn run(
 
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        Some(tls::server_config(&config.tls)?),
+        Some(tls::server_config(&config.tls, config.video.max_streams)?),
         listeners.quic,
         Arc::new(quinn::TokioRuntime),
     )
@@ -235,6 +282,10 @@ pub async fn run(
                 core_public_key: *config.noise.public(),
             },
         )
+        .with_videos(video::VideoStore::new(
+            config.video.dir.clone(),
+            config.video.max_bytes,
+        ))
         .into_handler(),
     );
     tasks.spawn(relay_ops::admin::serve(
@@ -297,9 +348,22 @@ pub async fn run(
         metrics.clone(),
         stop.clone(),
     ));
+    let hub = Arc::new(streams::StreamHub::new(
+        config.video.clone(),
+        input_tx.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(streams::serve_direct(
+        listeners.streams,
+        hub.clone(),
+        stop.clone(),
+        tasks.clone(),
+    ));
     tasks.spawn(uplink::serve(
         endpoint.clone(),
         input_tx,
+        hub,
         metrics.clone(),
         config.limits,
         stop.clone(),
@@ -307,19 +371,16 @@ pub async fn run(
     ));
 
     if let Some(path) = &config.ready_file {
-        write_ready_file(
-            path,
-            listeners.quic_addr,
-            listeners.direct_addr,
-            listeners.admin_addr,
-        )?;
+        write_ready_file(path, &listeners_addrs)?;
     }
     readiness.set(true);
     tracing::info!(
         name = %config.name,
-        quic = %listeners.quic_addr,
-        direct = %listeners.direct_addr,
-        admin = %listeners.admin_addr,
+        quic = %listeners_addrs.quic,
+        direct = %listeners_addrs.direct,
+        streams = %listeners_addrs.streams,
+        admin = %listeners_addrs.admin,
+        videos = %config.video.dir.display(),
         "core ready"
     );
 
@@ -350,18 +411,22 @@ pub async fn run(
     Ok(())
 }
 
-/// Writes `{"quic":…,"direct":…,"admin":…}` atomically (temporary file, then rename), so a reader
-/// never sees half a file.
-fn write_ready_file(
-    path: &Path,
+/// The bound addresses, for the ready file and the log.
+struct BoundAddrs {
     quic: SocketAddr,
     direct: SocketAddr,
+    streams: SocketAddr,
     admin: SocketAddr,
-) -> Result<(), CoreError> {
+}
+
+/// Writes `{"quic":…,"direct":…,"streams":…,"admin":…}` atomically (temporary file, then
+/// rename), so a reader never sees half a file.
+fn write_ready_file(path: &Path, addrs: &BoundAddrs) -> Result<(), CoreError> {
     let body = serde_json::json!({
-        "quic": quic.to_string(),
-        "direct": direct.to_string(),
-        "admin": admin.to_string(),
+        "quic": addrs.quic.to_string(),
+        "direct": addrs.direct.to_string(),
+        "streams": addrs.streams.to_string(),
+        "admin": addrs.admin.to_string(),
     })
     .to_string();
     let mut tmp = path.as_os_str().to_owned();

@@ -279,6 +279,9 @@ struct RunArgs {
     /// Direct-access UDP address (overrides listen.direct).
     #[arg(long, env = "CORE_LISTEN_DIRECT")]
     listen_direct: Option<SocketAddr>,
+    /// Direct-access device stream address, TCP (overrides listen.streams).
+    #[arg(long, env = "CORE_LISTEN_STREAMS")]
+    listen_streams: Option<SocketAddr>,
     /// Admin HTTP address (overrides listen.admin).
     #[arg(long, env = "CORE_LISTEN_ADMIN")]
     listen_admin: Option<SocketAddr>,
@@ -700,6 +703,9 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if let Some(a) = args.listen_direct {
         config.listen.direct = a;
+    }
+    if let Some(a) = args.listen_streams {
+        config.listen.streams = Some(a);
     }
     if let Some(a) = args.listen_admin {
         config.listen.admin = a;

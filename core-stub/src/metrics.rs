@@ -61,6 +61,79 @@ pub struct Metrics {
     /// `core_cookie_replies_total`: handshake initiations answered with a cookie challenge (under
     /// load, or because their cookie was stale) instead of a handshake.
     pub cookie_replies: IntCounter,
+    /// `core_streams_open`: device streams open (direct and through gateways).
+    pub streams_open: IntGauge,
+    stream_ends: IntCounterVec,
+    /// `core_stream_bytes_total`: upload bytes durably stored from device streams.
+    pub stream_bytes: IntCounter,
+    /// `core_videos_stored_total`: uploads completed (stored whole, digest recorded).
+    pub videos_stored: IntCounter,
+}
+
+/// How a device stream ended (`reason` label of `core_stream_ends_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The upload is complete (just now, or it was already).
+    Complete,
+    /// The stream closed before the upload's last chunk (it stays resumable).
+    Truncated,
+    /// A chunk failed authentication.
+    Auth,
+    /// A chunk was not the next one expected (reordered, repeated or missing).
+    Order,
+    /// A length prefix over the limit, or a chunk longer than its place in the upload.
+    TooLarge,
+    /// Not the frame expected (open, chunk, flags, a short chunk, a misplaced FINAL).
+    Malformed,
+    /// No whole frame for `stall_timeout_secs`.
+    Stalled,
+    /// Refused in an ack (too large, chunk size or total changed, too many streams), or by the
+    /// device's path policy, or over the limit of streams waiting to open.
+    Refused,
+    /// The core's disk failed.
+    Io,
+    /// The open frame is not for a live session, or did not authenticate.
+    UnknownSession,
+    /// A newer stream of the same upload took over.
+    Superseded,
+    /// The core shut down.
+    Shutdown,
+}
+
+impl StreamEnd {
+    /// Every value.
+    pub const ALL: [Self; 12] = [
+        Self::Complete,
+        Self::Truncated,
+        Self::Auth,
+        Self::Order,
+        Self::TooLarge,
+        Self::Malformed,
+        Self::Stalled,
+        Self::Refused,
+        Self::Io,
+        Self::UnknownSession,
+        Self::Superseded,
+        Self::Shutdown,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Truncated => "truncated",
+            Self::Auth => "auth",
+            Self::Order => "order",
+            Self::TooLarge => "too_large",
+            Self::Malformed => "malformed",
+            Self::Stalled => "stalled",
+            Self::Refused => "refused",
+            Self::Io => "io",
+            Self::UnknownSession => "unknown_session",
+            Self::Superseded => "superseded",
+            Self::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// The answer to one session id of a gateway's `AdmitQuery` (`result` label of
@@ -253,6 +326,29 @@ impl Metrics {
         )?;
         registry.register(Box::new(admission_queries.clone()))?;
         registry.register(Box::new(cookie_replies.clone()))?;
+        let streams_open = IntGauge::new(
+            "core_streams_open",
+            "Device streams open (video uploads), direct and through gateways.",
+        )?;
+        let stream_ends = IntCounterVec::new(
+            Opts::new("core_stream_ends_total", "Device streams ended, by reason."),
+            &["reason"],
+        )?;
+        let stream_bytes = IntCounter::new(
+            "core_stream_bytes_total",
+            "Upload bytes from device streams durably stored.",
+        )?;
+        let videos_stored = IntCounter::new(
+            "core_videos_stored_total",
+            "Uploads completed: stored whole, SHA-256 recorded.",
+        )?;
+        registry.register(Box::new(streams_open.clone()))?;
+        registry.register(Box::new(stream_ends.clone()))?;
+        registry.register(Box::new(stream_bytes.clone()))?;
+        registry.register(Box::new(videos_stored.clone()))?;
+        for end in StreamEnd::ALL {
+            stream_ends.with_label_values(&[end.label()]);
+        }
         for answer in AdmissionAnswer::ALL {
             admission_queries.with_label_values(&[answer.label()]);
         }
@@ -301,7 +397,21 @@ impl Metrics {
             devices_activated,
             admission_queries,
             cookie_replies,
+            streams_open,
+            stream_ends,
+            stream_bytes,
+            videos_stored,
         })
+    }
+
+    /// Counts one device stream's end.
+    pub fn stream_end(&self, end: StreamEnd) {
+        self.stream_ends.with_label_values(&[end.label()]).inc();
+    }
+
+    /// The current value of `core_stream_ends_total{reason}`.
+    pub fn stream_ends_count(&self, end: StreamEnd) -> u64 {
+        self.stream_ends.with_label_values(&[end.label()]).get()
     }
 
     /// Counts one admin API request by result (one of [`ADMIN_RESULTS`]).

@@ -12,6 +12,8 @@
 //!          ◀─control Revoked{sessions}───────────────────  engine (sessions dropped by status)
 //!          ──control AdmitQuery{sessions}───────────────▶ EngineInput::AdmitQuery ─▶ engine
 //!          ◀─control Admit / NotAdmitted─────────────────  engine (the answer)
+//!          ══further bidi stream: 0x01 0x20 | device stream frames══▶ streams.rs (one task each)
+//!          ◀═acks════════════════════════════════════════  (`docs/protocol.md` §13)
 //!  connection closed ─────────────────────────────────▶ GatewayDown ─▶ engine
 //! ```
 //!
@@ -35,6 +37,7 @@ use tracing::Instrument;
 use crate::config::LimitsConfig;
 use crate::engine::{DropReason, EngineInput, GatewayConnId, GatewayLink, Route};
 use crate::metrics::{Access, Metrics};
+use crate::streams::StreamHub;
 
 /// How long a gateway has, after the QUIC handshake, to open its control stream and say `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +79,7 @@ enum UplinkError {
 pub(crate) async fn serve(
     endpoint: quinn::Endpoint,
     engine: mpsc::Sender<EngineInput>,
+    hub: Arc<StreamHub>,
     metrics: Metrics,
     limits: LimitsConfig,
     shutdown: CancellationToken,
@@ -105,6 +109,7 @@ pub(crate) async fn serve(
             name = tracing::field::Empty,
         );
         let engine = engine.clone();
+        let hub = hub.clone();
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         let inner_tasks = tasks.clone();
@@ -127,6 +132,7 @@ pub(crate) async fn serve(
                     id: conn_id,
                     connection,
                     engine,
+                    hub,
                     metrics,
                     max_flows: limits.max_flows_per_gateway,
                     shutdown,
@@ -145,6 +151,7 @@ struct Gateway {
     id: GatewayConnId,
     connection: quinn::Connection,
     engine: mpsc::Sender<EngineInput>,
+    hub: Arc<StreamHub>,
     metrics: Metrics,
     max_flows: u32,
     shutdown: CancellationToken,
@@ -178,11 +185,12 @@ impl Gateway {
             connection: self.connection.clone(),
             control: control_tx,
         };
+        let name: Arc<str> = name.into();
         if self
             .engine
             .send(EngineInput::GatewayUp {
                 conn: self.id,
-                name: name.into(),
+                name: name.clone(),
                 link,
             })
             .await
@@ -193,7 +201,7 @@ impl Gateway {
         self.metrics.gateways_connected.inc();
         tracing::info!("gateway connected");
 
-        let result = self.forward(&mut recv, &mut buf).await;
+        let result = self.forward(&mut recv, &mut buf, &name).await;
 
         self.metrics.gateways_connected.dec();
         // The engine drops its link (and so the control writer) and keeps the sessions.
@@ -251,11 +259,14 @@ impl Gateway {
         }
     }
 
-    /// Forwards device frames to the engine until the connection ends or the core shuts down.
+    /// Forwards device frames to the engine, and hands device streams (every bidirectional
+    /// stream after the control stream) to their own tasks, until the connection ends or the core
+    /// shuts down.
     async fn forward(
         &self,
         recv: &mut quinn::RecvStream,
         buf: &mut BytesMut,
+        name: &Arc<str>,
     ) -> Result<(), UplinkError> {
         let mut chunk = [0u8; 4096];
         // Messages that arrived together with Hello.
@@ -266,6 +277,19 @@ impl Gateway {
                 dg = self.connection.read_datagram() => {
                     let dg = dg?;
                     self.on_datagram(dg).await;
+                }
+                bi = self.connection.accept_bi() => {
+                    let (send, recv) = bi?;
+                    self.tasks.spawn(
+                        crate::streams::serve_gateway_stream(
+                            self.hub.clone(),
+                            send,
+                            recv,
+                            self.id,
+                            name.clone(),
+                        )
+                        .instrument(tracing::debug_span!("stream", via = "gateway")),
+                    );
                 }
                 n = recv.read(&mut chunk) => {
                     match n? {

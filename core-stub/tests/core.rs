@@ -21,6 +21,7 @@ struct Core {
     dir: tempfile::TempDir,
     quic: SocketAddr,
     direct: SocketAddr,
+    streams: SocketAddr,
     admin: SocketAddr,
     core_public: PublicKey,
     shutdown: CancellationToken,
@@ -50,9 +51,10 @@ impl Core {
         config.ready_file = Some(ready_file.clone());
         let core_public = *config.noise.public();
         let listeners = Listeners::bind(&config).await?;
-        let (quic, direct, admin) = (
+        let (quic, direct, streams, admin) = (
             listeners.quic_addr(),
             listeners.direct_addr(),
+            listeners.stream_addr(),
             listeners.admin_addr(),
         );
         let shutdown = CancellationToken::new();
@@ -70,10 +72,15 @@ impl Core {
         assert_eq!(ready["quic"].as_str(), Some(quic.to_string().as_str()));
         assert_eq!(ready["direct"].as_str(), Some(direct.to_string().as_str()));
         assert_eq!(ready["admin"].as_str(), Some(admin.to_string().as_str()));
+        assert_eq!(
+            ready["streams"].as_str(),
+            Some(streams.to_string().as_str())
+        );
         Ok(Self {
             dir,
             quic,
             direct,
+            streams,
             admin,
             core_public,
             shutdown,
@@ -1061,4 +1068,453 @@ fn claim_activate_profiles_transfer_and_release_through_the_cli() -> Result<()> 
     }
     assert!(!audit.contains(&acme_token) && !audit.contains(&op_token));
     rt.block_on(core.stop())
+}
+
+// Device streams (docs/protocol.md §13): a camera's video over TCP and through a gateway.
+
+use relay_protocol::stream::{
+    AckStatus, DeviceStream, RefuseReason, StreamAck, StreamOpen, UploadId,
+};
+use sha2::Digest;
+
+type BoxRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+/// One stream connection of a camera: any carriage, the device's end of the stream.
+struct Camera {
+    read: BoxRead,
+    write: BoxWrite,
+    stream: DeviceStream,
+    /// The length-prefixed open frame it started with (for replays).
+    opened_with: Vec<u8>,
+}
+
+/// Seals a StreamOpen with the device's session: `(length | frame, stream keys)`.
+fn stream_open(
+    dev: &mut DeviceSession,
+    upload: UploadId,
+    chunk_size: u32,
+    total_size: u64,
+) -> Result<(Vec<u8>, relay_protocol::stream::StreamKeys)> {
+    let open = StreamOpen {
+        salt: rand::random(),
+        upload,
+        chunk_size,
+        total_size,
+        meta: "accident".into(),
+    };
+    let mut frame = Vec::new();
+    dev.seal(&Message::StreamOpen(open.clone()).to_vec(), &mut frame)?;
+    let keys = dev
+        .current()
+        .context("no session")?
+        .stream_keys(&open.salt, &upload);
+    let mut out = (frame.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&frame);
+    Ok((out, keys))
+}
+
+impl Camera {
+    async fn tcp(
+        dev: &mut DeviceSession,
+        to: SocketAddr,
+        upload: UploadId,
+        chunk_size: u32,
+        total_size: u64,
+    ) -> Result<(Self, StreamAck)> {
+        let tcp = tokio::net::TcpStream::connect(to).await?;
+        let (r, w) = tcp.into_split();
+        Self::start(
+            dev,
+            Box::new(r),
+            Box::new(w),
+            upload,
+            chunk_size,
+            total_size,
+        )
+        .await
+    }
+
+    async fn start(
+        dev: &mut DeviceSession,
+        read: BoxRead,
+        mut write: BoxWrite,
+        upload: UploadId,
+        chunk_size: u32,
+        total_size: u64,
+    ) -> Result<(Self, StreamAck)> {
+        let (open, keys) = stream_open(dev, upload, chunk_size, total_size)?;
+        write.write_all(&open).await?;
+        let mut cam = Self {
+            read,
+            write,
+            stream: DeviceStream::new(keys),
+            opened_with: open,
+        };
+        let ack = cam.ack().await?.context("no answer to the open")?;
+        Ok((cam, ack))
+    }
+
+    async fn chunk(&mut self, index: u32, last: bool, data: &[u8]) -> Result<()> {
+        let mut out = Vec::new();
+        self.stream.seal_chunk(index, last, data, &mut out)?;
+        self.write.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// The next ack; `None` when the core closed the stream.
+    async fn ack(&mut self) -> Result<Option<StreamAck>> {
+        let mut len = [0u8; 4];
+        match tokio::time::timeout(WAIT, self.read.read_exact(&mut len)).await? {
+            Ok(_) => {}
+            Err(_) => return Ok(None),
+        }
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        tokio::time::timeout(WAIT, self.read.read_exact(&mut frame)).await??;
+        Ok(Some(self.stream.open_ack(&frame)?))
+    }
+
+    /// Reads acks until the core closes the stream; returns the last one.
+    async fn until_closed(&mut self) -> Result<Option<StreamAck>> {
+        let mut last = None;
+        while let Some(a) = self.ack().await? {
+            last = Some(a);
+        }
+        Ok(last)
+    }
+}
+
+fn receiving(next_chunk: u32, chunk: u32) -> StreamAck {
+    StreamAck::receiving(next_chunk, u64::from(next_chunk) * u64::from(chunk))
+}
+
+/// Deterministic video bytes.
+fn video(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 131 % 253) as u8).collect()
+}
+
+/// Where the core filed an upload: `videos/<subscription>/<upload>.<ext>`.
+fn video_file(core: &Core, upload: UploadId, ext: &str) -> Result<PathBuf> {
+    for sub in std::fs::read_dir(core.path("core/videos"))? {
+        let path = sub?.path().join(format!("{}.{ext}", upload.to_hex()));
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    bail!("no {ext} file for {upload}")
+}
+
+/// A core whose `[video]` acknowledges every 4 chunks.
+async fn video_core() -> Result<Core> {
+    Core::start_with(3, |dir| {
+        let path = dir.join("core/core.toml");
+        let toml = std::fs::read_to_string(&path)?;
+        let edited = toml.replace("ack_every_chunks = 16", "ack_every_chunks = 4");
+        assert_ne!(edited, toml, "init writes [video] ack_every_chunks");
+        std::fs::write(&path, edited)?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn direct_video_stream_detects_tampering_resumes_and_completes() -> Result<()> {
+    const CHUNK: u32 = 1024;
+    let core = video_core().await?;
+    let (serial, key) = core.device_key(0)?;
+    let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+    dev.handshake(1_000).await?;
+    let data = video(10 * CHUNK as usize + 300);
+    let total = data.len() as u64;
+    let part = |i: u32| {
+        let start = (i * CHUNK) as usize;
+        &data[start..(start + CHUNK as usize).min(data.len())]
+    };
+    let upload = UploadId([0x11; 16]);
+    let ends = |reason: &str| format!("core_stream_ends_total{{reason=\"{reason}\"}}");
+
+    // A new upload starts at 0; an ack after every 4 chunks. The connection breaks after 5.
+    let (mut cam, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    assert_eq!(ack, receiving(0, CHUNK));
+    for i in 0..5 {
+        cam.chunk(i, false, part(i)).await?;
+    }
+    assert_eq!(cam.ack().await?, Some(receiving(4, CHUNK)));
+    let replayed_open = cam.opened_with.clone();
+    drop(cam);
+    core.wait_metric(&ends("truncated"), 1.0).await?;
+    // The chunk that arrived after the last ack was kept too: the resume starts after it.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(video_file(&core, upload, "state")?)?)?;
+    assert_eq!(state["next_chunk"], 5);
+    assert_eq!(
+        std::fs::metadata(video_file(&core, upload, "part")?)?.len(),
+        5 * u64::from(CHUNK)
+    );
+
+    // A skipped chunk: `order`.
+    let (mut cam, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    assert_eq!(ack, receiving(5, CHUNK));
+    cam.chunk(6, false, part(6)).await?;
+    assert_eq!(cam.until_closed().await?, None);
+    core.wait_metric(&ends("order"), 1.0).await?;
+
+    // An altered chunk: `auth`.
+    let (mut cam, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    assert_eq!(ack, receiving(5, CHUNK));
+    let mut out = Vec::new();
+    cam.stream.seal_chunk(5, false, part(5), &mut out)?;
+    out[40] ^= 1;
+    cam.write.write_all(&out).await?;
+    assert_eq!(cam.until_closed().await?, None);
+    core.wait_metric(&ends("auth"), 1.0).await?;
+
+    // FINAL on a chunk that is not the last: `malformed`.
+    let (mut cam, _) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    cam.chunk(5, true, part(5)).await?;
+    assert_eq!(cam.until_closed().await?, None);
+    core.wait_metric(&ends("malformed"), 1.0).await?;
+
+    // Five good chunks, then a last chunk running past the end: `too_large`; the good ones stay.
+    let (mut cam, _) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    for i in 5..10 {
+        cam.chunk(i, false, part(i)).await?;
+    }
+    let mut long = part(10).to_vec();
+    long.push(0);
+    cam.chunk(10, true, &long).await?;
+    assert_eq!(cam.ack().await?, Some(receiving(9, CHUNK)));
+    assert_eq!(cam.until_closed().await?, Some(receiving(10, CHUNK)));
+    core.wait_metric(&ends("too_large"), 1.0).await?;
+
+    // A last chunk that stops short of the end: `malformed`.
+    let (mut cam, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    assert_eq!(ack, receiving(10, CHUNK));
+    cam.chunk(10, true, &part(10)[..299]).await?;
+    assert_eq!(cam.until_closed().await?, None);
+    core.wait_metric(&ends("malformed"), 2.0).await?;
+
+    // The replayed open of the first connection: refused by the replay window.
+    let mut tcp = tokio::net::TcpStream::connect(core.streams).await?;
+    tcp.write_all(&replayed_open).await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await??;
+    assert!(rest.is_empty());
+    core.wait_metric(&ends("unknown_session"), 1.0).await?;
+
+    // The last chunk: Complete, with the digest of what is stored.
+    let (mut cam, _) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    cam.chunk(10, true, part(10)).await?;
+    let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+    let complete = StreamAck {
+        status: AckStatus::Complete,
+        reason: 0,
+        next_chunk: 11,
+        stored_bytes: total,
+        sha256: digest,
+    };
+    assert_eq!(cam.ack().await?, Some(complete));
+    assert_eq!(cam.until_closed().await?, None);
+    core.wait_metric(&ends("complete"), 1.0).await?;
+    core.wait_metric("core_videos_stored_total", 1.0).await?;
+    // Every byte stored exactly once over the seven connections.
+    core.wait_metric("core_stream_bytes_total", total as f64)
+        .await?;
+    core.wait_metric("core_streams_open", 0.0).await?;
+
+    assert_eq!(std::fs::read(video_file(&core, upload, "video")?)?, data);
+    assert!(video_file(&core, upload, "part").is_err());
+    assert!(video_file(&core, upload, "state").is_err());
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(video_file(&core, upload, "json")?)?)?;
+    assert_eq!(record["sha256"], hex::encode(digest));
+    assert_eq!(record["size"], total);
+    // Filed under the subscription; `init`'s devices have no factory identity, so no serial in
+    // the record (the admin API's listing adds it).
+    let sub_dir = video_file(&core, upload, "json")?
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .context("subscription dir")?;
+    assert_eq!(record["subscription"].to_string(), sub_dir);
+    assert!(record["device"].is_null());
+    assert_eq!(record["via"], "direct");
+    assert_eq!(record["meta"], "accident");
+    assert_eq!(record["attempts"], 7);
+
+    // Asked again: Complete at once.
+    let (_, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, total).await?;
+    assert_eq!(ack, complete);
+
+    // The operator lists it, with the device's serial; a technician may not.
+    let (status, body) = core
+        .api("GET", "/v1/videos", Some(&core.token("operator")?))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let videos = body["videos"].as_array().context("videos")?;
+    assert_eq!(videos.len(), 1);
+    assert_eq!(videos[0]["device"], serial.as_str());
+    assert_eq!(videos[0]["sha256"], hex::encode(digest));
+    assert_eq!(videos[0]["upload"], upload.to_hex());
+    let (status, _) = core
+        .api("GET", "/v1/videos", Some(&core.token("technician")?))
+        .await?;
+    assert_eq!(status, 403);
+
+    // The datagram session was never disturbed; a StreamOpen as a datagram is dropped.
+    let frame = dev.reading(1, b"after the video")?;
+    dev.send(&frame).await?;
+    assert_eq!(dev.expect_ack().await?, vec![1]);
+    let (open, _) = stream_open(&mut dev.session, UploadId([0x22; 16]), CHUNK, 10)?;
+    dev.send(&open[4..]).await?;
+    core.wait_metric(
+        "core_frames_dropped_total{reason=\"unexpected_message\"}",
+        1.0,
+    )
+    .await?;
+    core.stop().await
+}
+
+#[tokio::test]
+async fn stream_refusals_takeover_junk_and_stalls() -> Result<()> {
+    const CHUNK: u32 = 2048;
+    let core = Core::start_with(3, |dir| {
+        let path = dir.join("core/core.toml");
+        let toml = std::fs::read_to_string(&path)?
+            .replace("stall_timeout_secs = 30", "stall_timeout_secs = 1")
+            .replace("max_bytes = 4294967296", "max_bytes = 1000000");
+        std::fs::write(&path, toml)?;
+        Ok(())
+    })
+    .await?;
+    let (_, key) = core.device_key(1)?;
+    let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+    dev.handshake(1_000).await?;
+    let ends = |reason: &str| format!("core_stream_ends_total{{reason=\"{reason}\"}}");
+    let upload = UploadId([0x33; 16]);
+
+    // Over [video] max_bytes.
+    let (_, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, 1_000_001).await?;
+    assert_eq!(ack, StreamAck::refused(RefuseReason::TooLarge));
+
+    // Started with one chunk size and total; resumed with another: refused, nothing lost.
+    let (mut cam, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, 10_000).await?;
+    assert_eq!(ack, receiving(0, CHUNK));
+    cam.chunk(0, false, &[7; CHUNK as usize]).await?;
+    drop(cam);
+    core.wait_metric(&ends("truncated"), 1.0).await?;
+    let (_, ack) = Camera::tcp(&mut dev.session, core.streams, upload, 1024, 10_000).await?;
+    assert_eq!(ack, StreamAck::refused(RefuseReason::ChunkSize));
+    let (_, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, 10_001).await?;
+    assert_eq!(ack, StreamAck::refused(RefuseReason::SizeMismatch));
+    core.wait_metric(&ends("refused"), 3.0).await?;
+
+    // A second connection of the same upload takes over from the first.
+    let (mut first, ack) =
+        Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, 10_000).await?;
+    assert_eq!(ack, receiving(1, CHUNK));
+    let (second, ack) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, 10_000).await?;
+    assert_eq!(ack, receiving(1, CHUNK));
+    assert_eq!(first.until_closed().await?, None);
+    core.wait_metric(&ends("superseded"), 1.0).await?;
+    drop(second);
+    core.wait_metric(&ends("truncated"), 2.0).await?;
+
+    // Junk: a length over the limit, and a first frame that is no device frame.
+    let mut tcp = tokio::net::TcpStream::connect(core.streams).await?;
+    tcp.write_all(&[0xff; 4]).await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await??;
+    core.wait_metric(&ends("too_large"), 1.0).await?;
+    let mut tcp = tokio::net::TcpStream::connect(core.streams).await?;
+    tcp.write_all(&[0, 0, 0, 3, 1, 2, 3]).await?;
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await??;
+    core.wait_metric(&ends("malformed"), 1.0).await?;
+
+    // Silence: `stalled` after stall_timeout_secs, before and after the open.
+    let mut tcp = tokio::net::TcpStream::connect(core.streams).await?;
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await??;
+    core.wait_metric(&ends("stalled"), 1.0).await?;
+    let (mut cam, _) = Camera::tcp(&mut dev.session, core.streams, upload, CHUNK, 10_000).await?;
+    assert_eq!(cam.until_closed().await?, None);
+    core.wait_metric(&ends("stalled"), 2.0).await?;
+    core.stop().await
+}
+
+#[tokio::test]
+async fn video_stream_through_a_gateway_quic_stream() -> Result<()> {
+    const CHUNK: u32 = 65_536;
+    let core = Core::start(3).await?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(client_config(core.dir.path(), true)?);
+    let conn = endpoint.connect(core.quic, "core.relay.local")?.await?;
+    let (_control, _control_rx, _) = hello(&conn).await?;
+    core.wait_metric("core_gateways_connected", 1.0).await?;
+
+    // The session is made over direct access; the stream goes through the gateway.
+    let (_, key) = core.device_key(2)?;
+    let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+    dev.handshake(1_000).await?;
+    let data = video(5 * CHUNK as usize + 1);
+    let upload = UploadId([0x44; 16]);
+
+    // A stream without the device stream header is refused.
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&[0x01, 0x99]).await?;
+    assert!(tokio::time::timeout(WAIT, recv.read_to_end(1024))
+        .await?
+        .is_err());
+    core.wait_metric("core_stream_ends_total{reason=\"malformed\"}", 1.0)
+        .await?;
+
+    // Several device streams at once on one connection, beside the control stream.
+    let mut open = Vec::new();
+    for i in 0..4u8 {
+        let (mut send, recv) = conn.open_bi().await?;
+        send.write_all(&relay_protocol::stream::UPLINK_STREAM_HEADER)
+            .await?;
+        let (cam, ack) = Camera::start(
+            &mut dev.session,
+            Box::new(recv),
+            Box::new(send),
+            UploadId([0x50 + i; 16]),
+            CHUNK,
+            data.len() as u64,
+        )
+        .await?;
+        assert_eq!(ack, receiving(0, CHUNK));
+        open.push(cam);
+    }
+    core.wait_metric("core_streams_open", 4.0).await?;
+    drop(open);
+    core.wait_metric("core_streams_open", 0.0).await?;
+
+    let (mut send, recv) = conn.open_bi().await?;
+    send.write_all(&relay_protocol::stream::UPLINK_STREAM_HEADER)
+        .await?;
+    let (mut cam, ack) = Camera::start(
+        &mut dev.session,
+        Box::new(recv),
+        Box::new(send),
+        upload,
+        CHUNK,
+        data.len() as u64,
+    )
+    .await?;
+    assert_eq!(ack, receiving(0, CHUNK));
+    for (i, chunk) in data.chunks(CHUNK as usize).enumerate() {
+        cam.chunk(i as u32, i == 5, chunk).await?;
+    }
+    let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+    let last = cam.until_closed().await?.context("no final ack")?;
+    assert_eq!(last.status, AckStatus::Complete);
+    assert_eq!(last.sha256, digest);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(video_file(&core, upload, "json")?)?)?;
+    assert_eq!(record["via"], "gateway-1");
+    assert_eq!(std::fs::read(video_file(&core, upload, "video")?)?, data);
+    core.wait_metric("core_videos_stored_total", 1.0).await?;
+    conn.close(0u32.into(), b"bye");
+    core.stop().await
 }

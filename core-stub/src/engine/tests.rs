@@ -1819,3 +1819,139 @@ fn cookie_sources_name_the_path() {
         (b'd', 1, &5684u16.to_be_bytes()[..])
     );
 }
+
+/// A StreamOpen for `upload`, sealed on the device's session: the frame, the device's stream
+/// keys, and the message.
+fn stream_open(
+    dev: &mut DeviceSession,
+    upload: u8,
+) -> (
+    Vec<u8>,
+    relay_protocol::stream::StreamKeys,
+    relay_protocol::stream::StreamOpen,
+) {
+    let open = relay_protocol::stream::StreamOpen {
+        salt: [upload ^ 0x5a; 16],
+        upload: relay_protocol::stream::UploadId([upload; 16]),
+        chunk_size: 4096,
+        total_size: 10_000,
+        meta: "crash".into(),
+    };
+    let mut frame = Vec::new();
+    dev.seal(&Message::StreamOpen(open.clone()).to_vec(), &mut frame)
+        .expect("seal");
+    let keys = dev
+        .current()
+        .expect("session")
+        .stream_keys(&open.salt, &open.upload);
+    (frame, keys, open)
+}
+
+const STREAM_FROM: StreamOrigin = StreamOrigin::Direct(SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 2000),
+));
+
+#[test]
+fn a_stream_open_authenticates_like_a_transport_frame_and_leaves_the_route_alone() {
+    use relay_protocol::stream::{CoreStream, DeviceStream};
+    let mut rig = rig(&[SubscriptionStatus::Active], policy());
+    let mut dev = device(&rig, 0);
+    let now = Instant::now();
+    establish(&mut rig, &mut dev, 1, B, now);
+
+    let (frame, keys, open) = stream_open(&mut dev, 1);
+    let grant = rig
+        .table
+        .open_stream(&frame, STREAM_FROM, now)
+        .expect("granted");
+    assert_eq!(grant.open, open);
+    assert_eq!(grant.owner.subscription, SubscriptionId(1));
+    assert_eq!(grant.owner.serial, None, "a subscription without a device");
+    // Both ends hold the same stream keys.
+    let device_end = DeviceStream::new(keys);
+    let core_end = CoreStream::new(grant.keys);
+    let mut sealed = Vec::new();
+    device_end
+        .seal_chunk(0, false, &[7; 4096], &mut sealed)
+        .expect("seal");
+    let mut plain = Vec::new();
+    let chunk = core_end
+        .open_chunk(&sealed[4..], &mut plain)
+        .expect("opens");
+    assert_eq!((chunk.index, chunk.last, plain.len()), (0, false, 4096));
+
+    // The datagram route stays where the device's datagrams come from.
+    let session = rig.table.sessions.values().next().expect("session");
+    assert_eq!(session.route, B);
+    // The same frame again is a replay; a reading is not an open; nor is a handshake.
+    assert_eq!(
+        rig.table.open_stream(&frame, STREAM_FROM, now).err(),
+        Some(DropReason::Replay)
+    );
+    assert_eq!(
+        rig.table
+            .open_stream(&reading(&mut dev, 1), STREAM_FROM, now)
+            .err(),
+        Some(DropReason::UnexpectedMessage)
+    );
+    let mut other = device(&rig, 0);
+    let init = other.start_handshake(SessionId(9), 99, now).expect("init");
+    assert_eq!(
+        rig.table.open_stream(&init, STREAM_FROM, now).err(),
+        Some(DropReason::UnexpectedType)
+    );
+    // (Byte 20 is ciphertext; the last 8 bytes are the gateways' admission tag.)
+    let mut bad = stream_open(&mut dev, 2).0;
+    bad[20] ^= 1;
+    assert_eq!(
+        rig.table.open_stream(&bad, STREAM_FROM, now).err(),
+        Some(DropReason::Authentication)
+    );
+    bad[2..6].copy_from_slice(&0x0bad_0badu32.to_be_bytes());
+    assert_eq!(
+        rig.table.open_stream(&bad, STREAM_FROM, now).err(),
+        Some(DropReason::UnknownSession)
+    );
+
+    // A StreamOpen as a datagram is dropped; nothing stored, the session works on.
+    let before = dropped(&rig.metrics, "unexpected_message");
+    let mut out = Outputs::default();
+    let (frame, _, _) = stream_open(&mut dev, 3);
+    rig.table.handle_frame(&frame, B, now, &mut out);
+    assert!(out.readings.is_empty() && out.sends.is_empty());
+    assert_eq!(dropped(&rig.metrics, "unexpected_message"), before + 1);
+    let (_, seqs, _) = read_and_ack(&mut rig, &mut dev, 2, B, now);
+    assert_eq!(seqs, [ReadingSeq(2)]);
+}
+
+#[test]
+fn a_stream_open_obeys_the_path_policy_and_names_the_device() {
+    let mut rig = policy_rig();
+    let now = Instant::now();
+    let next = StaticKeypair::generate().expect("next key");
+    let mut factory = session_with(&rig, &rig.factory[0]);
+    let init = InitPayload {
+        timestamp: 1,
+        next_key: Some(*next.public()),
+        config_version: None,
+    };
+    established(exchange(&mut rig, &mut factory, init, GW_A, now));
+    let mut dev = session_with(&rig, &next);
+    establish(&mut rig, &mut dev, 10, GW_A, now);
+
+    // building-a allows gateway gw-a only.
+    for origin in [STREAM_FROM, StreamOrigin::Gateway(GatewayConnId(2))] {
+        let (frame, _, _) = stream_open(&mut dev, 1);
+        assert_eq!(
+            rig.table.open_stream(&frame, origin, now).err(),
+            Some(DropReason::NotPermitted),
+            "{origin:?}"
+        );
+    }
+    let (frame, _, _) = stream_open(&mut dev, 1);
+    let grant = rig
+        .table
+        .open_stream(&frame, StreamOrigin::Gateway(GatewayConnId(1)), now)
+        .expect("through gw-a");
+    assert_eq!(grant.owner.serial.as_deref(), Some("sn-1"));
+}

@@ -1355,6 +1355,19 @@ impl Store {
         Ok(out)
     }
 
+    /// The serial of every subscription `owner` holds (any status), by subscription id: whose
+    /// stored videos it may list.
+    pub fn subscription_serials(
+        &self,
+        owner: &str,
+    ) -> Result<std::collections::HashMap<i64, String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, serial FROM subscriptions WHERE owner = ?1")?;
+        let rows = stmt.query_map([owner], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The device `serial` as `owner` sees it ([`StoreError::UnknownDevice`] if it may not).
     pub fn device_view(&self, serial: &str, owner: &str) -> Result<DeviceView, StoreError> {
         if !self.visible_to(serial, owner)? {
