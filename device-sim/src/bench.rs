@@ -16,6 +16,10 @@
 //!                 HandshakeInits from thousands of loopback addresses (127.2.0.1..) through the
 //!                 gateway at several times the core's handshake rate (phase 2), while fresh
 //!                 devices handshake through it: the share that completes
+//!  6. bulk:       (on the restarted daemons) a camera's video over the stream transport through
+//!                 the gateway, straight to the core, and plain bytes over loopback TCP: MB/s,
+//!                 gateway/direct and gateway/raw; the end-to-end crypto's share of the CPU the
+//!                 gateway run took; meters' reading latency idle and while a camera streams
 //! ```
 //!
 //! Phases 1–4 run with the core's cookie threshold out of reach and quotas too large to bite
@@ -32,6 +36,7 @@
 //! once every figure was measured (2 when it could not run).
 
 mod blast;
+mod bulk;
 mod daemons;
 mod handshakes;
 mod idle;
@@ -52,6 +57,7 @@ use crate::flood::{AttackError, FloodOptions};
 use crate::meter::MeterConfig;
 use relay_protocol::frame::SessionId;
 
+pub use bulk::{Bulk, BulkRun, Cpu, LatencyRun, MetersUnderStream};
 pub use table::render_table;
 
 /// Relay throughput must be at least this share of the direct path's.
@@ -112,6 +118,8 @@ const FLOOD_SOURCE_BASE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 2, 0,
 const FLOOD_START_AFTER: Duration = Duration::from_secs(1);
 const FLOOD_SPREAD: Duration = Duration::from_secs(5);
 const FLOOD_LENGTH: Duration = Duration::from_secs(13);
+/// Cameras of the bulk phase: direct, gateway, and the one streaming while meters report.
+const BULK_CAMERAS: usize = 3;
 /// Pause before reading RSS, so that the daemons' queues drained and the allocator settled.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -141,6 +149,7 @@ impl BenchOptions {
                 vec![10_000, 100_000]
             },
             flood_devices: if self.quick { 200 } else { 500 },
+            bulk_bytes: if self.quick { 64 << 20 } else { 256 << 20 },
         }
     }
 }
@@ -158,6 +167,8 @@ pub struct BenchPlan {
     pub idle_milestones: Vec<usize>,
     /// Real devices handshaking under the flood.
     pub flood_devices: usize,
+    /// Bytes of each bulk transfer (one camera video).
+    pub bulk_bytes: usize,
 }
 
 impl BenchPlan {
@@ -166,9 +177,15 @@ impl BenchPlan {
         self.idle_milestones.last().copied().unwrap_or(0)
     }
 
-    /// Devices to provision: each phase gets its own.
+    /// Devices to provision: each phase gets its own (the bulk phase: three cameras and two sets
+    /// of meters).
     pub fn fleet_devices(&self) -> usize {
-        2 * self.meters + self.core_handshakes + self.idle_devices() + self.flood_devices
+        2 * self.meters
+            + self.core_handshakes
+            + self.idle_devices()
+            + self.flood_devices
+            + BULK_CAMERAS
+            + 2 * self.meters
     }
 }
 
@@ -240,6 +257,9 @@ pub struct BenchReport {
     pub forged_frames: ForgedFrames,
     /// Real devices' handshakes under a flood of forged ones.
     pub flood: FloodHandshakes,
+    /// A camera's video through the gateway against direct and raw TCP; meters' latency while
+    /// it streams.
+    pub bulk: Bulk,
     /// Each figure that has a target, with the verdict.
     pub targets: Vec<TargetCheck>,
     /// Whether every target was met.
@@ -620,6 +640,17 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let handshake_devices = take(plan.core_handshakes);
     let idle_devices = take(plan.idle_devices());
     let flood_devices = take(plan.flood_devices);
+    let mut cameras = take(BULK_CAMERAS).into_iter();
+    let camera = |c: Option<DeviceIdentity>| {
+        c.ok_or_else(|| BenchError::Daemon("too few devices for the bulk phase".into()))
+    };
+    let bulk_devices = bulk::BulkDevices {
+        direct_camera: camera(cameras.next())?,
+        gateway_camera: camera(cameras.next())?,
+        streaming_camera: camera(cameras.next())?,
+        idle_meters: take(plan.meters),
+        streaming_meters: take(plan.meters),
+    };
 
     let mut daemons = daemons::Daemons::start(&binaries, dir.path(), START_LIMIT).await?;
     progress(format_args!(
@@ -809,6 +840,18 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     )
     .await?;
     daemons.check_alive()?;
+
+    // 6. Bulk: the stream transport.
+    let bulk = bulk::run(
+        &daemons,
+        sim.core_public_key,
+        bulk_devices,
+        plan.bulk_bytes,
+        plan.duration,
+        &dir.path().join("core/videos"),
+    )
+    .await?;
+    daemons.check_alive()?;
     daemons.stop().await;
     drop(dir);
 
@@ -843,6 +886,7 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         memory,
         forged_frames,
         flood,
+        bulk,
     })
 }
 
@@ -1320,10 +1364,12 @@ mod tests {
     fn each_phase_gets_devices_of_its_own() {
         let p = opts(false).plan();
         assert_eq!(p.idle_milestones, [10_000, 100_000]);
-        assert_eq!(p.fleet_devices(), 400 + 20_000 + 100_000 + 500);
+        assert_eq!(p.fleet_devices(), 400 + 20_000 + 100_000 + 500 + 3 + 400);
+        assert_eq!(p.bulk_bytes, 256 << 20);
         let q = opts(true).plan();
         assert_eq!(q.idle_milestones, [10_000]);
-        assert_eq!(q.fleet_devices(), 400 + 5_000 + 10_000 + 200);
+        assert_eq!(q.fleet_devices(), 400 + 5_000 + 10_000 + 200 + 3 + 400);
+        assert_eq!(q.bulk_bytes, 64 << 20);
     }
 
     fn summary(acked: u64) -> FleetSummary {
@@ -1455,6 +1501,53 @@ mod tests {
             gateway_handshake_rate_drops: Some(10.0),
         };
         let targets = targets(&throughput, &handshakes, &memory, &forged_frames, &flood);
+        let run = |mb_per_sec: f64| BulkRun {
+            mb_per_sec,
+            secs: 256.0 * 1.048_576 / mb_per_sec,
+            bytes: 256 << 20,
+            attempts: 1,
+            intact: true,
+        };
+        let latency = |p99| LatencyRun {
+            acknowledged: 20_000,
+            lost: 0,
+            p50_ms: Some(0.5),
+            p99_ms: Some(p99),
+            max_ms: Some(20.0),
+        };
+        let cpu = Cpu {
+            gateway_secs: 0.8,
+            core_secs: 1.0,
+            bench_secs: 0.7,
+            total_secs: 2.5,
+        };
+        let bulk = Bulk {
+            bytes: 256 << 20,
+            chunk_size: 65_536,
+            raw: run(2000.0),
+            direct: run(500.0),
+            gateway: run(400.0),
+            gateway_over_direct: 0.8,
+            gateway_over_raw: 0.2,
+            direct_over_raw: 0.25,
+            crypto_ns_per_byte: 1.5,
+            crypto_cpu_secs: 0.4,
+            gateway_run_cpu: cpu,
+            direct_run_cpu: cpu,
+            crypto_cpu_share: 0.16,
+            meters: MetersUnderStream {
+                meters: 200,
+                interval_ms: 100,
+                secs: 10.0,
+                warmup_secs: 1.0,
+                idle: latency(2.0),
+                streaming: latency(5.0),
+                p99_ratio: 2.5,
+                camera_bytes: 3_000_000_000,
+                camera_mb_per_sec: 300.0,
+                camera_videos: 11,
+            },
+        };
         let report = BenchReport {
             command_line: vec!["device-sim".into(), "bench".into()],
             machine: daemons::machine(),
@@ -1467,6 +1560,7 @@ mod tests {
             memory,
             forged_frames,
             flood,
+            bulk,
         };
         let t = render_table(&report);
         let line = |start: &str| {
@@ -1500,12 +1594,35 @@ mod tests {
             "real handshakes completed under flood (500) 98.6 % >= 99 % FAIL"
         );
         assert!(t.contains("round 1: plain socket 1000000/s"), "{t}");
+        assert_eq!(
+            line("bulk: camera video via gateway"),
+            "bulk: camera video via gateway (256 MiB) 400 MB/s"
+        );
+        assert_eq!(
+            line("bulk: gateway / direct"),
+            "bulk: gateway / direct 80.0 %"
+        );
+        assert_eq!(
+            line("bulk: gateway / raw TCP"),
+            "bulk: gateway / raw TCP 20.0 %"
+        );
+        assert_eq!(
+            line("bulk: end-to-end crypto, share of CPU"),
+            "bulk: end-to-end crypto, share of CPU (gateway run) 16.0 %"
+        );
+        assert_eq!(
+            line("meters' p99 latency, camera streaming / idle"),
+            "meters' p99 latency, camera streaming / idle × 2.50"
+        );
         assert!(t.contains("some targets missed"), "{t}");
         let json: serde_json::Value =
             serde_json::from_str(&serde_json::to_string(&report).expect("json")).expect("parses");
         assert_eq!(json["targets"].as_array().map(Vec::len), Some(9));
         assert_eq!(json["forged_frames"]["uplink_untouched"], true);
         assert_eq!(json["flood"]["established"], 493);
+        assert_eq!(json["bulk"]["gateway_over_direct"], 0.8);
+        assert_eq!(json["bulk"]["meters"]["streaming"]["p99_ms"], 5.0);
+        assert_eq!(json["bulk"]["gateway_run_cpu"]["total_secs"], 2.5);
         assert_eq!(json["all_targets_met"], false);
     }
 

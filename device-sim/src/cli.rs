@@ -14,6 +14,11 @@
 //!                [--move-to ADDR@MS]…
 //! device-sim manufacture --count N --out DIR [--prefix P] [--model M] [--kek-file F]
 //! device-sim bench [--json] [--quick] [--meters M] [--secs S] [--bin-dir DIR]
+//! device-sim camera (--config FILE [--device INDEX|SERIAL] | --device-dir DIR --target ADDR
+//!                   --core-key HEX) [--target ADDR] [--stream-target ADDR] [--direct]
+//!                   [--status-every S] [--accident-after S] [--video-bytes N --video-seed SEED |
+//!                   --video-file PATH] [--bitrate-mbps M] [--chunk-bytes B] [--max-attempts N]
+//!                   [--duration-secs D] [--upload-id HEX] [--json]
 //! device-sim probe --config FILE [--udp ADDR] [--tcp ADDR] [--device SERIAL] [--timeout-ms T]
 //! device-sim flood --target ADDR --sources N --rate PER_SEC --duration-secs S
 //!                  [--source-base 127.2.0.1] [--json]
@@ -29,7 +34,8 @@
 //! or 2. `bench` exits 0 once every figure was measured, whether or not the targets were met, and
 //! 2 when it could not run. `probe` exits 0 when nothing answered (unreachable), 1 when something
 //! did, 2 on bad usage or a local failure. `flood` and `forge` exit 0 once they sent, 2 on bad
-//! usage or a local failure.
+//! usage or a local failure. `camera` exits 0 when the video is stored with a matching SHA-256
+//! and every status reading was acknowledged, 1 otherwise, 2 when it could not run.
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -42,6 +48,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use relay_protocol::payload::MAX_READING;
 use tokio_util::sync::CancellationToken;
+
+mod camera;
+
+pub use camera::{camera_options, CameraArgs};
 
 use crate::bench::{render_table, run_bench, BenchError, BenchOptions};
 use crate::config::{load_config, load_fleet, ConfigError};
@@ -91,7 +101,9 @@ pub enum Command {
     /// (`DIR/manifest.csv`: serial,factory_public_key,model) the owner imports into the core.
     Manufacture(ManufactureArgs),
     /// Start core-stub and gateway and measure the relay's cost: throughput against direct
-    /// access, the core's handshake rate against snow's, memory per idle device.
+    /// access, the core's handshake rate against snow's, memory per idle device, forged frames,
+    /// handshakes under a flood, and bulk video over the stream transport (gateway against
+    /// direct against raw TCP, the crypto's CPU share, meters' latency while a camera streams).
     Bench(BenchArgs),
     /// Check whether the core can be reached directly from here: a registered device's real
     /// handshake to a UDP address (only the core can complete it) and a TCP connection. Exit 0
@@ -104,6 +116,11 @@ pub enum Command {
     /// Forged AdmittedTransport frames (random counter, ciphertext and tag) for the given
     /// session ids: junk the gateway must drop at its admission check. Prints how many were sent.
     Forge(ForgeArgs),
+    /// One camera: status updates as readings over UDP datagrams every few seconds, and after
+    /// an "accident" a video uploaded over the stream transport (TCP, end-to-end encrypted in
+    /// chunks, resumed after failures). Exit 0 when the video is stored with a matching SHA-256
+    /// and every status reading was acknowledged.
+    Camera(Box<CameraArgs>),
 }
 
 /// `--readings`: a number per device, or `unlimited`.
@@ -358,13 +375,16 @@ pub struct BenchArgs {
     /// Print the results as one JSON object instead of a table (progress stays on stderr).
     #[arg(long, env = "DEVICE_SIM_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     pub json: bool,
-    /// A short run: 10k idle devices only (no 100k memory point), 5k core handshakes.
+    /// A short run: 10k idle devices only (no 100k memory point), 5k core handshakes, 64 MiB
+    /// bulk transfers (instead of 256 MiB).
     #[arg(long)]
     pub quick: bool,
-    /// Meters in each throughput run (one set through the gateway, another direct).
+    /// Meters in each throughput run (one set through the gateway, another direct), and in each
+    /// latency run of the bulk phase (one set idle, another while a camera streams).
     #[arg(long, value_name = "M", default_value_t = 200)]
     pub meters: usize,
-    /// Length of each throughput run in seconds; the first second is not counted.
+    /// Length of each throughput run and of each latency run in seconds; the first second is
+    /// not counted.
     #[arg(long, value_name = "S", default_value_t = 10)]
     pub secs: u64,
     /// Where the core-stub and gateway executables are [default: next to device-sim].
@@ -418,6 +438,7 @@ pub fn main() -> ExitCode {
         Command::Probe(args) => probe(args),
         Command::Flood(args) => flood(args),
         Command::Forge(args) => forge(args),
+        Command::Camera(args) => camera::camera(*args),
     };
     ExitCode::from(code)
 }
@@ -1157,6 +1178,134 @@ mod tests {
             panic!("not bench");
         };
         assert_eq!((b.meters, b.secs, b.quick), (50, 10, false));
+    }
+
+    fn camera(args: &[&str]) -> Result<crate::camera::CameraOptions, CliError> {
+        let mut argv = vec!["device-sim", "camera"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Camera(a) => camera_options(&a),
+            _ => panic!("not camera"),
+        }
+    }
+
+    #[test]
+    fn camera_addresses_come_from_the_config_or_the_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_config(dir.path(), 3);
+        let p = path.to_str().expect("utf-8");
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let o = camera(&["--config", p, "--video-bytes", "5000"]).expect("valid");
+        assert_eq!(o.device.serial(), "meter-00001");
+        assert_eq!(
+            (o.target, o.stream_target),
+            (addr("127.0.0.1:5683"), addr("127.0.0.1:5683"))
+        );
+        assert_eq!(o.video.len(), 5000);
+        assert_eq!(&o.video[..], &crate::video::video_bytes(1, 5000)[..]);
+        assert_eq!(
+            (o.status_every, o.accident_after),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
+        assert_eq!(
+            (o.chunk_size, o.bitrate_bps, o.max_attempts, o.duration),
+            (65_536, 0, 10, None)
+        );
+
+        let o = camera(&[
+            "--config",
+            p,
+            "--device",
+            "meter-00003",
+            "--direct",
+            "--video-bytes",
+            "10",
+            "--video-seed",
+            "9",
+            "--bitrate-mbps",
+            "2.5",
+            "--duration-secs",
+            "1.5",
+            "--upload-id",
+            "000102030405060708090a0b0c0d0e0f",
+        ])
+        .expect("valid");
+        assert_eq!(o.device.serial(), "meter-00003");
+        assert_eq!(
+            (o.target, o.stream_target),
+            (addr("127.0.0.1:5684"), addr("127.0.0.1:5684"))
+        );
+        assert_eq!(&o.video[..], &crate::video::video_bytes(9, 10)[..]);
+        assert_eq!(o.bitrate_bps, 2_500_000);
+        assert_eq!(o.duration, Some(Duration::from_millis(1500)));
+        assert_eq!(
+            o.upload.map(|u| u.to_hex()).as_deref(),
+            Some("000102030405060708090a0b0c0d0e0f")
+        );
+
+        let o = camera(&[
+            "--config",
+            p,
+            "--device",
+            "2",
+            "--target",
+            "10.0.0.1:7",
+            "--video-bytes",
+            "10",
+        ])
+        .expect("valid");
+        assert_eq!(o.device.serial(), "meter-00002");
+        assert_eq!(
+            (o.target, o.stream_target),
+            (addr("10.0.0.1:7"), addr("10.0.0.1:7"))
+        );
+        let o = camera(&[
+            "--config",
+            p,
+            "--target",
+            "10.0.0.1:7",
+            "--stream-target",
+            "10.0.0.2:8",
+            "--video-bytes",
+            "10",
+        ])
+        .expect("valid");
+        assert_eq!(o.stream_target, addr("10.0.0.2:8"));
+
+        for args in [
+            vec!["--config", p, "--device", "4"],
+            vec!["--config", p, "--device", "0"],
+            vec!["--config", p, "--device", "meter-9"],
+            vec!["--config", p, "--chunk-bytes", "512"],
+            vec!["--config", p, "--video-bytes", "0"],
+            vec!["--config", p, "--status-every", "0"],
+            vec!["--config", p, "--bitrate-mbps=-1"],
+            vec!["--config", p, "--upload-id", "abc"],
+            vec!["--config", p, "--video-file", "/nonexistent/video"],
+            vec!["--device-dir", "/nonexistent", "--core-key", "00"],
+            vec![],
+        ] {
+            let e = camera(&args)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(!e.is_empty() && !e.contains('\n'), "{args:?}: {e}");
+        }
+        assert!(Cli::try_parse_from([
+            "device-sim",
+            "camera",
+            "--config",
+            p,
+            "--video-bytes",
+            "1",
+            "--video-file",
+            "x"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["device-sim", "camera", "--device-dir", "d", "--config", p])
+                .is_err()
+        );
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! gateway = "127.0.0.1:5683"
 //! direct = "127.0.0.1:5684"
 //! fleet = "fleet.keys"            # relative to this file's directory
+//! # optional: the stream ports (TCP) for camera video; default: the same host:port as above
+//! gateway_streams = "127.0.0.1:5683"
+//! direct_streams = "127.0.0.1:5684"
 //! ```
 //!
 //! ```text
@@ -85,6 +88,10 @@ struct RawConfig {
     gateway: SocketAddr,
     direct: SocketAddr,
     fleet: PathBuf,
+    #[serde(default)]
+    gateway_streams: Option<SocketAddr>,
+    #[serde(default)]
+    direct_streams: Option<SocketAddr>,
 }
 
 /// `device-sim.toml`, validated.
@@ -98,6 +105,10 @@ pub struct SimConfig {
     pub direct: SocketAddr,
     /// The fleet file, resolved against the config file's directory.
     pub fleet: PathBuf,
+    /// The gateway's stream port (TCP) [default: the same address as `gateway`].
+    pub gateway_streams: SocketAddr,
+    /// The core's direct-access stream port (TCP) [default: the same address as `direct`].
+    pub direct_streams: SocketAddr,
 }
 
 impl SimConfig {
@@ -125,6 +136,8 @@ impl SimConfig {
             gateway: raw.gateway,
             direct: raw.direct,
             fleet: dir.join(raw.fleet),
+            gateway_streams: raw.gateway_streams.unwrap_or(raw.gateway),
+            direct_streams: raw.direct_streams.unwrap_or(raw.direct),
         })
     }
 }
@@ -238,6 +251,17 @@ mod tests {
         assert_eq!(c.fleet, Path::new("/etc/relay/devices/fleet.keys"));
         let c = SimConfig::parse(&config(""), Path::new("device-sim.toml")).expect("valid");
         assert_eq!(c.fleet, Path::new("fleet.keys"));
+        // The stream ports default to the datagram ones (TCP on the same number).
+        assert_eq!(c.gateway_streams, c.gateway);
+        assert_eq!(c.direct_streams, c.direct);
+        let c = SimConfig::parse(
+            &config("gateway_streams = \"127.0.0.1:7000\"\ndirect_streams = \"[::1]:7001\"\n"),
+            Path::new("device-sim.toml"),
+        )
+        .expect("valid");
+        assert_eq!(c.gateway_streams, "127.0.0.1:7000".parse().expect("addr"));
+        assert_eq!(c.direct_streams, "[::1]:7001".parse().expect("addr"));
+        assert_eq!(c.gateway, "127.0.0.1:5683".parse().expect("addr"));
     }
 
     #[test]

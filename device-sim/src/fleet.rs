@@ -139,6 +139,10 @@ pub struct FleetOptions {
     pub target_name: Option<String>,
     /// Handovers, in time order: every device switches its target at each.
     pub moves: Vec<Move>,
+    /// Readings first sent within this long after the start are left out of the latency
+    /// percentiles (they are still counted): the handshakes of a whole fleet crowd the core at
+    /// the start, and a measurement of steady-state latency leaves them out.
+    pub latency_warmup: Duration,
 }
 
 impl FleetOptions {
@@ -167,6 +171,7 @@ impl FleetOptions {
             crash_at: None,
             target_name: None,
             moves: Vec::new(),
+            latency_warmup: Duration::ZERO,
         }
     }
 }
@@ -696,6 +701,7 @@ pub async fn run_fleet(
             buf: vec![0u8; MAX_DATAGRAM + 1],
             progress: plan.progress.clone(),
             config_change: None,
+            latency_from: start + opts.latency_warmup,
         };
         driver.resume(opts.sleepy.is_some(), start);
         tasks.spawn(async move { (index, run_meter(driver, plan).await) });
@@ -725,7 +731,7 @@ async fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
 
 /// A UDP socket connected to `target`, bound to the loopback address for a loopback target (so
 /// tests and single-host runs never listen on the network), else to the unspecified address.
-async fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
+pub(crate) async fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
     let ip = match (target.ip(), target.ip().is_loopback()) {
         (IpAddr::V4(_), true) => IpAddr::V4(Ipv4Addr::LOCALHOST),
         (IpAddr::V6(_), true) => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -768,6 +774,8 @@ struct Driver {
     progress: Option<Arc<FleetProgress>>,
     /// A configuration arrived that the pacer may follow.
     config_change: Option<DeviceConfig>,
+    /// Only readings first sent from here on count towards the latencies.
+    latency_from: Instant,
 }
 
 /// How a wait ended.
@@ -827,7 +835,10 @@ impl Driver {
             match event {
                 MeterEvent::Acked { seq, latency } => {
                     self.acked.push(seq);
-                    self.latencies.push(latency);
+                    let first_sent = Instant::now().checked_sub(latency);
+                    if first_sent.is_none_or(|t| t >= self.latency_from) {
+                        self.latencies.push(latency);
+                    }
                 }
                 MeterEvent::Established { rekey_after } => {
                     tracing::debug!(%serial, ?rekey_after, "session established");

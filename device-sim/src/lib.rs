@@ -44,10 +44,20 @@
 //!   sources and forged admitted frames for given session ids (flood-resistance tests, the bench).
 //! - [`probe`]: `device-sim probe`, whether the core answers a device directly (field-network
 //!   isolation checks).
+//! - [`video`]: a video upload over the stream transport (TCP to the gateway's or the core's
+//!   stream port, `docs/protocol.md` §13): [`video::upload`] with [`video::UploadOptions`] →
+//!   [`video::UploadReport`], resumed where the core's acks say after any failure, its
+//!   `StreamOpen` tickets from whoever holds the session ([`video::TicketSource`]:
+//!   [`meter::Meter::open_stream`] through [`video::ChannelTickets`] or
+//!   [`video::SessionTickets`]); [`video::video_bytes`], the deterministic content.
+//! - [`camera`]: `device-sim camera`, one device sending status readings over UDP and, after an
+//!   accident, its video over the stream transport ([`camera::run_camera`] →
+//!   [`camera::CameraReport`]).
 //! - [`mod@bench`]: `device-sim bench`, which starts the real `core-stub` and `gateway` and measures
 //!   relay against direct throughput, the core's handshake rate against snow's, memory per
-//!   idle device, the gateway's forged-frame drop rate against a plain socket's receive rate, and
-//!   real handshakes under a flood ([`bench::run_bench`] → [`bench::BenchReport`]).
+//!   idle device, the gateway's forged-frame drop rate against a plain socket's receive rate,
+//!   real handshakes under a flood, and bulk video through the gateway against direct and raw TCP
+//!   ([`bench::run_bench`] → [`bench::BenchReport`]).
 //!
 //! ```text
 //!  device-sim.toml, fleet.keys ─▶ config ─┐
@@ -57,11 +67,16 @@
 //!   Meter::poll_transmit ─▶ UdpSocket ══ UDP ══▶ gateway ══ QUIC ══▶ core (Noise responder, store)
 //!   Meter::handle_datagram ◀─ UdpSocket ◀══ acks ═══════════════════════╝  (or --via direct)
 //!        └─▶ MeterEvent::Acked ─▶ latencies, counters ─▶ FleetSummary ─▶ report (table | JSON)
+//!
+//!  camera: Meter (status readings, UDP) ─ Meter::open_stream ─▶ ticket ─▶ video::upload
+//!          ══ TCP: length | StreamOpen, StreamData… ══▶ gateway ══ QUIC stream ══▶ core
+//!          ◀═ StreamAck (resume point, Complete + SHA-256) ═══════════════════╝ (or direct)
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod camera;
 pub mod cli;
 pub mod config;
 pub mod device_dir;
@@ -72,9 +87,12 @@ pub mod meter;
 pub mod probe;
 pub mod report;
 pub mod secure_element;
+pub mod video;
 
 #[cfg(test)]
 mod test_core;
+#[cfg(test)]
+mod test_net;
 
 pub use config::{load_config, load_fleet, parse_fleet, ConfigError, DeviceIdentity, SimConfig};
 pub use device_dir::DeviceDir;

@@ -66,6 +66,7 @@ use relay_protocol::secure_element::{KeySlot, SecureElement};
 use relay_protocol::session::{
     DeviceEvent, DeviceSession, PublicKey, SessionError, SessionSnapshot, StaticKeypair,
 };
+use relay_protocol::stream::{StreamKeys, StreamOpen, UploadId};
 use relay_protocol::DecodeError;
 
 mod lifecycle;
@@ -311,6 +312,8 @@ pub struct MeterStats {
     pub config_updates: u64,
     /// Releases to another operator followed.
     pub releases: u64,
+    /// Stream connections opened ([`Meter::open_stream`]: one sealed `StreamOpen` each).
+    pub streams_opened: u64,
 }
 
 #[derive(Debug)]
@@ -650,6 +653,49 @@ impl Meter {
         Ok(())
     }
 
+    /// The first frame of a new stream connection (`docs/protocol.md` §13) for chunk-by-chunk
+    /// upload `upload` of `total_size` bytes cut in chunks of `chunk_size`, with `meta` (at
+    /// most 200 bytes of UTF-8, cut beyond): a `StreamOpen` with a fresh random salt, sealed on
+    /// the current session like a reading (its counter, its admission tag), and the keys of the
+    /// connection it opens. `None` without a working session (none yet, refused, presumed lost,
+    /// the core silent past the silence timeout, or its counter used up). The frame goes on the
+    /// stream socket, not in a datagram.
+    pub fn open_stream(
+        &mut self,
+        upload: UploadId,
+        chunk_size: u32,
+        total_size: u64,
+        meta: &str,
+        now: Instant,
+    ) -> Option<(Vec<u8>, StreamKeys)> {
+        // A core silent past the timeout has probably lost the session: a stream opened on it
+        // would only be refused.
+        if !self.can_send() || self.silent(now) {
+            return None;
+        }
+        // The salt only has to be new for every connection on a session; drawn from the OS
+        // generator (not the meter's seeded one), so that a resumed session on a restarted
+        // device never repeats one.
+        let open = StreamOpen {
+            salt: rand::random(),
+            upload,
+            chunk_size,
+            total_size,
+            meta: meta.to_owned(),
+        };
+        let transport = self.session.current()?;
+        let keys = transport.stream_keys(&open.salt, &open.upload);
+        self.plaintext.clear();
+        Message::StreamOpen(open).encode(&mut self.plaintext);
+        let mut frame = Vec::new();
+        if let Err(e) = self.session.seal(&self.plaintext, &mut frame) {
+            tracing::warn!(serial = %self.serial, error = %e, "cannot seal a stream open");
+            return None;
+        }
+        self.stats.streams_opened += 1;
+        Some((frame, keys))
+    }
+
     /// Handles one datagram from the core. Events it causes are queued for
     /// [`Meter::poll_event`]. A bad datagram is counted and returned as an error; the meter's
     /// state is as before.
@@ -823,6 +869,8 @@ impl Meter {
             }
             Message::Keepalive => Ok(()),
             Message::Reading { .. } => Err(DatagramError::Unexpected("reading")),
+            // Only ever the first frame of a stream, device to core: never on a datagram.
+            Message::StreamOpen(_) => Err(DatagramError::Unexpected("stream open")),
         }
     }
 

@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::camera::CameraReport;
 use crate::fleet::{FleetSummary, ProgressSnapshot};
+use crate::video::UploadSnapshot;
 
 /// One progress line, without line ending: elapsed time, acknowledged of queued, retransmissions,
 /// readings in flight.
@@ -114,6 +116,119 @@ pub fn summary_table(s: &FleetSummary) -> String {
     out
 }
 
+/// The camera's progress line during the upload: share stored, bytes stored and sent, the send
+/// rate (`bytes_per_sec`, over the last interval), the connection, and the status readings
+/// acknowledged.
+pub fn camera_progress_line(
+    u: &UploadSnapshot,
+    (queued, acked, _): (u64, u64, bool),
+    bytes_per_sec: f64,
+) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    let share = if u.total_bytes > 0 {
+        100.0 * u.stored_bytes as f64 / u.total_bytes as f64
+    } else {
+        0.0
+    };
+    let rate = bytes_per_sec / 1e6;
+    format!(
+        "camera: video {share:.1} % stored ({:.1} of {:.1} MB), sent {:.1} MB, {rate:.1} MB/s, connection {}{}; status {acked}/{queued} acked",
+        mb(u.stored_bytes),
+        mb(u.total_bytes),
+        mb(u.sent_bytes),
+        u.attempts,
+        if u.complete { ", complete" } else { "" }
+    )
+}
+
+/// The camera's summary: the device, its status readings, the video, the verdict.
+pub fn camera_table(r: &CameraReport) -> String {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
+    let s = &r.status;
+    let mut rows: Vec<(&str, String)> = vec![
+        ("camera", format!("{} (key {})", r.serial, r.public_key)),
+        ("datagrams to", r.target.clone()),
+        ("video to", r.stream_target.clone()),
+        (
+            "status readings",
+            format!(
+                "{} queued, {} acknowledged, {} lost, {} retransmitted, {} handshakes",
+                s.queued, s.acknowledged, s.lost, s.retransmitted, s.handshakes
+            ),
+        ),
+        (
+            "  latency",
+            format!(
+                "p50 {} p99 {} max {}; during the upload {} acknowledged, p99 {}",
+                ms(s.latency_p50_ms),
+                ms(s.latency_p99_ms),
+                ms(s.latency_max_ms),
+                s.acknowledged_during_upload,
+                ms(s.latency_p99_during_upload_ms)
+            ),
+        ),
+    ];
+    match &r.video {
+        None => rows.push(("video", "not started".into())),
+        Some(v) => {
+            rows.push((
+                "video",
+                format!(
+                    "{} bytes, upload {}, {} chunks of {} B",
+                    v.bytes, v.upload, v.chunks, v.chunk_size
+                ),
+            ));
+            rows.push((
+                "  stored",
+                if v.complete {
+                    format!(
+                        "yes, SHA-256 {} ({})",
+                        if v.digest_match { "matches" } else { "DIFFERS" },
+                        v.acked_sha256
+                    )
+                } else {
+                    "no".into()
+                },
+            ));
+            let resumed: Vec<String> = v.resumed_from.iter().map(u32::to_string).collect();
+            rows.push((
+                "  connections",
+                format!("{} (started at chunk {})", v.attempts, resumed.join(", ")),
+            ));
+            rows.push((
+                "  sent",
+                format!(
+                    "{:.1} MB of chunks in {} frames",
+                    v.chunk_bytes_sent as f64 / 1e6,
+                    v.frames_sent
+                ),
+            ));
+            rows.push((
+                "  time",
+                format!("{:.2} s, {:.1} MB/s", v.elapsed_secs, v.throughput_mb_s),
+            ));
+        }
+    }
+    if let Some(e) = &r.video_error {
+        rows.push(("  error", e.clone()));
+    }
+    rows.push(("elapsed", format!("{:.1} s", r.elapsed_secs)));
+    let verdict = if r.ok {
+        "OK: video stored intact, every status reading acknowledged"
+    } else if r.interrupted {
+        "INTERRUPTED"
+    } else {
+        "FAILED"
+    };
+    rows.push(("result", verdict.into()));
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in rows {
+        let _ = writeln!(out, "{k:<width$}  {v}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +278,80 @@ mod tests {
         );
         assert!(t.contains("latency max            -\n"), "{t}");
         assert_eq!(t.lines().count(), 18);
+    }
+
+    #[test]
+    fn renders_the_camera_progress_and_summary() {
+        let u = UploadSnapshot {
+            total_bytes: 10_000_000,
+            stored_bytes: 2_500_000,
+            sent_bytes: 3_000_000,
+            attempts: 2,
+            complete: false,
+        };
+        assert_eq!(
+            camera_progress_line(&u, (4, 3, true), 1_500_000.0),
+            "camera: video 25.0 % stored (2.5 of 10.0 MB), sent 3.0 MB, 1.5 MB/s, connection 2; status 3/4 acked"
+        );
+        let video = crate::video::UploadReport {
+            upload: "00".repeat(16),
+            bytes: 10_000_000,
+            chunk_size: 65_536,
+            chunks: 153,
+            sha256: "ab".repeat(32),
+            acked_sha256: "ab".repeat(32),
+            digest_match: true,
+            complete: true,
+            attempts: 2,
+            resumed_from: vec![0, 48],
+            chunk_bytes_sent: 10_400_000,
+            frames_sent: 160,
+            elapsed_secs: 2.0,
+            throughput_mb_s: 5.0,
+        };
+        let mut r = CameraReport {
+            serial: "cam-1".into(),
+            public_key: "cd".repeat(32),
+            target: "127.0.0.1:5683".into(),
+            stream_target: "127.0.0.1:5683".into(),
+            status: crate::camera::StatusReport {
+                queued: 4,
+                acknowledged: 4,
+                ..Default::default()
+            },
+            video: Some(video),
+            video_error: None,
+            elapsed_secs: 3.0,
+            interrupted: false,
+            ok: true,
+        };
+        let t = camera_table(&r);
+        let line = |start: &str| {
+            t.lines()
+                .find(|l| l.trim_start().starts_with(start))
+                .unwrap_or_else(|| panic!("no {start:?} in\n{t}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            line("connections"),
+            "connections 2 (started at chunk 0, 48)"
+        );
+        assert_eq!(line("time"), "time 2.00 s, 5.0 MB/s");
+        assert!(line("stored").starts_with("stored yes, SHA-256 matches"));
+        assert!(line("result").starts_with("result OK"));
+        r.ok = false;
+        r.video_error = Some("gave up".into());
+        let t = camera_table(&r);
+        assert!(
+            t.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["error", "gave", "up"]),
+            "{t}"
+        );
+        assert!(
+            t.lines().last().is_some_and(|l| l.ends_with("FAILED")),
+            "{t}"
+        );
     }
 }

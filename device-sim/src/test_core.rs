@@ -20,6 +20,7 @@ use relay_protocol::payload::{
     ResponsePayload, MAX_ACKS,
 };
 use relay_protocol::session::{IncomingHandshake, PublicKey, Responder, StaticKeypair, Transport};
+use relay_protocol::stream::{StreamKeys, StreamOpen};
 
 /// A registered device's subscription.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -492,6 +493,44 @@ impl TestCore {
             }
         }
         out
+    }
+
+    /// The first frame of a stream connection: a transport frame on a live session (with a good
+    /// admission tag if it is admitted) whose plaintext is a `StreamOpen`. Returns the device's
+    /// identity, the open and the connection's keys (the core's side).
+    pub fn open_stream(&mut self, frame: &[u8]) -> Option<(PublicKey, StreamOpen, StreamKeys)> {
+        let (receiver, counter, ciphertext) = match DeviceFrame::decode(frame).ok()? {
+            DeviceFrame::AdmittedTransport {
+                receiver,
+                counter,
+                ciphertext,
+                ..
+            } => {
+                if !self
+                    .admission_keys
+                    .get(&receiver)
+                    .is_some_and(|k| k.verify(frame))
+                {
+                    self.bad_tags += 1;
+                    return None;
+                }
+                (receiver, counter, ciphertext)
+            }
+            DeviceFrame::Transport {
+                receiver,
+                counter,
+                ciphertext,
+            } => (receiver, counter, ciphertext),
+            _ => return None,
+        };
+        let (transport, device) = self.sessions.get_mut(&receiver)?;
+        let mut plain = Vec::new();
+        transport.open(counter, ciphertext, &mut plain).ok()?;
+        let Message::StreamOpen(open) = Message::decode(&plain).ok()? else {
+            return None;
+        };
+        let keys = transport.stream_keys(&open.salt, &open.upload);
+        Some((*device, open, keys))
     }
 
     /// The ids of the sessions the core holds.

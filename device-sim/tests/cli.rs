@@ -473,3 +473,93 @@ fn help_names_every_lifecycle_flag() {
         assert!(help.contains(flag), "{flag} missing:\n{help}");
     }
 }
+
+#[test]
+fn camera_help_names_its_flags() {
+    let out = device_sim()
+        .args(["camera", "--help"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--device <INDEX|SERIAL>",
+        "--device-dir",
+        "--target",
+        "--stream-target",
+        "--direct",
+        "--status-every",
+        "--accident-after",
+        "--video-bytes",
+        "--video-seed",
+        "--video-file",
+        "--bitrate-mbps",
+        "--chunk-bytes",
+        "--max-attempts",
+        "--duration-secs",
+        "--upload-id",
+        "--json",
+    ] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+}
+
+/// The core here has no stream port: the status readings are acknowledged, the video is given up
+/// on after its attempts, and the exit code says so (1), with the JSON naming why.
+#[test]
+fn camera_without_a_stream_port_reports_the_failed_video_and_exits_one() {
+    let core = Core::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &core, core.addr, 2);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let out = device_sim()
+        .args([
+            "camera",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--device",
+            "2",
+            "--stream-target",
+            &closed.to_string(),
+            "--status-every",
+            "0.2",
+            "--accident-after",
+            "0.3",
+            "--video-bytes",
+            "100000",
+            "--max-attempts",
+            "2",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let json = run_json(&out);
+    assert_eq!(json["serial"], "meter-00002");
+    assert_eq!(json["ok"], false);
+    assert!(json["status"]["acknowledged"].as_u64() >= Some(2), "{json}");
+    assert_eq!(json["status"]["lost"], 0);
+    assert_eq!(json["video"]["attempts"], 2);
+    assert_eq!(json["video"]["bytes"], 100_000);
+    let error = json["video_error"].as_str().expect("an error");
+    assert!(error.starts_with("gave up after 2 attempts"), "{error}");
+
+    let out = device_sim()
+        .args([
+            "camera",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--device",
+            "3",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: --device 3:"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

@@ -234,11 +234,37 @@ impl Daemon {
             .collect()
     }
 
+    /// CPU time (user + system, every thread, living or exited) so far, in seconds.
+    fn cpu_secs(&self) -> Result<f64, BenchError> {
+        let path = format!("/proc/{}/stat", self.pid);
+        let text = std::fs::read_to_string(&path).map_err(BenchError::io(path))?;
+        cpu_secs(&text).ok_or_else(|| BenchError::Daemon(format!("no CPU times for {}", self.name)))
+    }
+
     fn rss(&self) -> Result<u64, BenchError> {
         let path = format!("/proc/{}/status", self.pid);
         let text = std::fs::read_to_string(&path).map_err(BenchError::io(path))?;
         vm_rss(&text).ok_or_else(|| BenchError::Daemon(format!("no VmRSS for {}", self.name)))
     }
+}
+
+/// Clock ticks per second of `/proc/PID/stat` times: `USER_HZ`, 100 on every Linux the kernel
+/// ABI allows user space to see (`sysconf(_SC_CLK_TCK)`; read without `libc` here).
+const USER_HZ: f64 = 100.0;
+
+/// `utime + stime` of a `/proc/PID/stat` text, in seconds.
+pub(super) fn cpu_secs(stat: &str) -> Option<f64> {
+    // The command name is in parentheses and may hold spaces: count fields after the last one.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// This process's CPU time so far (`getrusage(RUSAGE_SELF)`, from `/proc/self/stat`), seconds.
+pub(super) fn own_cpu_secs() -> Option<f64> {
+    cpu_secs(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
 
 /// The last few lines of a daemon's log, on one line.
@@ -270,7 +296,11 @@ pub(super) struct Daemons {
     pub core_quic: SocketAddr,
     pub core_direct: SocketAddr,
     pub core_admin: SocketAddr,
+    /// The core's direct stream port (TCP).
+    pub core_streams: SocketAddr,
     pub gateway_devices: SocketAddr,
+    /// The gateway's stream port (TCP).
+    pub gateway_streams: SocketAddr,
     pub gateway_admin: SocketAddr,
 }
 
@@ -302,6 +332,7 @@ impl Daemons {
         let core_quic = core.addr("quic")?;
         let core_direct = core.addr("direct")?;
         let core_admin = core.addr("admin")?;
+        let core_streams = core.addr("streams")?;
         let gateway = Daemon::start(
             "gateway",
             &bins.gateway,
@@ -323,7 +354,9 @@ impl Daemons {
             core_quic,
             core_direct,
             core_admin,
+            core_streams,
             gateway_devices: gateway.addr("devices")?,
+            gateway_streams: gateway.addr("streams")?,
             gateway_admin: gateway.addr("admin")?,
             core,
             gateway,
@@ -349,6 +382,11 @@ impl Daemons {
     pub fn check_alive(&mut self) -> Result<(), BenchError> {
         self.core.check_alive()?;
         self.gateway.check_alive()
+    }
+
+    /// CPU seconds (user + system) of the gateway and of the core so far.
+    pub fn cpu_secs(&self) -> Result<(f64, f64), BenchError> {
+        Ok((self.gateway.cpu_secs()?, self.core.cpu_secs()?))
     }
 
     /// Both resident set sizes now.
@@ -546,6 +584,11 @@ mod tests {
         let udp = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
                    1234: 0100007F:D9CE 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 55501 2 0000000000000000 17\n";
         assert_eq!(parse_udp_table(udp), [(55501, 17)]);
+        let stat =
+            "4242 (core stub) S 1 4242 4242 0 -1 4194560 9000 0 0 0 250 75 0 0 20 0 9 0 1 2 3";
+        assert_eq!(cpu_secs(stat), Some(3.25));
+        assert_eq!(cpu_secs("4242 (x) S 1"), None);
+        assert!(own_cpu_secs().is_some());
     }
 
     #[test]

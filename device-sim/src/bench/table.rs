@@ -140,6 +140,65 @@ pub fn render_table(r: &BenchReport) -> String {
         check("real handshakes completed under flood"),
     );
 
+    let b = &r.bulk;
+    let size = format!("{} MiB", b.bytes >> 20);
+    let mbs = |v: f64| format!("{v:.0} MB/s");
+    row(
+        format!("bulk: raw loopback TCP ({size})"),
+        mbs(b.raw.mb_per_sec),
+        "",
+        None,
+    );
+    row(
+        format!("bulk: camera video direct to core ({size})"),
+        mbs(b.direct.mb_per_sec),
+        "",
+        None,
+    );
+    row(
+        format!("bulk: camera video via gateway ({size})"),
+        mbs(b.gateway.mb_per_sec),
+        "",
+        None,
+    );
+    row(
+        "bulk: gateway / direct".into(),
+        pct(b.gateway_over_direct),
+        "",
+        None,
+    );
+    row(
+        "bulk: gateway / raw TCP".into(),
+        pct(b.gateway_over_raw),
+        "",
+        None,
+    );
+    row(
+        "bulk: end-to-end crypto, share of CPU (gateway run)".into(),
+        pct(b.crypto_cpu_share),
+        "",
+        None,
+    );
+    let lat = &b.meters;
+    row(
+        format!("meters' p99 latency, idle ({} meters)", lat.meters),
+        ms(lat.idle.p99_ms),
+        "",
+        None,
+    );
+    row(
+        "meters' p99 latency, camera streaming".into(),
+        ms(lat.streaming.p99_ms),
+        "",
+        None,
+    );
+    row(
+        "meters' p99 latency, camera streaming / idle".into(),
+        format!("× {:.2}", lat.p99_ratio),
+        "",
+        None,
+    );
+
     let mut out = String::new();
     let header = ["what", "figure", "target", "result"];
     let width = |i: usize| {
@@ -285,6 +344,49 @@ pub fn render_table(r: &BenchReport) -> String {
         opt(fl.core_accepted),
         opt(fl.core_stale_cookies),
         opt(fl.gateway_handshake_rate_drops)
+    );
+    let cpu = |c: &super::Cpu| {
+        format!(
+            "{:.2} s (gateway {:.2}, core {:.2}, device side {:.2})",
+            c.total_secs, c.gateway_secs, c.core_secs, c.bench_secs
+        )
+    };
+    let _ = writeln!(
+        out,
+        "bulk: {} B video in {} B chunks; raw {:.2} s, direct {:.2} s ({} connection(s), SHA-256 {}), gateway {:.2} s ({} connection(s), SHA-256 {}); CPU direct run {}, gateway run {}; end-to-end crypto {:.2} ns/B (seal + open, one thread) = {:.2} CPU s of the gateway run",
+        b.bytes,
+        b.chunk_size,
+        b.raw.secs,
+        b.direct.secs,
+        b.direct.attempts,
+        if b.direct.intact { "matches" } else { "DIFFERS" },
+        b.gateway.secs,
+        b.gateway.attempts,
+        if b.gateway.intact { "matches" } else { "DIFFERS" },
+        cpu(&b.direct_run_cpu),
+        cpu(&b.gateway_run_cpu),
+        b.crypto_ns_per_byte,
+        b.crypto_cpu_secs
+    );
+    let _ = writeln!(
+        out,
+        "  meters every {} ms for {:.0} s via the gateway (readings sent in the first {:.0} s not in the latencies): idle {} acked, {} lost, p50 {} p99 {} max {}; camera streaming {} acked, {} lost, p50 {} p99 {} max {}; the camera sent {:.0} MB ({:.0} MB/s, {} videos)",
+        lat.interval_ms,
+        lat.secs,
+        lat.warmup_secs,
+        lat.idle.acknowledged,
+        lat.idle.lost,
+        ms(lat.idle.p50_ms),
+        ms(lat.idle.p99_ms),
+        ms(lat.idle.max_ms),
+        lat.streaming.acknowledged,
+        lat.streaming.lost,
+        ms(lat.streaming.p50_ms),
+        ms(lat.streaming.p99_ms),
+        ms(lat.streaming.max_ms),
+        lat.camera_bytes as f64 / 1e6,
+        lat.camera_mb_per_sec,
+        lat.camera_videos
     );
     let _ = writeln!(
         out,

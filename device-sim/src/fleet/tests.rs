@@ -699,3 +699,19 @@ async fn a_sleepy_device_resumes_its_persisted_session_in_one_datagram() {
     assert_eq!((s.acknowledged, s.lost, s.handshakes), (n, 0, 0), "{s:?}");
     assert_eq!(s.per_device[0].session_writes, 3, "{:?}", s.per_device[0]);
 }
+
+#[tokio::test]
+async fn a_latency_warmup_leaves_early_readings_out_of_the_percentiles() {
+    let core = CoreLoop::start(Loss::default()).await;
+    let public = core.core.lock().expect("core").public();
+    let opts = FleetOptions {
+        latency_warmup: Duration::from_secs(3600),
+        ..options(core.addr, public, 2, 5)
+    };
+    let s = run_fleet(opts, None).await.expect("ran");
+    assert_eq!((s.acknowledged, s.lost), (10, 0));
+    assert_eq!(
+        (s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms),
+        (None, None, None)
+    );
+}
