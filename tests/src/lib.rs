@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod hostile;
+pub mod hostile_stream;
 pub mod lifecycle;
 pub mod metrics;
 pub mod procs;
@@ -96,6 +97,8 @@ pub struct Core {
     pub quic: SocketAddr,
     /// Devices with direct access send here (UDP).
     pub direct: SocketAddr,
+    /// Device streams with direct access connect here (TCP).
+    pub streams: SocketAddr,
     /// `/metrics`, `/live`, `/ready`.
     pub admin: SocketAddr,
     stop: CancellationToken,
@@ -111,9 +114,10 @@ pub async fn start_core(dep: &Deployment, quic: Option<SocketAddr>) -> Result<Co
         config.listen.quic = q;
     }
     let listeners = core_stub::Listeners::bind(&config).await?;
-    let (quic, direct, admin) = (
+    let (quic, direct, streams, admin) = (
         listeners.quic_addr(),
         listeners.direct_addr(),
+        listeners.stream_addr(),
         listeners.admin_addr(),
     );
     let stop = CancellationToken::new();
@@ -122,6 +126,7 @@ pub async fn start_core(dep: &Deployment, quic: Option<SocketAddr>) -> Result<Co
     Ok(Core {
         quic,
         direct,
+        streams,
         admin,
         stop,
         task,
@@ -147,6 +152,8 @@ impl Core {
 pub struct Gateway {
     /// Devices send here (UDP).
     pub devices: SocketAddr,
+    /// Device streams connect here (TCP; the same port number as `devices`).
+    pub streams: SocketAddr,
     /// `/metrics`, `/live`, `/ready`.
     pub admin: SocketAddr,
     stop: CancellationToken,
@@ -165,7 +172,7 @@ pub async fn start_gateway(
 }
 
 /// [`start_gateway`] with the device port at `devices` when given (a restarted gateway comes back
-/// where its devices send).
+/// where its devices send; its stream port follows, the same number over TCP).
 pub async fn start_gateway_on(
     dep: &Deployment,
     k: u32,
@@ -184,11 +191,15 @@ pub async fn start_gateway_on(
     let config = gateway::GatewayConfig::load(&cli)?;
     let listeners = gateway::Listeners::bind(&config).await?;
     let (devices, admin) = (listeners.device_addr(), listeners.admin_addr());
+    let streams = listeners
+        .stream_addr()
+        .context("the gateway's [streams] are off")?;
     let stop = CancellationToken::new();
     let task = tokio::spawn(gateway::run(config, listeners, stop.clone(), hooks));
     wait_ready(admin).await?;
     Ok(Gateway {
         devices,
+        streams,
         admin,
         stop,
         task,

@@ -47,6 +47,44 @@ impl Recorder {
             .unwrap_or(false)
     }
 
+    /// How many of `needles` occur in what was recorded at `points`, each point's records joined
+    /// in order into one byte string (so a needle split across two reads is still found).
+    pub fn count_found(&self, points: &[TapPoint], needles: &[&[u8]]) -> usize {
+        let Ok(r) = self.records.lock() else {
+            return 0;
+        };
+        let joined: Vec<Vec<u8>> = points
+            .iter()
+            .map(|point| {
+                let mut all = Vec::new();
+                for (_, b) in r.iter().filter(|(p, _)| p == point) {
+                    all.extend_from_slice(b);
+                }
+                all
+            })
+            .collect();
+        needles
+            .iter()
+            .filter(|n| {
+                let f = memchr::memmem::Finder::new(n);
+                joined.iter().any(|j| f.find(j).is_some())
+            })
+            .count()
+    }
+
+    /// Bytes recorded at `point`.
+    pub fn bytes_at(&self, point: TapPoint) -> usize {
+        self.records
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .filter(|(p, _)| *p == point)
+                    .map(|(_, b)| b.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The distinct core-side session ids of the admitted transport frames recorded at `point`.
     pub fn admitted_sessions(&self, point: TapPoint) -> Vec<relay_protocol::SessionId> {
         let mut ids: Vec<_> = self
