@@ -1936,14 +1936,15 @@ impl SessionTable {
         }
     }
 
-    fn handle_transport(
+    /// Opens a transport frame of session `receiver` into `self.plaintext`: the session must
+    /// exist and be younger than `reject_after` (an expired one is removed), and the frame must
+    /// authenticate and pass the replay window (its counter then enters the window).
+    fn open_transport(
         &mut self,
         receiver: SessionId,
         counter: u64,
         ciphertext: &[u8],
-        route: Route,
         now: Instant,
-        out: &mut Outputs,
     ) -> Result<(), DropReason> {
         let session = self
             .sessions
@@ -1959,7 +1960,23 @@ impl SessionTable {
             .map_err(|e| match e {
                 SessionError::Replay(_) | SessionError::Exhausted => DropReason::Replay,
                 _ => DropReason::Authentication,
-            })?;
+            })
+    }
+
+    fn handle_transport(
+        &mut self,
+        receiver: SessionId,
+        counter: u64,
+        ciphertext: &[u8],
+        route: Route,
+        now: Instant,
+        out: &mut Outputs,
+    ) -> Result<(), DropReason> {
+        self.open_transport(receiver, counter, ciphertext, now)?;
+        let session = self
+            .sessions
+            .get_mut(&receiver)
+            .ok_or(DropReason::UnknownSession)?;
         // Authenticated: this is where the device is now (it may have moved), if its profile lets
         // it use this path; a move is checked like a handshake would be.
         if session.route != route {
@@ -2032,21 +2049,11 @@ impl SessionTable {
                 } => (receiver, counter, ciphertext),
                 _ => return Err(DropReason::UnexpectedType),
             };
+        self.open_transport(receiver, counter, ciphertext, now)?;
         let session = self
             .sessions
             .get_mut(&receiver)
             .ok_or(DropReason::UnknownSession)?;
-        if session.transport.age(now) > self.policy.reject_after {
-            self.remove_session(receiver);
-            return Err(DropReason::Expired);
-        }
-        session
-            .transport
-            .open(counter, ciphertext, &mut self.plaintext)
-            .map_err(|e| match e {
-                SessionError::Replay(_) | SessionError::Exhausted => DropReason::Replay,
-                _ => DropReason::Authentication,
-            })?;
         let slot = session.slot;
         let entry = self
             .subs

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DeviceIdentity;
 use crate::device_dir::{DeviceDir, DeviceDirError};
+use crate::fleet::percentile;
 use crate::meter::{seq_base, Meter, MeterConfig, MeterEvent, MeterStats, Timebase};
 use crate::video::{
     upload, ChannelTickets, TicketRequest, UploadError, UploadOptions, UploadProgress,
@@ -602,15 +603,6 @@ impl Camera {
             ok,
         }
     }
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Option<&Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len()) - 1)
 }
 
 #[cfg(test)]

@@ -1317,7 +1317,7 @@ fn summarize(outcomes: Vec<MeterOutcome>, elapsed: Duration, interrupted: bool) 
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Option<&Duration> {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Option<&Duration> {
     if sorted.is_empty() {
         return None;
     }
