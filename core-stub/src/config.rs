@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use relay_ops::lane::LanePriority;
 use relay_protocol::session::StaticKeypair;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
@@ -88,7 +89,8 @@ pub struct CoreConfig {
     pub handshakes: HandshakesConfig,
     /// The video sink for device streams: `[video]`.
     pub video: VideoConfig,
-    /// Where to write `{"quic":…,"direct":…,"admin":…}` once ready (command line only).
+    /// Where to write `{"quic":…,"direct":…,"streams":…,"bulk":…,"admin":…}` once ready
+    /// (command line only).
     pub ready_file: Option<PathBuf>,
 }
 
@@ -103,8 +105,29 @@ pub struct ListenConfig {
     /// address's IP and bound port number, over TCP (resolved when binding, so that a command-line
     /// override of the direct address moves it too).
     pub streams: Option<SocketAddr>,
+    /// Gateways' bulk QUIC endpoint (UDP): a second connection from each gateway that carries
+    /// only device streams, driven by the bulk lane's threads. `None`: the QUIC address's IP and
+    /// port + 1, or port 0 when the QUIC port is 0 ([`ListenConfig::bulk_addr`]; resolved when
+    /// binding, so that a command-line override of the QUIC address moves it too).
+    pub bulk: Option<SocketAddr>,
     /// `/metrics`, `/live`, `/ready` (TCP).
     pub admin: SocketAddr,
+}
+
+impl ListenConfig {
+    /// The address the bulk endpoint binds: `bulk` when set, else the QUIC address's IP with the
+    /// next port number (`0.0.0.0:4433` -> `0.0.0.0:4434`), or port 0 when the QUIC port is 0.
+    /// `None` when the QUIC port is 65535 and `bulk` is not set (there is no next port).
+    pub fn bulk_addr(&self) -> Option<SocketAddr> {
+        if let Some(addr) = self.bulk {
+            return Some(addr);
+        }
+        let port = match self.quic.port() {
+            0 => 0,
+            p => p.checked_add(1)?,
+        };
+        Some(SocketAddr::new(self.quic.ip(), port))
+    }
 }
 
 /// `[tls]`, loaded: the certificate chain, its private key and the CA gateways must chain to.
@@ -259,6 +282,9 @@ pub struct VideoConfig {
     /// data and an atomic rewrite of the state file. While one batch is being synced the next may
     /// grow beyond this (group commit, at most 16 times; see `streams.rs`).
     pub ack_every_chunks: u32,
+    /// The CPU priority of the bulk lane's threads (`cpu_priority`: `idle`, `low` or `normal`),
+    /// where device streams, the gateways' bulk QUIC connections and their disk writes run.
+    pub cpu_priority: LanePriority,
 }
 
 /// The default `[video] dir`.
@@ -282,6 +308,7 @@ impl Default for VideoConfig {
             max_streams: DEFAULT_VIDEO_MAX_STREAMS,
             stall_timeout: Duration::from_secs(DEFAULT_VIDEO_STALL_SECS),
             ack_every_chunks: DEFAULT_VIDEO_ACK_EVERY,
+            cpu_priority: LanePriority::default(),
         }
     }
 }
@@ -355,6 +382,7 @@ struct RawVideo {
     max_streams: u64,
     stall_timeout_secs: u64,
     ack_every_chunks: u64,
+    cpu_priority: LanePriority,
 }
 
 impl Default for RawVideo {
@@ -366,6 +394,7 @@ impl Default for RawVideo {
             max_streams: d.max_streams as u64,
             stall_timeout_secs: d.stall_timeout.as_secs(),
             ack_every_chunks: d.ack_every_chunks.into(),
+            cpu_priority: d.cpu_priority,
         }
     }
 }
@@ -475,6 +504,8 @@ struct RawListen {
     direct: SocketAddr,
     /// `None`: the direct address, over TCP.
     streams: Option<SocketAddr>,
+    /// `None`: the QUIC address's port + 1.
+    bulk: Option<SocketAddr>,
     admin: SocketAddr,
 }
 
@@ -484,6 +515,7 @@ impl Default for RawListen {
             quic: SocketAddr::from(([127, 0, 0, 1], 4433)),
             direct: SocketAddr::from(([127, 0, 0, 1], 5684)),
             streams: None,
+            bulk: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
@@ -667,6 +699,12 @@ impl CoreConfig {
             })?;
 
         let video = video_config(&raw.video, base).map_err(|(f, why)| invalid(f, why))?;
+        if raw.listen.bulk.is_none() && raw.listen.quic.port() == u16::MAX {
+            return Err(invalid(
+                "listen.bulk",
+                "must be set when listen.quic's port is 65535 (the default is its port + 1)".into(),
+            ));
+        }
 
         let cert_path = base.join(&raw.tls.cert);
         let tls = TlsConfig {
@@ -706,6 +744,7 @@ impl CoreConfig {
                 quic: raw.listen.quic,
                 direct: raw.listen.direct,
                 streams: raw.listen.streams,
+                bulk: raw.listen.bulk,
                 admin: raw.listen.admin,
             },
             tls,
@@ -742,6 +781,7 @@ impl CoreConfig {
             quic: any,
             direct: any,
             streams: Some(any),
+            bulk: Some(any),
             admin: any,
         };
     }
@@ -808,6 +848,7 @@ fn video_config(raw: &RawVideo, base: &Path) -> Result<VideoConfig, (&'static st
         max_streams: raw.max_streams as usize,
         stall_timeout: Duration::from_secs(raw.stall_timeout_secs),
         ack_every_chunks: raw.ack_every_chunks as u32,
+        cpu_priority: raw.cpu_priority,
     })
 }
 
@@ -1087,6 +1128,7 @@ mod tests {
                 max_streams: 256,
                 stall_timeout: Duration::from_secs(30),
                 ack_every_chunks: 16,
+                cpu_priority: LanePriority::Idle,
             }
         );
         let raw: RawConfig = toml::from_str(
@@ -1129,6 +1171,67 @@ mod tests {
         }
         let e = parse_err("[video]\nmax_gigabytes = 1\n");
         assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn bulk_listener_and_lane_priority_have_defaults_and_are_validated() {
+        let raw: RawConfig = toml::from_str("").expect("defaults");
+        assert_eq!(raw.listen.bulk, None, "follows the QUIC address");
+        assert_eq!(raw.video.cpu_priority, LanePriority::Idle);
+        let listen = |quic: &str, bulk: Option<&str>| ListenConfig {
+            quic: quic.parse().expect("addr"),
+            direct: SocketAddr::from(([127, 0, 0, 1], 5684)),
+            streams: None,
+            bulk: bulk.map(|b| b.parse().expect("addr")),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        };
+        let addr = |s: &str| Some(s.parse::<SocketAddr>().expect("addr"));
+        assert_eq!(
+            listen("0.0.0.0:4433", None).bulk_addr(),
+            addr("0.0.0.0:4434")
+        );
+        assert_eq!(listen("[::1]:4433", None).bulk_addr(), addr("[::1]:4434"));
+        assert_eq!(
+            listen("127.0.0.1:0", None).bulk_addr(),
+            addr("127.0.0.1:0"),
+            "an ephemeral QUIC port: an ephemeral bulk port"
+        );
+        assert_eq!(listen("127.0.0.1:65535", None).bulk_addr(), None);
+        assert_eq!(
+            listen("127.0.0.1:65535", Some("10.0.0.1:7000")).bulk_addr(),
+            addr("10.0.0.1:7000")
+        );
+
+        let raw: RawConfig = toml::from_str(
+            "[listen]\nquic = \"0.0.0.0:4433\"\nbulk = \"0.0.0.0:7443\"\n\
+             [video]\ncpu_priority = \"low\"\n",
+        )
+        .expect("parse");
+        assert_eq!(raw.listen.bulk, addr("0.0.0.0:7443"));
+        assert_eq!(raw.video.cpu_priority, LanePriority::Low);
+        let base = Path::new("/etc/relay");
+        assert_eq!(
+            video_config(&raw.video, base).expect("valid").cpu_priority,
+            LanePriority::Low
+        );
+        let raw: RawConfig = toml::from_str("[video]\ncpu_priority = \"normal\"\n").expect("parse");
+        assert_eq!(raw.video.cpu_priority, LanePriority::Normal);
+
+        let e = parse_err("[video]\ncpu_priority = \"high\"\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+        let e = parse_err("[listen]\nbulk = \"not an address\"\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
+        let e = parse_err("[listen]\nquic = \"127.0.0.1:65535\"\n");
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "listen.bulk",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -42,7 +42,9 @@
 //! access. Every handshake, with the subscription key or the factory key, is checked against the
 //! policy of the device's profile for the path it arrived on, and refused `NotPermitted` (no
 //! session, nothing stored) when the path is not allowed. A policy change therefore applies at
-//! each device's next handshake; sessions already open are left alone.
+//! each device's next handshake; sessions already open are left alone. A device stream's open is
+//! checked against the policy too, each time: a gateway stream by the name in the certificate of
+//! the connection it came on (a gateway's bulk connection has no `GatewayUp` of its own).
 //!
 //! Every refused handshake gets an authenticated refusal (`Refused` + reason), except a replayed
 //! one (dropped silently) and one refused for `session.max_sessions`.
@@ -509,12 +511,14 @@ pub(crate) enum EngineInput {
 }
 
 /// Where a device stream came from: the path its device's profile must allow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum StreamOrigin {
     /// A TCP connection to the core's stream port.
     Direct(SocketAddr),
-    /// A QUIC stream of a gateway connection.
-    Gateway(GatewayConnId),
+    /// A QUIC stream of a gateway's connection (main or bulk), known by the name in the
+    /// gateway's verified certificate: a bulk connection has no control stream, so no
+    /// [`GatewayConnId`] the engine knows.
+    Gateway(Arc<str>),
 }
 
 /// An authenticated stream open: whose upload, which one, and the connection's keys.
@@ -692,6 +696,12 @@ struct PathPolicy {
 }
 
 impl PathPolicy {
+    /// Whether its devices may use the gateway whose certificate names it `name`: any gateway
+    /// when the list is empty.
+    fn allows_gateway(&self, name: &str) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| **g == *name)
+    }
+
     fn of(profile: &Profile) -> Self {
         Self {
             gateways: profile.gateways.iter().map(|g| g.as_str().into()).collect(),
@@ -1232,12 +1242,11 @@ impl SessionTable {
 
     /// Whether `policy` lets its devices use the gateway connection `conn`.
     fn permits_gateway(&self, policy: &PathPolicy, conn: GatewayConnId) -> bool {
-        // A connection the engine has no name for is on no list.
-        policy.gateways.is_empty()
-            || self
-                .gateway_names
-                .get(&conn)
-                .is_some_and(|name| policy.gateways.iter().any(|g| **g == **name))
+        match self.gateway_names.get(&conn) {
+            Some(name) => policy.allows_gateway(name),
+            // A connection the engine has no name for is on no list.
+            None => policy.gateways.is_empty(),
+        }
     }
 
     /// The quota of a session of a device with the profile at index `profile`.
@@ -2059,15 +2068,16 @@ impl SessionTable {
             .subs
             .get(slot as usize)
             .ok_or(DropReason::UnknownSession)?;
-        // `permits` looks at the gateway connection only, never at the flow.
-        let route = match origin {
-            StreamOrigin::Direct(addr) => Route::Direct(addr),
-            StreamOrigin::Gateway(conn) => Route::Gateway {
-                conn,
-                flow: FlowId(0),
-            },
+        // A gateway stream is checked by the gateway's certificate name: it may come over the
+        // gateway's bulk connection, which the engine knows nothing else about.
+        let permitted = match &origin {
+            StreamOrigin::Direct(addr) => self.permits(entry.profile, Route::Direct(*addr)),
+            StreamOrigin::Gateway(name) => self
+                .policies
+                .get(usize::from(entry.profile))
+                .is_none_or(|policy| policy.allows_gateway(name)),
         };
-        if !self.permits(entry.profile, route) {
+        if !permitted {
             return Err(DropReason::NotPermitted);
         }
         let open = match Message::decode(&self.plaintext).map_err(DropReason::Decode)? {

@@ -390,6 +390,9 @@ fn core_toml() -> String {
 
 [listen]
 quic = "127.0.0.1:4433"       # gateways (QUIC, UDP)
+# bulk = "127.0.0.1:4434"     # gateways' second QUIC connection, for device streams only (UDP);
+                              # unset: the quic address's port + 1 (follows --listen-quic). Its
+                              # port is told to gateways, which connect to it at the quic IP
 direct = "127.0.0.1:5684"     # devices with direct access (UDP)
 # streams = "127.0.0.1:5684"  # devices' video streams with direct access (TCP); unset: the
                               # direct address's port number, over TCP (follows --listen-direct)
@@ -436,6 +439,10 @@ max_streams = 256             # streams at once, direct and through all gateways
 stall_timeout_secs = 30       # a stream that delivers nothing this long is ended
 ack_every_chunks = 16         # chunks synced to disk per acknowledgement (more, up to 16x, while
                               # the disk is still syncing the previous batch)
+cpu_priority = "idle"         # the threads that receive, decrypt and store streams (and run the
+                              # bulk QUIC endpoint): "idle" (SCHED_IDLE: only CPU time nothing
+                              # else wants, so readings keep their latency under a video),
+                              # "low" (nice 10) or "normal"
 
 [admin]
 tokens_file = "admin-tokens.toml"   # admin API tokens: name, role, owner, SHA-256 of the secret

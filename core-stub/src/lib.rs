@@ -3,7 +3,10 @@
 //! authenticates devices against the SQLite subscription store, and stores their readings exactly
 //! once, acknowledging each only after it is on disk. Large uploads (a camera's video) come over
 //! device streams (TCP, or one QUIC stream each through a gateway) under keys derived from the
-//! same session, and are stored resumably with their SHA-256.
+//! same session, and are stored resumably with their SHA-256. All of that work (the gateways'
+//! second, bulk QUIC connections, the stream listener, decryption, hashing and disk writes) runs
+//! on the bulk lane: a runtime of its own whose threads run at `[video] cpu_priority` (`SCHED_IDLE`
+//! by default), so that a video at full speed does not delay the readings.
 //!
 //! Devices are provisioned at run time through their factory identity (the engine creates the
 //! subscription in the same handshake, [`engine`]), or statically by [`init::init`]. It
@@ -21,9 +24,14 @@
 //!  (mTLS, control stream)                   ├─▶ EngineInput ─▶ engine.rs (1 task) ┤    (batch, INSERT OR IGNORE,
 //!  devices ───UDP───────────▶ direct.rs ───┘   bounded mpsc    sessions, index,   │     COMMIT, synchronous=FULL)
 //!                                                              routes             ◀──┘ Committed seqs
-//!  cameras ──TCP (direct)────▶ streams.rs ◀── gateways' further QUIC streams (uplink.rs)
-//!           (docs §13)          one task per stream: open ─EngineInput::StreamOpen─▶ engine (auth,
-//!                               keys) ─▶ video.rs on disk (.part/.state ─▶ .video/.json) ─▶ acks
+//!  ┌ bulk lane ([video] cpu_priority) ─────────────────────────────────────────────────────────┐
+//!  cameras ──TCP (direct)────▶ streams.rs ◀── gateways' bulk QUIC connections ([listen] bulk,
+//!           (docs §13)          │             port in HelloAck; uplink::serve_bulk), or further
+//!                               │             streams on their main connection (older gateways)
+//!                               one task per stream: open ─EngineInput::StreamOpen─▶ engine (auth,
+//!                               keys; policy by gateway name) ─▶ video.rs on disk (.part/.state ─▶
+//!                               .video/.json) ─▶ acks
+//!  └────────────────────────────────────────────────────────────────────────────────────────────┘
 //!  devices ◀── Ack (+ notices) / HandshakeResponse by route (UDP send_to, QUIC datagram or
 //!              control stream); gateways ◀── Revoked{sessions} on their control streams
 //!  Prometheus ──▶ admin (relay-ops): /metrics (metrics.rs), /live, /ready
@@ -38,6 +46,7 @@
 pub mod admin_api;
 pub mod config;
 mod direct;
+pub mod disk;
 pub mod engine;
 pub mod init;
 pub mod manifest;
@@ -116,22 +125,25 @@ impl CoreError {
     }
 }
 
-/// The core's four listeners, bound before [`run`] so that port 0 can be used and the bound
+/// The core's five listeners, bound before [`run`] so that port 0 can be used and the bound
 /// addresses known up front.
 #[derive(Debug)]
 pub struct Listeners {
     quic: std::net::UdpSocket,
+    bulk: std::net::UdpSocket,
     direct: tokio::net::UdpSocket,
     streams: tokio::net::TcpListener,
     admin: tokio::net::TcpListener,
     quic_addr: SocketAddr,
+    bulk_addr: SocketAddr,
     direct_addr: SocketAddr,
     stream_addr: SocketAddr,
     admin_addr: SocketAddr,
 }
 
 impl Listeners {
-    /// Binds `config.listen.{quic,direct,streams,admin}`. Must be called inside a tokio runtime.
+    /// Binds `config.listen.{quic,bulk,direct,streams,admin}`. Must be called inside a tokio
+    /// runtime.
     pub async fn bind(config: &CoreConfig) -> Result<Self, CoreError> {
         let listen = config.listen;
         let bind_err = |what, addr| move |source| CoreError::Bind { what, addr, source };
@@ -139,6 +151,15 @@ impl Listeners {
         let quic =
             relay_ops::udp::bind(listen.quic, buffer).map_err(bind_err("quic", listen.quic))?;
         let quic_addr = quic.local_addr().map_err(bind_err("quic", listen.quic))?;
+        // Unset: the QUIC address's port + 1 (port 0 with an ephemeral QUIC port).
+        let bulk_want = listen.bulk_addr().ok_or_else(|| {
+            bind_err("bulk", listen.quic)(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the QUIC port is 65535, so there is no port + 1: set listen.bulk (--listen-bulk)",
+            ))
+        })?;
+        let bulk = relay_ops::udp::bind(bulk_want, buffer).map_err(bind_err("bulk", bulk_want))?;
+        let bulk_addr = bulk.local_addr().map_err(bind_err("bulk", bulk_want))?;
         let direct = relay_ops::udp::bind(listen.direct, buffer)
             .and_then(tokio::net::UdpSocket::from_std)
             .map_err(bind_err("direct", listen.direct))?;
@@ -173,10 +194,12 @@ impl Listeners {
             .map_err(bind_err("admin", listen.admin))?;
         Ok(Self {
             quic,
+            bulk,
             direct,
             streams,
             admin,
             quic_addr,
+            bulk_addr,
             direct_addr,
             stream_addr,
             admin_addr,
@@ -186,6 +209,12 @@ impl Listeners {
     /// The bound QUIC (gateway) address.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The bound bulk QUIC address: gateways' connections for device streams only (its port is
+    /// told to each gateway in `HelloAck`).
+    pub fn bulk_addr(&self) -> SocketAddr {
+        self.bulk_addr
     }
 
     /// The bound direct-access UDP address.
@@ -221,6 +250,7 @@ pub async fn run(
     let readiness = Readiness::new();
     let listeners_addrs = BoundAddrs {
         quic: listeners.quic_addr,
+        bulk: listeners.bulk_addr,
         direct: listeners.direct_addr,
         streams: listeners.stream_addr,
         admin: listeners.admin_addr,
@@ -266,6 +296,28 @@ pub async fn run(
         source,
     })?;
 
+    // The bulk lane: device streams, the gateways' bulk connections and their disk writes run on
+    // its threads, at `[video] cpu_priority`, so that a video does not delay the readings.
+    let lane = start_lane(config.video.cpu_priority).await?;
+    let bulk_endpoint = {
+        // quinn spawns the endpoint's driver and wraps its socket in the runtime current at
+        // creation: the lane's.
+        let _on_lane = lane.handle().enter();
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(tls::bulk_server_config(
+                &config.tls,
+                config.video.max_streams,
+            )?),
+            listeners.bulk,
+            Arc::new(quinn::TokioRuntime),
+        )
+    }
+    .map_err(|source| CoreError::Io {
+        what: "bulk QUIC endpoint",
+        source,
+    })?;
+
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let mut admin = AdminConfig::new(metrics.registry().clone(), readiness.clone());
     // Manifests and plans of up to 100 000 rows come in one request.
@@ -294,6 +346,15 @@ pub async fn run(
         stop.clone(),
     ));
 
+    // Readings first: when videos go to the database's disk, their writes give way to commits.
+    let gate = Arc::new(disk::DiskGate::default());
+    let shares_disk = disk::same_disk(&config.store.path, &config.video.dir);
+    if shares_disk {
+        tracing::info!(
+            videos = %config.video.dir.display(),
+            "videos share the database's disk: video writes give way to store commits (a volume of their own is faster)"
+        );
+    }
     let (input_tx, input_rx) = mpsc::channel(ENGINE_QUEUE);
     let (store_tx, store_rx) = mpsc::channel(config.store.batch_max.saturating_mul(2));
     let (committed_tx, committed_rx) = mpsc::channel(COMMIT_QUEUE);
@@ -304,6 +365,7 @@ pub async fn run(
         config.store.batch_max,
         config.store.batch_linger,
         metrics.clone(),
+        gate.clone(),
     )
     .map_err(|source| CoreError::Io {
         what: "starting the store writer",
@@ -353,6 +415,8 @@ pub async fn run(
         input_tx.clone(),
         metrics.clone(),
         stop.clone(),
+        lane.handle().clone(),
+        shares_disk.then(|| gate.clone()),
     ));
     tasks.spawn(streams::serve_direct(
         listeners.streams,
@@ -360,12 +424,24 @@ pub async fn run(
         stop.clone(),
         tasks.clone(),
     ));
+    tasks.spawn_on(
+        uplink::serve_bulk(
+            bulk_endpoint.clone(),
+            hub.clone(),
+            metrics.clone(),
+            config.limits,
+            stop.clone(),
+            tasks.clone(),
+        ),
+        lane.handle(),
+    );
     tasks.spawn(uplink::serve(
         endpoint.clone(),
         input_tx,
         hub,
         metrics.clone(),
         config.limits,
+        std::num::NonZeroU16::new(listeners_addrs.bulk.port()),
         stop.clone(),
         tasks.clone(),
     ));
@@ -377,6 +453,7 @@ pub async fn run(
     tracing::info!(
         name = %config.name,
         quic = %listeners_addrs.quic,
+        bulk = %listeners_addrs.bulk,
         direct = %listeners_addrs.direct,
         streams = %listeners_addrs.streams,
         admin = %listeners_addrs.admin,
@@ -394,6 +471,10 @@ pub async fn run(
     {
         tracing::warn!("tasks still running after the grace period");
     }
+    // Stream tasks are done (or abandoned after the grace period). The bulk endpoint, closed by
+    // its acceptor, tells its connections before the lane's threads (its driver's) go.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, bulk_endpoint.wait_idle()).await;
+    drop(lane);
     // The engine closes the store channel and seals the last acknowledgements; then the writer
     // thread, having committed everything it was handed, ends.
     if tokio::time::timeout(SHUTDOWN_GRACE * 2, engine_task)
@@ -411,19 +492,51 @@ pub async fn run(
     Ok(())
 }
 
+/// Starts the bulk lane at `priority` and logs it; warns when the kernel would not lower its
+/// threads (they then run at the ordinary priority).
+async fn start_lane(
+    priority: relay_ops::lane::LanePriority,
+) -> Result<relay_ops::lane::BulkLane, CoreError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let lane =
+        relay_ops::lane::BulkLane::new("core-bulk", threads, priority).map_err(|source| {
+            CoreError::Io {
+                what: "starting the bulk lane's threads",
+                source,
+            }
+        })?;
+    // A worker has started (and tried to lower itself) once it ran a task.
+    let _ = tokio::time::timeout(Duration::from_secs(1), lane.handle().spawn(async {})).await;
+    tracing::info!(
+        cpu_priority = priority.label(),
+        threads,
+        "bulk lane started (device streams)"
+    );
+    if let Some(why) = lane.refused() {
+        tracing::warn!(
+            cpu_priority = priority.label(),
+            error = %why,
+            "the kernel refused to lower the bulk lane's threads: device streams run at the ordinary priority"
+        );
+    }
+    Ok(lane)
+}
+
 /// The bound addresses, for the ready file and the log.
 struct BoundAddrs {
     quic: SocketAddr,
+    bulk: SocketAddr,
     direct: SocketAddr,
     streams: SocketAddr,
     admin: SocketAddr,
 }
 
-/// Writes `{"quic":…,"direct":…,"streams":…,"admin":…}` atomically (temporary file, then
-/// rename), so a reader never sees half a file.
+/// Writes `{"quic":…,"bulk":…,"direct":…,"streams":…,"admin":…}` atomically (temporary file,
+/// then rename), so a reader never sees half a file.
 fn write_ready_file(path: &Path, addrs: &BoundAddrs) -> Result<(), CoreError> {
     let body = serde_json::json!({
         "quic": addrs.quic.to_string(),
+        "bulk": addrs.bulk.to_string(),
         "direct": addrs.direct.to_string(),
         "streams": addrs.streams.to_string(),
         "admin": addrs.admin.to_string(),

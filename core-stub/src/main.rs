@@ -282,10 +282,15 @@ struct RunArgs {
     /// Direct-access device stream address, TCP (overrides listen.streams).
     #[arg(long, env = "CORE_LISTEN_STREAMS")]
     listen_streams: Option<SocketAddr>,
+    /// Gateways' bulk QUIC address for device streams, UDP (overrides listen.bulk; default: the
+    /// QUIC address's port + 1). Its port is told to gateways in HelloAck; they connect to it at
+    /// the QUIC address's IP.
+    #[arg(long, env = "CORE_LISTEN_BULK")]
+    listen_bulk: Option<SocketAddr>,
     /// Admin HTTP address (overrides listen.admin).
     #[arg(long, env = "CORE_LISTEN_ADMIN")]
     listen_admin: Option<SocketAddr>,
-    /// Write the bound addresses here as JSON once ready.
+    /// Write the bound addresses here as JSON once ready (quic, bulk, direct, streams, admin).
     #[arg(long, env = "CORE_READY_FILE")]
     ready_file: Option<PathBuf>,
 }
@@ -706,6 +711,9 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if let Some(a) = args.listen_streams {
         config.listen.streams = Some(a);
+    }
+    if let Some(a) = args.listen_bulk {
+        config.listen.bulk = Some(a);
     }
     if let Some(a) = args.listen_admin {
         config.listen.admin = a;

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub sessions: IntGauge,
     /// `core_gateways_connected`: gateways past `Hello`.
     pub gateways_connected: IntGauge,
+    /// `core_bulk_connections`: gateways' bulk connections (device streams only) connected.
+    pub bulk_connections: IntGauge,
     /// `core_readings_stored_total`.
     pub readings_stored: IntCounter,
     /// `core_readings_duplicate_total`: readings acknowledged again without being stored again.
@@ -216,6 +218,10 @@ impl Metrics {
         let sessions = IntGauge::new("core_sessions", "Established device sessions held.")?;
         let gateways_connected =
             IntGauge::new("core_gateways_connected", "Gateways with an open uplink.")?;
+        let bulk_connections = IntGauge::new(
+            "core_bulk_connections",
+            "Gateways' bulk QUIC connections (device streams only, on the bulk endpoint) connected.",
+        )?;
         let readings_stored = IntCounter::new(
             "core_readings_stored_total",
             "Readings durably stored for the first time.",
@@ -363,6 +369,7 @@ impl Metrics {
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(gateways_connected.clone()))?;
+        registry.register(Box::new(bulk_connections.clone()))?;
         registry.register(Box::new(readings_stored.clone()))?;
         registry.register(Box::new(readings_duplicate.clone()))?;
         registry.register(Box::new(store_commit_seconds.clone()))?;
@@ -382,6 +389,7 @@ impl Metrics {
             handshakes,
             sessions,
             gateways_connected,
+            bulk_connections,
             readings_stored,
             readings_duplicate,
             store_commit_seconds,

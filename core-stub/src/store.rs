@@ -26,6 +26,7 @@
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use relay_protocol::payload::ReadingSeq;
@@ -33,6 +34,7 @@ use relay_protocol::session::{PublicKey, KEY_LEN};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::mpsc;
 
+use crate::disk::DiskGate;
 use crate::manifest::RowError;
 use crate::metrics::Metrics;
 
@@ -1066,6 +1068,7 @@ pub(crate) fn spawn_writer(
     batch_max: usize,
     linger: Duration,
     metrics: Metrics,
+    gate: Arc<DiskGate>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("store-writer".into())
@@ -1082,7 +1085,7 @@ pub(crate) fn spawn_writer(
                 }
             };
             rt.block_on(write_loop(
-                store, readings, committed, batch_max, linger, metrics,
+                store, readings, committed, batch_max, linger, metrics, &gate,
             ));
         })
 }
@@ -1094,9 +1097,12 @@ async fn write_loop(
     batch_max: usize,
     linger: Duration,
     metrics: Metrics,
+    gate: &DiskGate,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     while let Some(first) = readings.recv().await {
+        // Videos on the same disk hold back from now until this batch is committed.
+        let held = gate.hold();
         batch.push(first);
         let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < batch_max {
@@ -1117,6 +1123,7 @@ async fn write_loop(
 
         let started = Instant::now();
         let result = store.insert_readings(&batch);
+        drop(held);
         metrics
             .store_commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -1426,8 +1433,16 @@ mod tests {
         let metrics = Metrics::new().expect("metrics");
         let (tx, rx) = mpsc::channel(16);
         let (ctx, mut crx) = mpsc::channel(16);
-        let handle = spawn_writer(store, rx, ctx, 4, Duration::from_millis(1), metrics.clone())
-            .expect("spawn");
+        let handle = spawn_writer(
+            store,
+            rx,
+            ctx,
+            4,
+            Duration::from_millis(1),
+            metrics.clone(),
+            Arc::default(),
+        )
+        .expect("spawn");
         for seq in [1, 2, 3, 2, 1, 4, 5] {
             tx.blocking_send(reading(a, seq, b"d")).expect("send");
         }

@@ -1,16 +1,29 @@
 //! Device streams (`docs/protocol.md` §13): a camera's video, uploaded in chunks over TCP
-//! straight to the core or through a gateway (one QUIC stream per upload), stored by
+//! straight to the core or through a gateway (one QUIC stream per upload, on the gateway's bulk
+//! connection, or on its main connection for a gateway that has none), stored by
 //! [`crate::video`].
 //!
+//! All of it runs on the bulk lane ([`StreamHub::lane`]: threads of their own at `[video]
+//! cpu_priority`, `SCHED_IDLE` by default): the TCP listener and its connections, the bulk QUIC
+//! endpoint with its connections' drivers (`uplink::serve_bulk`), every stream task, and the
+//! blocking threads that write and sync. Only the open's authentication is the engine's.
+//!
 //! ```text
-//!  TCP (direct access) ──┐
-//!  gateway QUIC stream ──┴─▶ StreamHub::serve (one task per stream, generic over the carriage)
-//!   (after 0x01 0x20)          │ first frame ──EngineInput::StreamOpen──▶ engine: session, replay
-//!                              │                 ◀── owner, StreamOpen, stream keys ──   window, policy
-//!                              │ the upload's lock (a newer stream of it takes over)
-//!                              │ VideoStore::open (blocking thread) ─▶ ack: where to start
-//!                              └ chunks: open, check index and length, batch ─▶ commit on a blocking
-//!                                thread (write, sync, state file) ─▶ ack; FINAL ─▶ .video + .json ─▶ Complete
+//!  bulk lane (own threads, [video] cpu_priority) ─────────────────────────────────────────────────
+//!  TCP (direct access) ───────────────────┐
+//!  gateway's bulk connection: QUIC stream ┼─▶ StreamHub::serve (one task per stream, generic over
+//!  gateway's main connection: QUIC stream ┘     │                the carriage)
+//!   (older gateways; both after 0x01 0x20)      │ first frame ──EngineInput::StreamOpen──▶ engine:
+//!                                               │   (origin: the address, or the gateway's
+//!                                               │    certificate name)
+//!                                               │  ◀── owner, StreamOpen, stream keys ── session,
+//!                                               │      replay window, path policy (by that name)
+//!                                               │ the upload's lock (a newer stream of it takes over)
+//!                                               │ VideoStore::open (blocking thread) ─▶ ack: where
+//!                                               │   to start
+//!                                               └ chunks: open, check index and length, batch ─▶
+//!                                                 commit on a blocking thread (write, sync, state
+//!                                                 file) ─▶ ack; FINAL ─▶ .video + .json ─▶ Complete
 //! ```
 //!
 //! Reading goes on while the previous batch is written and synced (two batches at most in
@@ -39,7 +52,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::VideoConfig;
-use crate::engine::{DropReason, EngineInput, GatewayConnId, StreamGrant, StreamOrigin};
+use crate::disk::DiskGate;
+use crate::engine::{DropReason, EngineInput, StreamGrant, StreamOrigin};
 use crate::metrics::{Metrics, StreamEnd};
 use crate::store::SubscriptionId;
 use crate::video::{HashCarry, Opened, Owner, PartialUpload, VideoRecord, VideoStore};
@@ -70,20 +84,17 @@ const STREAM_REFUSED: u32 = 1;
 pub(crate) enum StreamVia {
     /// A TCP connection to the stream port, from this address.
     Direct(SocketAddr),
-    /// A QUIC stream of this gateway connection; `name` from its certificate.
-    Gateway {
-        /// The connection.
-        conn: GatewayConnId,
-        /// The gateway's certificate name (what the video record says).
-        name: Arc<str>,
-    },
+    /// A QUIC stream of a gateway's connection (its bulk connection, or the main one of an
+    /// older gateway), known by the name in the gateway's verified certificate: what the path
+    /// policy is checked against and what the video record says.
+    Gateway(Arc<str>),
 }
 
 impl StreamVia {
     fn origin(&self) -> StreamOrigin {
         match self {
             Self::Direct(addr) => StreamOrigin::Direct(*addr),
-            Self::Gateway { conn, .. } => StreamOrigin::Gateway(*conn),
+            Self::Gateway(name) => StreamOrigin::Gateway(name.clone()),
         }
     }
 
@@ -91,7 +102,7 @@ impl StreamVia {
     fn label(&self) -> &str {
         match self {
             Self::Direct(_) => "direct",
-            Self::Gateway { name, .. } => name,
+            Self::Gateway(name) => name,
         }
     }
 }
@@ -122,6 +133,8 @@ pub(crate) struct StreamHub {
     uploads: Mutex<HashMap<UploadKey, UploadEntry>>,
     generation: AtomicU64,
     shutdown: CancellationToken,
+    /// Where stream tasks run: the bulk lane (its own threads, at a lower CPU priority).
+    lane: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for StreamHub {
@@ -262,11 +275,18 @@ impl StreamHub {
         engine: mpsc::Sender<EngineInput>,
         metrics: Metrics,
         shutdown: CancellationToken,
+        lane: tokio::runtime::Handle,
+        gate: Option<Arc<DiskGate>>,
     ) -> Self {
+        let mut store = VideoStore::new(config.dir.clone(), config.max_bytes);
+        if let Some(gate) = gate {
+            store = store.with_gate(gate);
+        }
         Self {
+            lane,
             engine,
             metrics,
-            store: VideoStore::new(config.dir.clone(), config.max_bytes),
+            store,
             active: Arc::new(Semaphore::new(config.max_streams)),
             opening: Arc::new(Semaphore::new(config.max_streams)),
             growth: Arc::new(Semaphore::new(GROWTH_BUDGET_KIB)),
@@ -275,6 +295,11 @@ impl StreamHub {
             generation: AtomicU64::new(0),
             shutdown,
         }
+    }
+
+    /// The bulk lane, where stream tasks are spawned.
+    pub fn lane(&self) -> &tokio::runtime::Handle {
+        &self.lane
     }
 
     /// Serves one device stream to its end, counts the end and returns it. The reader and writer
@@ -771,6 +796,32 @@ pub(crate) async fn serve_direct(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    // The listener moves to the bulk lane's reactor, with every connection it accepts.
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "the stream listener cannot move to the bulk lane");
+            return;
+        }
+    };
+    let lane = hub.lane.clone();
+    let accept = serve_direct_on_lane(listener, hub, shutdown, tasks.clone());
+    let _ = tasks.spawn_on(accept, &lane).await;
+}
+
+async fn serve_direct_on_lane(
+    listener: std::net::TcpListener,
+    hub: Arc<StreamHub>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "the stream listener cannot move to the bulk lane");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -797,13 +848,13 @@ pub(crate) async fn serve_direct(
     tracing::debug!("stream listener stopped");
 }
 
-/// Serves one QUIC stream a gateway opened after its control stream: a device stream, after
-/// its 2-byte header.
+/// Serves one QUIC stream a gateway opened (on its bulk connection, or after its control stream
+/// on the main one): a device stream, after its 2-byte header. `name` is the gateway's
+/// certificate name.
 pub(crate) async fn serve_gateway_stream(
     hub: Arc<StreamHub>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    conn: GatewayConnId,
     name: Arc<str>,
 ) {
     let mut header = [0u8; 2];
@@ -816,7 +867,7 @@ pub(crate) async fn serve_gateway_stream(
         return;
     }
     let end = hub
-        .serve(&mut recv, &mut send, StreamVia::Gateway { conn, name })
+        .serve(&mut recv, &mut send, StreamVia::Gateway(name))
         .await;
     if end != StreamEnd::Complete {
         // Unread device bytes are not wanted any more.

@@ -1,6 +1,9 @@
-//! The QUIC server configuration for gateways: TLS 1.3 with the `ring` provider only (no
+//! The QUIC server configurations for gateways: TLS 1.3 with the `ring` provider only (no
 //! process-wide default is installed), mutual authentication against the gateway CA, ALPN
-//! `relay-uplink/1`, and the transport settings of `docs/architecture.md`.
+//! `relay-uplink/1`, and the transport settings of `docs/architecture.md`. The main endpoint
+//! ([`server_config`]) carries the control stream, device frames as datagrams and device streams
+//! from older gateways; the bulk endpoint ([`bulk_server_config`]) the same TLS and transport
+//! settings without datagrams and without the control stream: device streams only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,11 +45,38 @@ pub enum TlsError {
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
-/// Builds the QUIC server configuration. Each gateway may open the control stream and
+/// Builds the main QUIC server configuration. Each gateway may open the control stream and
 /// `max_device_streams` device streams (`docs/protocol.md` §13.1) at once.
 pub fn server_config(
     tls: &TlsConfig,
     max_device_streams: usize,
+) -> Result<quinn::ServerConfig, TlsError> {
+    build(tls, max_device_streams, Carriage::Main)
+}
+
+/// Builds the bulk endpoint's QUIC server configuration: the same client authentication and
+/// transport settings as [`server_config`], but datagrams disabled and no control stream: each
+/// gateway may open `max_device_streams` device streams at once.
+pub fn bulk_server_config(
+    tls: &TlsConfig,
+    max_device_streams: usize,
+) -> Result<quinn::ServerConfig, TlsError> {
+    build(tls, max_device_streams, Carriage::Bulk)
+}
+
+/// Which of the two endpoints a configuration is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Carriage {
+    /// Control stream, datagrams, device streams.
+    Main,
+    /// Device streams only.
+    Bulk,
+}
+
+fn build(
+    tls: &TlsConfig,
+    max_device_streams: usize,
+    carriage: Carriage,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
@@ -62,16 +92,26 @@ pub fn server_config(
     crypto.alpn_protocols = vec![ALPN.to_vec()];
 
     let mut transport = quinn::TransportConfig::default();
+    // The control stream (main endpoint only) and the device streams, all opened by the gateway;
+    // nothing else.
+    let bidi = match carriage {
+        Carriage::Main => {
+            transport
+                .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER_BYTES))
+                .datagram_send_buffer_size(DATAGRAM_BUFFER_BYTES);
+            max_device_streams as u64 + 1
+        }
+        Carriage::Bulk => {
+            // No datagrams: the peer is told the core takes none.
+            transport.datagram_receive_buffer_size(None);
+            max_device_streams as u64
+        }
+    };
     transport
-        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER_BYTES))
-        .datagram_send_buffer_size(DATAGRAM_BUFFER_BYTES)
         .keep_alive_interval(Some(KEEP_ALIVE))
         // 30 s fits a VarInt of milliseconds.
         .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok())
-        // The control stream and the device streams, all opened by the gateway; nothing else.
-        .max_concurrent_bidi_streams(
-            quinn::VarInt::from_u64(max_device_streams as u64 + 1).unwrap_or(quinn::VarInt::MAX),
-        )
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u64(bidi).unwrap_or(quinn::VarInt::MAX))
         .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
         .max_concurrent_uni_streams(0u8.into());
 

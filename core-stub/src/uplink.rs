@@ -1,10 +1,15 @@
-//! The uplink acceptor: gateways connect over QUIC with mutual TLS, say `Hello` on a control
+//! The uplink acceptors: gateways connect over QUIC with mutual TLS, say `Hello` on a control
 //! stream they open, and then carry device frames in QUIC datagrams (or, for a frame too large for
-//! a datagram, as `DeviceFrame` messages on the control stream).
+//! a datagram, as `DeviceFrame` messages on the control stream). Device streams (a camera's video)
+//! go over a second connection of the gateway's, to the bulk endpoint, whose port `HelloAck`
+//! names: that endpoint, its connections' drivers and every stream task run on the bulk lane (own
+//! threads at a lower CPU priority, `[video] cpu_priority`), so a video's packet work, decryption
+//! and disk writes do not delay the readings' (`docs/protocol.md` §13).
 //!
 //! ```text
+//!  main endpoint ([listen] quic), the core's runtime:
 //!  gateway ──QUIC handshake (client cert ⟶ gateway CA)──▶ accept (≤ max_gateways)
-//!          ──control stream: Hello{name}──────────────▶ HelloAck{max_flows}, GatewayUp ─▶ engine
+//!          ──control stream: Hello{name}──────────────▶ HelloAck{max_flows, bulk_port}, GatewayUp ─▶ engine
 //!          ──datagram: flow | device frame──────────────▶ EngineInput::Frame (Route::Gateway)
 //!          ◀─datagram / control DeviceFrame──────────────  engine (by route)
 //!          ◀─datagram kind 2: flow | admission | frame───  engine (accepted handshake response)
@@ -12,9 +17,15 @@
 //!          ◀─control Revoked{sessions}───────────────────  engine (sessions dropped by status)
 //!          ──control AdmitQuery{sessions}───────────────▶ EngineInput::AdmitQuery ─▶ engine
 //!          ◀─control Admit / NotAdmitted─────────────────  engine (the answer)
-//!          ══further bidi stream: 0x01 0x20 | device stream frames══▶ streams.rs (one task each)
-//!          ◀═acks════════════════════════════════════════  (`docs/protocol.md` §13)
+//!          ══further bidi stream: 0x01 0x20 | device stream frames══▶ streams.rs (older gateways
+//!          ◀═acks════════════════════════════════════════   without a bulk connection; task on the lane)
 //!  connection closed ─────────────────────────────────▶ GatewayDown ─▶ engine
+//!
+//!  bulk endpoint ([listen] bulk, port in HelloAck), the bulk lane's threads:
+//!  gateway ──QUIC handshake (same TLS: client cert ⟶ gateway CA, no datagrams)──▶ serve_bulk
+//!          (≤ max_gateways bulk connections; no control stream, no Hello; name from the certificate)
+//!          ══bidi stream: 0x01 0x20 | device stream frames══▶ streams.rs (one task each, on the lane;
+//!          ◀═acks════════════════════════════════════════   policy checked by the certificate name)
 //! ```
 //!
 //! A gateway is known by the name in its verified client certificate (first DNS subjectAltName,
@@ -24,12 +35,13 @@
 //! A gateway is untrusted beyond its certificate: anything malformed it sends is counted and
 //! dropped, and a broken control stream ends its own connection, never the process.
 
+use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use relay_protocol::{DecodeError, UplinkDatagram, UplinkMessage};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -75,31 +87,24 @@ enum UplinkError {
     Write(#[from] quinn::WriteError),
 }
 
-/// Accepts gateway connections until `shutdown`, then closes the endpoint.
+/// Accepts gateway connections until `shutdown`, then closes the endpoint. `bulk_port`, the bulk
+/// endpoint's port, is told to each gateway in `HelloAck`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     endpoint: quinn::Endpoint,
     engine: mpsc::Sender<EngineInput>,
     hub: Arc<StreamHub>,
     metrics: Metrics,
     limits: LimitsConfig,
+    bulk_port: Option<NonZeroU16>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_gateways));
     let mut next_id = 0u64;
-    loop {
-        let incoming = tokio::select! {
-            () = shutdown.cancelled() => break,
-            i = endpoint.accept() => match i {
-                Some(i) => i,
-                None => break,
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "gateway refused: max_gateways reached");
-            incoming.refuse();
-            continue;
-        };
+    while let Some((incoming, permit)) =
+        next_incoming(&endpoint, &slots, &shutdown, "gateway").await
+    {
         next_id += 1;
         let conn_id = GatewayConnId(next_id);
         let span = tracing::info_span!(
@@ -116,17 +121,8 @@ pub(crate) async fn serve(
         tasks.spawn(
             async move {
                 let _permit = permit;
-                let connection = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    c = incoming => c,
-                };
-                let connection = match connection {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Most often: no client certificate, or one the CA did not sign.
-                        tracing::info!(error = %e, "gateway handshake failed");
-                        return;
-                    }
+                let Some(connection) = handshake(incoming, &shutdown, "gateway").await else {
+                    return;
                 };
                 let gateway = Gateway {
                     id: conn_id,
@@ -135,6 +131,7 @@ pub(crate) async fn serve(
                     hub,
                     metrics,
                     max_flows: limits.max_flows_per_gateway,
+                    bulk_port,
                     shutdown,
                     tasks: inner_tasks,
                 };
@@ -147,6 +144,158 @@ pub(crate) async fn serve(
     tracing::debug!("uplink acceptor stopped");
 }
 
+/// Accepts gateways' bulk connections until `shutdown`, then closes the bulk endpoint. Must run
+/// on the bulk lane, where the endpoint was created: quinn spawns each connection's driver on the
+/// runtime that accepts it, so the connections' packet work (UDP, encryption) and every stream
+/// task stay on the lane's threads.
+pub(crate) async fn serve_bulk(
+    endpoint: quinn::Endpoint,
+    hub: Arc<StreamHub>,
+    metrics: Metrics,
+    limits: LimitsConfig,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_gateways));
+    while let Some((incoming, permit)) =
+        next_incoming(&endpoint, &slots, &shutdown, "bulk connection").await
+    {
+        let span = tracing::info_span!(
+            "bulk",
+            remote = %incoming.remote_address(),
+            name = tracing::field::Empty,
+        );
+        let bulk = BulkConnection {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        };
+        tasks.spawn_on(
+            async move {
+                let _permit = permit;
+                if let Some(connection) = handshake(incoming, &bulk.shutdown, "bulk").await {
+                    bulk.serve(connection).await;
+                }
+            }
+            .instrument(span),
+            hub.lane(),
+        );
+    }
+    endpoint.close(close_code::SHUTDOWN.into(), b"core shutting down");
+    tracing::debug!("bulk acceptor stopped");
+}
+
+/// The next connection attempt on `endpoint` with a slot for it; attempts over `slots` are
+/// refused and logged as `what`. `None` once `shutdown` fires or the endpoint is closed.
+async fn next_incoming(
+    endpoint: &quinn::Endpoint,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(quinn::Incoming, OwnedSemaphorePermit)> {
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            i = endpoint.accept() => i?,
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => return Some((incoming, permit)),
+            Err(_) => {
+                tracing::warn!(remote = %incoming.remote_address(), "{what} refused: max_gateways reached");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+/// Completes the TLS handshake of `incoming`, unless `shutdown` fires first; a failed one is
+/// logged as `what`'s.
+async fn handshake(
+    incoming: quinn::Incoming,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<quinn::Connection> {
+    let connection = tokio::select! {
+        () = shutdown.cancelled() => return None,
+        c = incoming => c,
+    };
+    // Most often: no client certificate, or one the CA did not sign.
+    connection
+        .map_err(|e| tracing::info!(error = %e, "{what} handshake failed"))
+        .ok()
+}
+
+/// Serves, on the bulk lane, a device stream that the gateway `name` opened; `via` (which of its
+/// connections) labels the stream's span.
+fn spawn_device_stream(
+    hub: &Arc<StreamHub>,
+    tasks: &TaskTracker,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    name: &Arc<str>,
+    via: &'static str,
+) {
+    tasks.spawn_on(
+        crate::streams::serve_gateway_stream(hub.clone(), send, recv, name.clone())
+            .instrument(tracing::debug_span!("stream", via)),
+        hub.lane(),
+    );
+}
+
+/// One gateway's bulk connection: device streams only (no control stream, no `Hello`, no
+/// datagrams), each authorised by the gateway's certificate name.
+struct BulkConnection {
+    hub: Arc<StreamHub>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Decrements `core_bulk_connections` however the connection ends.
+struct BulkGauge(Metrics);
+
+impl Drop for BulkGauge {
+    fn drop(&mut self) {
+        self.0.bulk_connections.dec();
+    }
+}
+
+impl BulkConnection {
+    async fn serve(self, connection: quinn::Connection) {
+        let Some(name) = crate::tls::peer_certificate_name(&connection) else {
+            tracing::warn!(
+                "bulk connection refused: its certificate names no gateway (no DNS SAN, no CN)"
+            );
+            connection.close(close_code::PROTOCOL.into(), b"certificate names no gateway");
+            return;
+        };
+        tracing::Span::current().record("name", name.as_str());
+        let name: Arc<str> = name.into();
+        self.metrics.bulk_connections.inc();
+        let _gauge = BulkGauge(self.metrics.clone());
+        tracing::info!("bulk connection up");
+        let ended = loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break None,
+                bi = connection.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        spawn_device_stream(&self.hub, &self.tasks, send, recv, &name, "gateway-bulk");
+                    }
+                    Err(e) => break Some(e),
+                },
+            }
+        };
+        match ended {
+            None => {
+                connection.close(close_code::SHUTDOWN.into(), b"core shutting down");
+                tracing::info!("bulk connection closed (shutdown)");
+            }
+            Some(e) => tracing::info!(reason = %e, "bulk connection closed"),
+        }
+    }
+}
+
 struct Gateway {
     id: GatewayConnId,
     connection: quinn::Connection,
@@ -154,6 +303,8 @@ struct Gateway {
     hub: Arc<StreamHub>,
     metrics: Metrics,
     max_flows: u32,
+    /// Told in `HelloAck`: the bulk endpoint's port.
+    bulk_port: Option<NonZeroU16>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -248,6 +399,7 @@ impl Gateway {
             let mut ack = BytesMut::with_capacity(8);
             UplinkMessage::HelloAck {
                 max_flows: self.max_flows,
+                bulk_port: self.bulk_port,
             }
             .encode(&mut ack);
             send.write_all(&ack).await?;
@@ -280,16 +432,7 @@ impl Gateway {
                 }
                 bi = self.connection.accept_bi() => {
                     let (send, recv) = bi?;
-                    self.tasks.spawn(
-                        crate::streams::serve_gateway_stream(
-                            self.hub.clone(),
-                            send,
-                            recv,
-                            self.id,
-                            name.clone(),
-                        )
-                        .instrument(tracing::debug_span!("stream", via = "gateway")),
-                    );
+                    spawn_device_stream(&self.hub, &self.tasks, send, recv, name, "gateway");
                 }
                 n = recv.read(&mut chunk) => {
                     match n? {

@@ -20,18 +20,23 @@
 //! - completion renames `.part` to `.video`, then writes `.json` (atomically), then removes
 //!   `.state`. A `.video` without `.json` (a crash in between) is completed on the next open.
 //!
+//! On the database's file system the sink gives way to the store's commits: `.part` is `O_DSYNC`
+//! and written in pieces between commits ([`crate::disk`]).
+//!
 //! Everything here blocks on the file system: callers run it on a blocking thread. One upload is
 //! only ever handled by one stream at a time (the stream hub's lock), so nothing here locks.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use relay_protocol::stream::{RefuseReason, StreamOpen, UploadId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::disk::{DiskGate, WRITE_PIECE};
 use crate::store::SubscriptionId;
 
 /// Who an upload belongs to: its directory, and what its record says about the device.
@@ -128,6 +133,9 @@ pub enum Opened {
 pub struct VideoStore {
     dir: PathBuf,
     max_bytes: u64,
+    /// Set when the videos share a disk with the subscription store: uploads are then written
+    /// in pieces that give way to the store's commits ([`crate::disk`]).
+    gate: Option<Arc<DiskGate>>,
 }
 
 struct UploadPaths {
@@ -161,7 +169,17 @@ impl VideoStore {
     /// Uploads live under `dir` (created when the first one arrives); larger than `max_bytes`
     /// ones are refused.
     pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
-        Self { dir, max_bytes }
+        Self {
+            dir,
+            max_bytes,
+            gate: None,
+        }
+    }
+
+    /// Uploads give way to the store's commits through `gate` (the videos share its disk).
+    pub fn with_gate(mut self, gate: Arc<DiskGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The directory.
@@ -215,14 +233,17 @@ impl VideoStore {
                 fresh_state(open, now_ms)
             }
         };
-        let part = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&paths.part)?;
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        if self.gate.is_some() {
+            // Each write is on the disk when it returns: no backlog of dirty video pages for
+            // the kernel to flush in front of a store commit.
+            options.custom_flags(libc::O_DSYNC);
+        }
+        let part = options.open(&paths.part)?;
         let mut upload = PartialUpload {
             part,
+            gate: self.gate.clone(),
             upload: open.upload,
             paths,
             state,
@@ -293,6 +314,8 @@ fn fresh_state(open: &StreamOpen, now_ms: u64) -> UploadState {
 /// One incomplete upload, open for writing by one stream.
 pub struct PartialUpload {
     part: File,
+    /// When set, `part` is `O_DSYNC` and written in pieces that give way to store commits.
+    gate: Option<Arc<DiskGate>>,
     upload: UploadId,
     paths: UploadPaths,
     state: UploadState,
@@ -334,6 +357,9 @@ impl PartialUpload {
         let result = self.write_synced(data).and_then(|()| {
             let mut next = self.state.clone();
             next.next_chunk = next.next_chunk.saturating_add(chunks);
+            if let Some(gate) = &self.gate {
+                gate.wait_turn();
+            }
             write_atomic(&self.paths.state, &self.paths.dir, &json(&next)?)?;
             self.state = next;
             Ok(())
@@ -348,8 +374,21 @@ impl PartialUpload {
     /// Writes `data` at the end of the synced prefix and syncs it, and extends the digest.
     fn write_synced(&mut self, data: &[u8]) -> io::Result<()> {
         let offset = self.stored_bytes();
-        self.part.write_all_at(data, offset)?;
-        self.part.sync_data()?;
+        match &self.gate {
+            None => {
+                self.part.write_all_at(data, offset)?;
+                self.part.sync_data()?;
+            }
+            Some(gate) => {
+                let mut at = offset;
+                for piece in data.chunks(WRITE_PIECE) {
+                    gate.wait_turn();
+                    // O_DSYNC: synced (data and size) when this returns.
+                    self.part.write_all_at(piece, at)?;
+                    at += piece.len() as u64;
+                }
+            }
+        }
         if let Some(h) = &mut self.hash {
             h.hasher.update(data);
             h.upto += data.len() as u64;

@@ -128,6 +128,11 @@ fn stats_and_health_beside_a_running_core() {
     let ready: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&ready_file).expect("ready file")).expect("json");
     let admin = ready["admin"].as_str().expect("admin").to_owned();
+    // The bulk endpoint follows the ephemeral QUIC port: a port of its own.
+    let bulk: std::net::SocketAddr = ready["bulk"].as_str().expect("bulk").parse().expect("addr");
+    let quic: std::net::SocketAddr = ready["quic"].as_str().expect("quic").parse().expect("addr");
+    assert_ne!(bulk.port(), 0);
+    assert_ne!(bulk.port(), quic.port());
     let health = |path: &str| {
         core_stub()
             .args(["health", "--admin", &admin, "--path", path])

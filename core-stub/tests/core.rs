@@ -20,6 +20,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Core {
     dir: tempfile::TempDir,
     quic: SocketAddr,
+    bulk: SocketAddr,
     direct: SocketAddr,
     streams: SocketAddr,
     admin: SocketAddr,
@@ -51,12 +52,15 @@ impl Core {
         config.ready_file = Some(ready_file.clone());
         let core_public = *config.noise.public();
         let listeners = Listeners::bind(&config).await?;
-        let (quic, direct, streams, admin) = (
+        let (quic, bulk, direct, streams, admin) = (
             listeners.quic_addr(),
+            listeners.bulk_addr(),
             listeners.direct_addr(),
             listeners.stream_addr(),
             listeners.admin_addr(),
         );
+        assert_ne!(bulk.port(), 0);
+        assert_ne!(bulk, quic, "a bulk endpoint of its own");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(core_stub::run(config, listeners, shutdown.clone()));
 
@@ -70,6 +74,7 @@ impl Core {
         let ready: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&ready_file)?)?;
         assert_eq!(ready["quic"].as_str(), Some(quic.to_string().as_str()));
+        assert_eq!(ready["bulk"].as_str(), Some(bulk.to_string().as_str()));
         assert_eq!(ready["direct"].as_str(), Some(direct.to_string().as_str()));
         assert_eq!(ready["admin"].as_str(), Some(admin.to_string().as_str()));
         assert_eq!(
@@ -79,6 +84,7 @@ impl Core {
         Ok(Self {
             dir,
             quic,
+            bulk,
             direct,
             streams,
             admin,
@@ -393,7 +399,16 @@ fn client_config(dir: &Path, with_cert: bool) -> Result<quinn::ClientConfig> {
     )))
 }
 
-async fn hello(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream, u32)> {
+/// Says Hello on a new control stream: the control stream, and `HelloAck`'s `max_flows` and
+/// `bulk_port`.
+async fn hello(
+    conn: &quinn::Connection,
+) -> Result<(
+    quinn::SendStream,
+    quinn::RecvStream,
+    u32,
+    Option<std::num::NonZeroU16>,
+)> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut buf = BytesMut::new();
     UplinkMessage::Hello {
@@ -406,7 +421,10 @@ async fn hello(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::Re
     loop {
         if let Some(msg) = UplinkMessage::decode(&mut buf)? {
             match msg {
-                UplinkMessage::HelloAck { max_flows } => return Ok((send, recv, max_flows)),
+                UplinkMessage::HelloAck {
+                    max_flows,
+                    bulk_port,
+                } => return Ok((send, recv, max_flows, bulk_port)),
                 other => bail!("expected HelloAck, got {other:?}"),
             }
         }
@@ -450,8 +468,13 @@ async fn gateway_over_quic_end_to_end() -> Result<()> {
 
     endpoint.set_default_client_config(client_config(core.dir.path(), true)?);
     let conn = endpoint.connect(core.quic, "core.relay.local")?.await?;
-    let (mut control, mut control_rx, max_flows) = hello(&conn).await?;
+    let (mut control, mut control_rx, max_flows, bulk_port) = hello(&conn).await?;
     assert_eq!(max_flows, 1_000_000);
+    assert_eq!(
+        bulk_port.map(std::num::NonZeroU16::get),
+        Some(core.bulk.port()),
+        "HelloAck names the bulk endpoint's port"
+    );
     core.wait_metric("core_gateways_connected", 1.0).await?;
 
     let (_, key) = core.device_key(2)?;
@@ -1184,6 +1207,44 @@ impl Camera {
     }
 }
 
+/// Uploads `data` whole in chunks of `chunk` bytes over a new QUIC stream of `conn` (a gateway's
+/// uplink or bulk connection), checks the core answers Complete with its SHA-256 and stored it
+/// byte for byte, and returns the video's record.
+async fn upload_over_quic(
+    conn: &quinn::Connection,
+    dev: &mut DeviceSession,
+    core: &Core,
+    upload: UploadId,
+    chunk: u32,
+    data: &[u8],
+) -> Result<serde_json::Value> {
+    let (mut send, recv) = conn.open_bi().await?;
+    send.write_all(&relay_protocol::stream::UPLINK_STREAM_HEADER)
+        .await?;
+    let (mut cam, ack) = Camera::start(
+        dev,
+        Box::new(recv),
+        Box::new(send),
+        upload,
+        chunk,
+        data.len() as u64,
+    )
+    .await?;
+    assert_eq!(ack, receiving(0, chunk));
+    let chunks = data.len().div_ceil(chunk as usize);
+    for (i, piece) in data.chunks(chunk as usize).enumerate() {
+        cam.chunk(i as u32, i + 1 == chunks, piece).await?;
+    }
+    let digest: [u8; 32] = sha2::Sha256::digest(data).into();
+    let last = cam.until_closed().await?.context("no final ack")?;
+    assert_eq!(last.status, AckStatus::Complete);
+    assert_eq!(last.sha256, digest);
+    assert_eq!(std::fs::read(video_file(core, upload, "video")?)?, data);
+    Ok(serde_json::from_slice(&std::fs::read(video_file(
+        core, upload, "json",
+    )?)?)?)
+}
+
 fn receiving(next_chunk: u32, chunk: u32) -> StreamAck {
     StreamAck::receiving(next_chunk, u64::from(next_chunk) * u64::from(chunk))
 }
@@ -1449,7 +1510,7 @@ async fn video_stream_through_a_gateway_quic_stream() -> Result<()> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(client_config(core.dir.path(), true)?);
     let conn = endpoint.connect(core.quic, "core.relay.local")?.await?;
-    let (_control, _control_rx, _) = hello(&conn).await?;
+    let (_control, _control_rx, _, _) = hello(&conn).await?;
     core.wait_metric("core_gateways_connected", 1.0).await?;
 
     // The session is made over direct access; the stream goes through the gateway.
@@ -1490,31 +1551,140 @@ async fn video_stream_through_a_gateway_quic_stream() -> Result<()> {
     drop(open);
     core.wait_metric("core_streams_open", 0.0).await?;
 
-    let (mut send, recv) = conn.open_bi().await?;
-    send.write_all(&relay_protocol::stream::UPLINK_STREAM_HEADER)
-        .await?;
-    let (mut cam, ack) = Camera::start(
-        &mut dev.session,
-        Box::new(recv),
-        Box::new(send),
-        upload,
-        CHUNK,
-        data.len() as u64,
-    )
-    .await?;
-    assert_eq!(ack, receiving(0, CHUNK));
-    for (i, chunk) in data.chunks(CHUNK as usize).enumerate() {
-        cam.chunk(i as u32, i == 5, chunk).await?;
-    }
-    let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
-    let last = cam.until_closed().await?.context("no final ack")?;
-    assert_eq!(last.status, AckStatus::Complete);
-    assert_eq!(last.sha256, digest);
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(video_file(&core, upload, "json")?)?)?;
+    let record = upload_over_quic(&conn, &mut dev.session, &core, upload, CHUNK, &data).await?;
     assert_eq!(record["via"], "gateway-1");
-    assert_eq!(std::fs::read(video_file(&core, upload, "video")?)?, data);
     core.wait_metric("core_videos_stored_total", 1.0).await?;
     conn.close(0u32.into(), b"bye");
     core.stop().await
+}
+
+/// A rustls client configuration whose certificate is self-signed for `gateway-1`: the right
+/// name, not signed by the deployment's CA.
+fn forged_client_config(dir: &Path) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut std::fs::read(dir.join("ca.pem"))?.as_slice()) {
+        roots.add(c?)?;
+    }
+    let forged = rcgen::generate_simple_self_signed(vec!["gateway-1".to_owned()])?;
+    let key = rustls::pki_types::PrivateKeyDer::try_from(forged.key_pair.serialize_der())
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![forged.cert.der().clone()], key)?;
+    crypto.alpn_protocols = vec![b"relay-uplink/1".to_vec()];
+    Ok(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
+    )))
+}
+
+/// Tries to carry a device stream's open over a connection to the bulk endpoint made with
+/// `config`: `Ok(())` only if the core answered it.
+async fn try_bulk_stream(
+    core: &Core,
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    dev: &mut DeviceSession,
+) -> Result<()> {
+    let conn = endpoint
+        .connect_with(config, core.bulk, "core.relay.local")?
+        .await?;
+    let (mut send, recv) = conn.open_bi().await?;
+    send.write_all(&relay_protocol::stream::UPLINK_STREAM_HEADER)
+        .await?;
+    let (_cam, ack) = Camera::start(
+        dev,
+        Box::new(recv),
+        Box::new(send),
+        UploadId([0x66; 16]),
+        1024,
+        10_000,
+    )
+    .await?;
+    bail!("the core answered {ack:?}")
+}
+
+#[tokio::test]
+async fn video_stream_over_the_bulk_endpoint() -> Result<()> {
+    const CHUNK: u32 = 65_536;
+    let core = Core::start(3).await?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let (_, key) = core.device_key(2)?;
+    let mut dev = DirectDevice::new(key, core.core_public, core.direct).await?;
+    dev.handshake(1_000).await?;
+
+    // Without a certificate, or with one the gateway CA did not sign: no stream gets through.
+    for (what, config) in [
+        ("no certificate", client_config(core.dir.path(), false)?),
+        (
+            "a forged certificate",
+            forged_client_config(core.dir.path())?,
+        ),
+    ] {
+        let tried = tokio::time::timeout(
+            WAIT,
+            try_bulk_stream(&core, &endpoint, config, &mut dev.session),
+        )
+        .await
+        .map_err(|_| anyhow!("{what}: no answer"))?;
+        assert!(tried.is_err(), "{what}: a stream got through");
+    }
+    assert_eq!(core.metric("core_bulk_connections").await?, 0.0);
+    assert_eq!(core.metric("core_streams_open").await?, 0.0);
+
+    let (bulk_client, bulk_addr) = (client_config(core.dir.path(), true)?, core.bulk);
+    let bulk_connect = || async {
+        anyhow::Ok(
+            endpoint
+                .connect_with(bulk_client.clone(), bulk_addr, "core.relay.local")?
+                .await?,
+        )
+    };
+
+    // A gateway's bulk connection: no Hello, no control stream, no datagrams; device streams only.
+    let conn = bulk_connect().await?;
+    assert_eq!(
+        conn.max_datagram_size(),
+        None,
+        "the bulk endpoint takes no datagrams"
+    );
+    core.wait_metric("core_bulk_connections", 1.0).await?;
+    assert_eq!(core.metric("core_gateways_connected").await?, 0.0);
+
+    // A stream without the device stream header is refused.
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&[0x01, 0x99]).await?;
+    assert!(tokio::time::timeout(WAIT, recv.read_to_end(1024))
+        .await?
+        .is_err());
+    core.wait_metric("core_stream_ends_total{reason=\"malformed\"}", 1.0)
+        .await?;
+
+    // A whole upload, stored, under the gateway's certificate name.
+    let data = video(5 * CHUNK as usize + 1);
+    let upload = UploadId([0x77; 16]);
+    let record = upload_over_quic(&conn, &mut dev.session, &core, upload, CHUNK, &data).await?;
+    assert_eq!(record["via"], "gateway-1");
+    core.wait_metric("core_videos_stored_total", 1.0).await?;
+    core.wait_metric("core_streams_open", 0.0).await?;
+
+    // The datagram session was never disturbed.
+    let frame = dev.reading(1, b"after the video")?;
+    dev.send(&frame).await?;
+    assert_eq!(dev.expect_ack().await?, vec![1]);
+
+    conn.close(0u32.into(), b"bye");
+    core.wait_metric("core_bulk_connections", 0.0).await?;
+
+    // Shutdown closes a bulk connection that is still up.
+    let conn = bulk_connect().await?;
+    core.wait_metric("core_bulk_connections", 1.0).await?;
+    core.stop().await?;
+    let closed = tokio::time::timeout(WAIT, conn.closed()).await?;
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
+    Ok(())
 }

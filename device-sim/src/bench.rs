@@ -134,6 +134,9 @@ pub struct BenchOptions {
     pub meters: usize,
     /// Length of each throughput run.
     pub secs: u64,
+    /// Where the core stores the bulk phase's videos: a new directory is made inside; `None`: the
+    /// deployment's `core/videos`, on the same file system as the subscription database.
+    pub videos_dir: Option<PathBuf>,
 }
 
 impl BenchOptions {
@@ -830,6 +833,29 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     // 5. Handshakes under a flood, with the core's default cookie threshold.
     daemons.stop().await;
     daemons::edit_toml(&core_toml, &[("handshakes", "cookie_above_per_sec", None)])?;
+    // The bulk phase's videos: on a volume of their own when asked.
+    let own_videos = match &opts.videos_dir {
+        Some(parent) => {
+            let d = tempfile::Builder::new()
+                .prefix("relay-bench-videos-")
+                .tempdir_in(parent)
+                .map_err(BenchError::io(parent.display().to_string()))?;
+            daemons::edit_toml_values(
+                &core_toml,
+                &[(
+                    "video",
+                    "dir",
+                    Some(toml::Value::String(d.path().display().to_string())),
+                )],
+            )?;
+            Some(d)
+        }
+        None => None,
+    };
+    let videos_dir = own_videos
+        .as_ref()
+        .map_or_else(|| dir.path().join("core/videos"), |d| d.path().to_owned());
+    progress(format_args!("videos stored in {}", videos_dir.display()));
     progress("restarting core-stub and gateway with the default cookie threshold");
     let mut daemons = daemons::Daemons::start(&binaries, dir.path(), START_LIMIT).await?;
     let flood = handshake_flood(
@@ -848,11 +874,12 @@ pub async fn run_bench(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         bulk_devices,
         plan.bulk_bytes,
         plan.duration,
-        &dir.path().join("core/videos"),
+        &videos_dir,
     )
     .await?;
     daemons.check_alive()?;
     daemons.stop().await;
+    drop(own_videos);
     drop(dir);
 
     let throughput = Throughput {
@@ -1357,6 +1384,7 @@ mod tests {
             quick,
             meters: 200,
             secs: 10,
+            videos_dir: None,
         }
     }
 

@@ -390,6 +390,11 @@ pub struct BenchArgs {
     /// Where the core-stub and gateway executables are [default: next to device-sim].
     #[arg(long, env = "DEVICE_SIM_BIN_DIR", value_name = "DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// Where the core stores the bulk phase's videos (a new directory inside DIR, removed at the
+    /// end), e.g. a tmpfs standing for a video volume of its own [default: the bench's
+    /// deployment, on the same disk as the subscription database].
+    #[arg(long, value_name = "DIR")]
+    pub videos_dir: Option<PathBuf>,
 }
 
 /// `device-sim probe`.
@@ -450,36 +455,48 @@ fn bench(args: BenchArgs) -> u8 {
         quick: args.quick,
         meters: args.meters,
         secs: args.secs,
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
+        videos_dir: args.videos_dir,
     };
     // Dropping the bench future on Ctrl-C kills the daemons (kill_on_drop) and removes the
     // temporary deployment.
-    let result = runtime.block_on(async {
+    let work = async {
         tokio::select! {
             r = run_bench(opts) => r,
             _ = tokio::signal::ctrl_c() => Err(BenchError::Interrupted),
         }
-    });
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
     };
-    if json {
-        match serde_json::to_string(&report) {
-            Ok(line) => println!("{line}"),
-            Err(e) => return fail(&e),
-        }
-    } else {
-        print!("{}", render_table(&report));
+    match run_and_print(work, json, render_table) {
+        Ok(_) => EXIT_OK,
+        Err(code) => code,
     }
-    EXIT_OK
+}
+
+/// Runs `work` on a new multi-threaded runtime (given up to 2 s to wind down), then prints its
+/// report: one JSON line with `json`, else `table`. Returns the report, or the exit code of what
+/// failed (already printed).
+pub(crate) fn run_and_print<T, E>(
+    work: impl std::future::Future<Output = Result<T, E>>,
+    json: bool,
+    table: impl FnOnce(&T) -> String,
+) -> Result<T, u8>
+where
+    T: serde::Serialize,
+    E: std::fmt::Display,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(&e))?;
+    let result = runtime.block_on(work);
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let report = result.map_err(|e| fail(&e))?;
+    if json {
+        let line = serde_json::to_string(&report).map_err(|e| fail(&e))?;
+        println!("{line}");
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(report)
 }
 
 fn flood(args: FloodArgs) -> u8 {
@@ -648,29 +665,17 @@ fn run(args: RunArgs) -> u8 {
         Ok(o) => o,
         Err(e) => return fail(&e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
-    };
-    let summary = match runtime.block_on(run_with_progress(opts)) {
-        Ok(s) => s,
-        Err(e) => return fail(&e),
-    };
-    if json {
-        match serde_json::to_string(&summary) {
-            Ok(line) => println!("{line}"),
-            Err(e) => return fail(&e),
-        }
-    } else {
-        print!("{}", summary_table(&summary));
+    let table = |summary: &FleetSummary| {
+        let mut out = summary_table(summary);
         if summary.lifecycle.is_some() {
-            print!("{}", lifecycle_table(&summary));
+            out.push_str(&lifecycle_table(summary));
         }
+        out
+    };
+    match run_and_print(run_with_progress(opts), json, table) {
+        Ok(summary) => exit_code_for(&summary, allow_refused),
+        Err(code) => code,
     }
-    exit_code_for(&summary, allow_refused)
 }
 
 fn fail(e: &dyn std::fmt::Display) -> u8 {

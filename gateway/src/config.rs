@@ -14,7 +14,12 @@
 //! enabled = true              # false: no stream listener
 //! max_streams = 64            # streams relayed at once; further connections are closed at once
 //! stall_timeout_secs = 30     # a stream with no whole frame either way for this long is ended
+//! cpu_priority = "idle"       # streams' threads: "idle" (SCHED_IDLE), "low" (nice 10), "normal"
 //! ```
+//!
+//! Device streams (their TCP, their QUIC connection to the core's bulk endpoint, its encryption
+//! and UDP) run on a runtime of their own whose threads get `cpu_priority`: with `idle` a video
+//! takes only the CPU the datagram path leaves.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +28,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+use relay_ops::lane::LanePriority;
 use serde::Deserialize;
 
 use crate::tls::{TlsError, TlsIdentity};
@@ -113,8 +119,12 @@ pub struct StreamsConfig {
     /// once (`limit`). The core must allow at least one more concurrent QUIC stream than this.
     pub max_streams: usize,
     /// A stream in which neither side delivered a whole frame for this long is ended (`stalled`);
-    /// it also bounds the wait for the first frame and for a QUIC stream (`stall_timeout_secs`).
+    /// it also bounds the wait for the first frame, for a QUIC stream and for connecting to the
+    /// core's bulk endpoint (`stall_timeout_secs`).
     pub stall_timeout: Duration,
+    /// The CPU priority of the threads that relay device streams (`cpu_priority`: `idle`, the
+    /// default, `low` or `normal`): the TCP copy, the bulk QUIC connection, its encryption and UDP.
+    pub cpu_priority: LanePriority,
 }
 
 /// Default `streams.enabled`.
@@ -459,6 +469,7 @@ struct FileStreams {
     enabled: bool,
     max_streams: usize,
     stall_timeout_secs: u64,
+    cpu_priority: LanePriority,
 }
 
 impl Default for FileStreams {
@@ -468,6 +479,7 @@ impl Default for FileStreams {
             enabled: DEFAULT_STREAMS_ENABLED,
             max_streams: DEFAULT_STREAMS_MAX,
             stall_timeout_secs: DEFAULT_STREAMS_STALL_TIMEOUT_SECS,
+            cpu_priority: LanePriority::default(),
         }
     }
 }
@@ -845,6 +857,7 @@ impl GatewayConfig {
                 listen: streams.listen,
                 max_streams: streams.max_streams,
                 stall_timeout: Duration::from_secs(streams.stall_timeout_secs),
+                cpu_priority: streams.cpu_priority,
             },
         })
     }
@@ -965,6 +978,7 @@ key = "key.pem"
                 listen: None,
                 max_streams: 64,
                 stall_timeout: Duration::from_secs(30),
+                cpu_priority: LanePriority::Idle,
             }
         );
         assert_eq!(c.uplink.files.ca, dir.path().join("gw/../ca.pem"));
@@ -1009,7 +1023,7 @@ key = "key.pem"
         let path = dir.path().join("gw/gateway.toml");
         let text = format!(
             "{MINIMAL}\n[streams]\nlisten = \"127.0.0.1:6000\"\nenabled = false\n\
-             max_streams = 3\nstall_timeout_secs = 5\n"
+             max_streams = 3\nstall_timeout_secs = 5\ncpu_priority = \"low\"\n"
         );
         let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
         assert_eq!(
@@ -1019,6 +1033,7 @@ key = "key.pem"
                 listen: Some("127.0.0.1:6000".parse().expect("addr")),
                 max_streams: 3,
                 stall_timeout: Duration::from_secs(5),
+                cpu_priority: LanePriority::Low,
             }
         );
         // Keys left out keep their defaults; the address follows the devices'.
@@ -1031,6 +1046,16 @@ key = "key.pem"
             c.streams.stall_timeout,
             Duration::from_secs(DEFAULT_STREAMS_STALL_TIMEOUT_SECS)
         );
+        assert_eq!(c.streams.cpu_priority, LanePriority::Idle);
+        for (text, want) in [
+            ("idle", LanePriority::Idle),
+            ("low", LanePriority::Low),
+            ("normal", LanePriority::Normal),
+        ] {
+            let text = format!("{MINIMAL}\n[streams]\ncpu_priority = \"{text}\"\n");
+            let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
+            assert_eq!(c.streams.cpu_priority, want);
+        }
     }
 
     #[test]
@@ -1190,6 +1215,8 @@ key = "key.pem"
             ("listen = \"nowhere\"", "line 11"),
             ("listen = \"127.0.0.1\"", "socket address"),
             ("maximum = 3", "unknown field `maximum`"),
+            ("cpu_priority = \"high\"", "unknown variant `high`"),
+            ("cpu_priority = 1", "line 11"),
         ] {
             check(&format!("{MINIMAL}[streams]\n{section}\n"), needle);
         }

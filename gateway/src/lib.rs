@@ -28,11 +28,20 @@
 //!                │                        flushed after the next HelloAck)        │
 //!  device ◀─UDP─ │ DeviceLink::deliver ◀─ uplink task ◀─ datagrams, stream ◀──────┼── core
 //!                │                        └ admissions installed (kind 2, Admit)  │
-//!  device ─TCP─▶ │ streams: first frame's admission checked, then one QUIC stream │
-//!         ◀─TCP─ │   per device stream, frame by frame both ways ◀────────────────┼─▶ core
+//!  device ─TCP─▶ │ streams (bulk lane: own threads, SCHED_IDLE): first frame's    │
+//!         ◀─TCP─ │   admission checked, then one QUIC stream per device stream,   │
+//!                │   frame by frame both ways, on the bulk connection ◀───────────┼─▶ core bulk
+//!                │   (HelloAck's bulk_port), or on the uplink if there is none ◀──┼─▶ endpoint
 //!                │ metrics ─▶ admin: /metrics /live /ready (relay-ops)            │
 //!                └────────────────────────────────────────────────────────────────┘
 //! ```
+//!
+//! Device streams (a camera's video) move far more bytes than the datagram path and tokio has no
+//! priorities, so they run apart: their TCP copy and a QUIC connection of their own to the core's
+//! bulk endpoint (its packet encryption, UDP I/O and quinn driver included) run on a runtime whose
+//! threads have a lower CPU priority (`[streams] cpu_priority`, [`relay_ops::lane`]), so that
+//! the meters' frames do not wait behind a video's work. A core that names no bulk endpoint gets
+//! them on the uplink connection.
 //!
 //! Main types: [`GatewayConfig`] (parsed once from [`Cli`] and `gateway.toml`), [`Listeners`]
 //! (bound before [`run`], port 0 allowed), [`Hooks`] / [`FrameTap`] (tests see every byte),
@@ -102,6 +111,9 @@ pub enum GatewayError {
     /// The metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The device streams' bulk lane (threads, listener) could not be set up.
+    #[error("cannot start the device streams' lane: {0}")]
+    Lane(std::io::Error),
     /// The ready file could not be written.
     #[error("cannot write the ready file {path}: {source}")]
     ReadyFile {
@@ -264,13 +276,54 @@ pub async fn run(
             .expire_idle_flows(sweep_interval(config.flows.idle_timeout), stop.clone()),
     );
     let (connection, uplink_connection) = watch::channel(None);
+    let mut lane = None;
     if let Some(listener) = streams {
+        let priority = config.streams.cpu_priority;
+        let bulk = relay_ops::lane::BulkLane::new(
+            "gateway-bulk",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            priority,
+        )
+        .map_err(GatewayError::Lane)?;
+        // A task that ran means a lane thread started (and was lowered, or refused).
+        let _ = bulk.handle().spawn(async {}).await;
+        match bulk.refused() {
+            None => tracing::info!(
+                cpu_priority = priority.label(),
+                "device streams' lane started"
+            ),
+            Some(why) => tracing::warn!(
+                cpu_priority = priority.label(),
+                error = %why,
+                "the kernel refused to lower the device streams' threads: they run as the others"
+            ),
+        }
         let relay = Arc::new(StreamRelay::new(
             config.streams,
             device_link.clone(),
             uplink_connection,
+            streams::BulkUplink::new(
+                client_config.clone(),
+                config.uplink.server_name.clone(),
+                bulk.handle().clone(),
+                metrics.clone(),
+            ),
         ));
-        tasks.spawn(relay.accept(listener, tasks.clone(), stop.clone()));
+        let listener = listener.into_std().map_err(GatewayError::Lane)?;
+        let accept = {
+            let (tasks, stop) = (tasks.clone(), stop.clone());
+            async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => relay.accept(l, tasks, stop).await,
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "the stream listener cannot move to the bulk lane"
+                    ),
+                }
+            }
+        };
+        tasks.spawn_on(accept, bulk.handle());
+        lane = Some(bulk);
     }
     tasks.spawn(
         Uplink {
@@ -316,6 +369,7 @@ pub async fn run(
     {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "tasks still running after the shutdown grace period");
     }
+    drop(lane);
     started
 }
 

@@ -221,6 +221,11 @@ pub struct Metrics {
     /// `gateway_streams_total`: TCP connections accepted on the stream port (those closed at once
     /// for `limit` included), so that the ends add up to it once none is open.
     pub streams_total: IntCounter,
+    /// `gateway_bulk_uplink_connected`: 1 while the bulk connection (device streams, to the core's
+    /// bulk endpoint) is up.
+    pub bulk_uplink_connected: IntGauge,
+    /// `gateway_bulk_uplink_connects_total`: bulk connections established.
+    pub bulk_uplink_connects: IntCounter,
     stream_ends: Vec<IntCounter>,
     stream_bytes_up: IntCounter,
     stream_bytes_down: IntCounter,
@@ -334,6 +339,15 @@ impl Metrics {
             streams_total: counter(
                 "gateway_streams_total",
                 "Device stream connections accepted (TCP), those refused at once included.",
+            )?,
+            bulk_uplink_connected: gauge(
+                "gateway_bulk_uplink_connected",
+                "1 while the QUIC connection for device streams to the core's bulk endpoint is \
+                 established, else 0.",
+            )?,
+            bulk_uplink_connects: counter(
+                "gateway_bulk_uplink_connects_total",
+                "QUIC connections for device streams established to the core's bulk endpoint.",
             )?,
             stream_ends,
             stream_bytes_up: stream_bytes.with_label_values(&["up"]),
@@ -450,6 +464,8 @@ mod tests {
             "gateway_admission_pending_frames 0",
             "gateway_streams_open 0",
             "gateway_streams_total 0",
+            "gateway_bulk_uplink_connected 0",
+            "gateway_bulk_uplink_connects_total 0",
             "gateway_stream_bytes_total{direction=\"up\"} 0",
             "gateway_stream_bytes_total{direction=\"down\"} 0",
         ] {

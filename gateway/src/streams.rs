@@ -1,15 +1,35 @@
 //! Device streams (`docs/protocol.md` §13): a camera's video over TCP, relayed to the core over one
-//! bidirectional QUIC stream of the uplink per device stream.
+//! bidirectional QUIC stream per device stream, on the bulk connection (a QUIC connection of its
+//! own to the core's bulk endpoint) or, when the core has none, on the uplink connection.
 //!
 //! ```text
-//!  device ─TCP─▶ accept (max_streams, else closed: limit)
-//!                 │ first frame: length ≤ MAX_DATAGRAM, Transport / AdmittedTransport,
-//!                 │   admission tag checked (no AdmitQuery for streams)
-//!                 ├─ open_bi on the current uplink connection (none: uplink_down)
-//!                 │   0x01 0x20 | first frame ─────────────────────────────────────────▶ core
-//!                 ├─ up:   read one frame (length checked) ─▶ write it into the QUIC stream
-//!                 └─ down: read one frame from the QUIC stream ─▶ write it to the device
+//!  ┌──────────────── bulk lane: a runtime of its own, threads at [streams] cpu_priority ────────┐
+//!  │ device ─TCP─▶ accept (max_streams, else closed: limit)                                     │
+//!  │                │ first frame: length ≤ MAX_DATAGRAM, Transport / AdmittedTransport,        │
+//!  │                │   admission tag checked (no AdmitQuery for streams)                       │
+//!  │                ├─ uplink down: closed (uplink_down)                                        │
+//!  │                ├─ HelloAck named a bulk port: the bulk connection (made once, on the lane, │
+//!  │                │   same TLS identity; again when closed or the address changed)            │
+//!  │                │   connect failed (or none named): the uplink connection instead           │
+//!  │                ├─ open_bi on it                                                            │
+//!  │                │   0x01 0x20 | first frame ──────────────────────────────────────────────┼─▶ core
+//!  │                ├─ up:   read one frame (length checked) ─▶ write it into the QUIC stream   │
+//!  │                └─ down: read one frame from the QUIC stream ─▶ write it to the device      │
+//!  └────────────────────────────────────────────────────────────────────────────────────────────┘
 //! ```
+//!
+//! Everything a video costs the gateway (the TCP copy, the bulk connection's encryption, UDP I/O
+//! and its quinn driver) runs on the bulk lane ([`relay_ops::lane::BulkLane`]): the bulk endpoint
+//! is created in the lane's context, so quinn drives it there. With `cpu_priority = "idle"` the
+//! kernel runs those threads only while the datagram path (the meters) leaves a core free. A
+//! stream that falls back to the uplink connection still copies on the lane, but its packets are
+//! encrypted by the uplink's driver on the main runtime.
+//!
+//! The bulk connection is made when a stream needs it: one connect at a time (an async mutex),
+//! bounded by `stall_timeout_secs`. When it fails, the stream (and those that follow, for a while
+//! that doubles from [`BULK_RETRY_INITIAL`] to [`BULK_RETRY_MAX`] while failures go on) goes over
+//! the uplink connection; a new uplink connection or bulk address tries again at once. One warning
+//! is logged per run of failures.
 //!
 //! Both directions copy whole frames, length prefixes included, checking every length
 //! (`1..=MAX_STREAM_FRAME`, else `too_large`) before the body is read. A direction reads its next
@@ -35,21 +55,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt, WriteError};
 use relay_protocol::frame::MAX_DATAGRAM;
 use relay_protocol::stream::{LENGTH_PREFIX, MAX_STREAM_FRAME, UPLINK_STREAM_HEADER};
 use relay_protocol::DeviceFrame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::runtime::Handle;
+use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Check;
 use crate::config::StreamsConfig;
 use crate::device_link::DeviceLink;
-use crate::metrics::{Direction, StreamEnd};
+use crate::metrics::{Direction, Metrics, StreamEnd};
 use crate::tap::TapPoint;
+use crate::uplink::{close_code, UplinkError, UplinkUp, CLOSE_GRACE};
 
 /// The QUIC send priority of device streams: below the control stream's (0), so that control
 /// messages never queue behind video. (Datagrams go before stream data anyway.)
@@ -59,15 +81,217 @@ pub const STREAM_PRIORITY: i32 = -1;
 /// stops reading it) when the stream ends other than cleanly.
 pub const STREAM_ABORTED: u32 = 1;
 
-/// Accepts device streams and relays each over a QUIC stream of the current uplink connection.
+/// How long device streams go over the uplink connection after a failed connect to the core's
+/// bulk endpoint before one tries again, after the first failure.
+pub const BULK_RETRY_INITIAL: Duration = Duration::from_secs(5);
+/// The longest such wait: it doubles at each further failure up to this.
+pub const BULK_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Accepts device streams and relays each over a QUIC stream of the bulk connection, or of the
+/// current uplink connection.
 #[derive(Debug)]
 pub(crate) struct StreamRelay {
     config: StreamsConfig,
     device_link: Arc<DeviceLink>,
-    /// The uplink connection while it is up (after `HelloAck`).
-    uplink: watch::Receiver<Option<Connection>>,
+    /// The uplink while it is up (after `HelloAck`), with the core's bulk endpoint.
+    uplink: watch::Receiver<Option<UplinkUp>>,
+    /// The connection to the core's bulk endpoint.
+    bulk: BulkUplink,
     /// Streams being relayed now.
     open: AtomicUsize,
+}
+
+/// The QUIC connection for device streams to the core's bulk endpoint, kept by the relay: its
+/// endpoint is created on the bulk lane, so that quinn drives it (and its connection) there.
+#[derive(Debug)]
+pub(crate) struct BulkUplink {
+    /// The uplink's client configuration (the gateway's certificate) with the bulk transport
+    /// parameters.
+    client_config: quinn::ClientConfig,
+    /// The name the core's certificate must carry.
+    server_name: String,
+    /// The lane's runtime.
+    lane: Handle,
+    metrics: Metrics,
+    /// One connect at a time.
+    state: Mutex<BulkState>,
+}
+
+#[derive(Debug, Default)]
+struct BulkState {
+    /// The client endpoint (its UDP socket), of the bulk address's family.
+    endpoint: Option<Endpoint>,
+    /// The bulk connection and the address it goes to.
+    live: Option<(SocketAddr, Connection)>,
+    /// The last failed connect, while failures go on.
+    failed: Option<BulkFailure>,
+    /// A warning was logged for the current run of failures.
+    warned: bool,
+    /// Shut down: no further endpoint.
+    closed: bool,
+}
+
+/// A failed connect to the bulk endpoint: streams use the uplink connection until `retry_at`,
+/// unless the address or the uplink connection changes.
+#[derive(Debug)]
+struct BulkFailure {
+    addr: SocketAddr,
+    /// The uplink connection the failure happened under (held, so that its id is not reused).
+    uplink: Connection,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+impl BulkUplink {
+    /// A bulk uplink (not connected yet) whose endpoint will be driven by `lane`. `client_config`
+    /// is the uplink's; its transport parameters are replaced by the bulk ones.
+    pub fn new(
+        mut client_config: quinn::ClientConfig,
+        server_name: String,
+        lane: Handle,
+        metrics: Metrics,
+    ) -> Self {
+        client_config.transport_config(Arc::new(crate::tls::bulk_transport_config()));
+        Self {
+            client_config,
+            server_name,
+            lane,
+            metrics,
+            state: Mutex::new(BulkState::default()),
+        }
+    }
+
+    /// The live bulk connection to `addr`, connected now if there is none, it closed, or it goes
+    /// elsewhere; `None` when connecting failed (now, or recently under the same `uplink`
+    /// connection): the stream goes over the uplink connection then.
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        uplink: &Connection,
+        timeout: Duration,
+    ) -> Option<Connection> {
+        let mut state = self.state.lock().await;
+        if let Some((live_addr, conn)) = &state.live {
+            if *live_addr == addr && conn.close_reason().is_none() {
+                return Some(conn.clone());
+            }
+        }
+        if let Some((old, conn)) = state.live.take() {
+            if old != addr {
+                tracing::debug!(%old, new = %addr, "bulk endpoint moved");
+                conn.close(
+                    VarInt::from_u32(close_code::SHUTDOWN),
+                    b"bulk endpoint moved",
+                );
+            }
+        }
+        if state.closed {
+            return None;
+        }
+        let same_failure = state
+            .failed
+            .as_ref()
+            .filter(|f| f.addr == addr && f.uplink.stable_id() == uplink.stable_id());
+        if same_failure.is_some_and(|f| Instant::now() < f.retry_at) {
+            return None;
+        }
+        let backoff =
+            same_failure.map_or(BULK_RETRY_INITIAL, |f| (f.backoff * 2).min(BULK_RETRY_MAX));
+        match self.connect(&mut state, addr, timeout).await {
+            Ok(conn) => {
+                tracing::info!(%addr, "bulk uplink connected");
+                state.failed = None;
+                state.warned = false;
+                self.metrics.bulk_uplink_connects.inc();
+                self.metrics.bulk_uplink_connected.inc();
+                let (watched, gauge) = (conn.clone(), self.metrics.bulk_uplink_connected.clone());
+                self.lane.spawn(async move {
+                    let reason = watched.closed().await;
+                    gauge.dec();
+                    tracing::debug!(%reason, "bulk uplink closed");
+                });
+                state.live = Some((addr, conn.clone()));
+                Some(conn)
+            }
+            Err(e) => {
+                if state.warned {
+                    tracing::debug!(%addr, error = %e, "bulk uplink connect failed again");
+                } else {
+                    tracing::warn!(
+                        %addr,
+                        error = %e,
+                        retry_after = ?backoff,
+                        "bulk uplink connect failed: device streams go over the uplink connection"
+                    );
+                    state.warned = true;
+                }
+                state.failed = Some(BulkFailure {
+                    addr,
+                    uplink: uplink.clone(),
+                    retry_at: Instant::now() + backoff,
+                    backoff,
+                });
+                None
+            }
+        }
+    }
+
+    /// Connects to `addr` from the endpoint of its family (created on the lane if needed).
+    async fn connect(
+        &self,
+        state: &mut BulkState,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Connection, UplinkError> {
+        if state.closed {
+            return Err(UplinkError::Shutdown);
+        }
+        let ipv6 = addr.is_ipv6();
+        let endpoint = match &state.endpoint {
+            Some(e) if e.local_addr().is_ok_and(|a| a.is_ipv6() == ipv6) => e.clone(),
+            _ => {
+                let fresh = {
+                    // quinn spawns the endpoint's driver on the runtime current at this call.
+                    let _lane = self.lane.enter();
+                    crate::uplink::endpoint_for(ipv6).map_err(UplinkError::Endpoint)?
+                };
+                if let Some(old) = state.endpoint.replace(fresh.clone()) {
+                    old.close(
+                        VarInt::from_u32(close_code::SHUTDOWN),
+                        b"address family changed",
+                    );
+                }
+                fresh
+            }
+        };
+        let connecting = {
+            // quinn spawns the connection's driver here, on the runtime current at this call.
+            let _lane = self.lane.enter();
+            endpoint.connect_with(self.client_config.clone(), addr, &self.server_name)?
+        };
+        let conn = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| UplinkError::Timeout("bulk QUIC handshake"))??;
+        Ok(conn)
+    }
+
+    /// Closes the bulk endpoint (and its connection) and waits, briefly, for the close to reach the
+    /// core.
+    async fn close(&self) {
+        let endpoint = {
+            let mut state = self.state.lock().await;
+            state.closed = true;
+            state.live = None;
+            state.endpoint.take()
+        };
+        if let Some(endpoint) = endpoint {
+            endpoint.close(
+                VarInt::from_u32(close_code::SHUTDOWN),
+                b"gateway shutting down",
+            );
+            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        }
+    }
 }
 
 /// A stream's place in the limit: given back when the stream's task ends, however it ends.
@@ -208,20 +432,24 @@ enum UpDone {
 }
 
 impl StreamRelay {
+    /// A relay of device streams over `bulk` or the uplink published on `uplink`.
     pub fn new(
         config: StreamsConfig,
         device_link: Arc<DeviceLink>,
-        uplink: watch::Receiver<Option<Connection>>,
+        uplink: watch::Receiver<Option<UplinkUp>>,
+        bulk: BulkUplink,
     ) -> Self {
         Self {
             config,
             device_link,
             uplink,
+            bulk,
             open: AtomicUsize::new(0),
         }
     }
 
-    /// Accepts device streams until shutdown; each is relayed by a task of `tasks`.
+    /// Accepts device streams until shutdown; each is relayed by a task of `tasks`. Then closes
+    /// the bulk connection.
     pub async fn accept(
         self: Arc<Self>,
         listener: TcpListener,
@@ -262,6 +490,7 @@ impl StreamRelay {
                 .set(i64::try_from(open).unwrap_or(i64::MAX));
             tasks.spawn(self.clone().relay(tcp, peer, shutdown.clone()));
         }
+        self.bulk.close().await;
     }
 
     /// Relays one device stream until it ends; counts and logs the end.
@@ -305,17 +534,9 @@ impl StreamRelay {
             return end;
         }
 
-        let Some(conn) = self.uplink.borrow().clone() else {
-            return StreamEnd::UplinkDown;
-        };
-        // Waits while the core's stream limit is reached.
-        let (mut send, mut recv) = match tokio::time::timeout(stall, conn.open_bi()).await {
-            Err(_) => return StreamEnd::Stalled,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "no QUIC stream for a device stream");
-                return StreamEnd::UplinkDown;
-            }
-            Ok(Ok(streams)) => streams,
+        let (mut send, mut recv) = match self.open_stream(stall).await {
+            Ok(streams) => streams,
+            Err(end) => return end,
         };
         let _ = send.set_priority(STREAM_PRIORITY);
         let mut head = BytesMut::with_capacity(UPLINK_STREAM_HEADER.len() + first.len());
@@ -338,6 +559,35 @@ impl StreamRelay {
                 let _ = recv.stop(VarInt::from_u32(STREAM_ABORTED));
                 end
             }
+        }
+    }
+
+    /// Opens the device stream's QUIC stream: on the bulk connection when the core named a bulk
+    /// endpoint and it can be reached, else on the uplink connection.
+    async fn open_stream(&self, stall: Duration) -> Result<(SendStream, RecvStream), StreamEnd> {
+        let Some(up) = self.uplink.borrow().clone() else {
+            return Err(StreamEnd::UplinkDown);
+        };
+        if let Some(addr) = up.bulk {
+            if let Some(bulk) = self.bulk.connection(addr, &up.connection, stall).await {
+                // Waits while the core's stream limit is reached.
+                match tokio::time::timeout(stall, bulk.open_bi()).await {
+                    Err(_) => return Err(StreamEnd::Stalled),
+                    Ok(Ok(streams)) => return Ok(streams),
+                    // Lost since: the next stream connects again; this one takes the uplink.
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "no QUIC stream on the bulk connection");
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(stall, up.connection.open_bi()).await {
+            Err(_) => Err(StreamEnd::Stalled),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no QUIC stream for a device stream");
+                Err(StreamEnd::UplinkDown)
+            }
+            Ok(Ok(streams)) => Ok(streams),
         }
     }
 

@@ -166,6 +166,14 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// The transport parameters of the bulk connection (device streams only, to the core's bulk
+/// endpoint): those of the uplink, without datagrams (none are sent or expected on it).
+pub fn bulk_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config();
+    t.datagram_receive_buffer_size(None);
+    t
+}
+
 fn open(path: &Path) -> Result<BufReader<File>, TlsError> {
     File::open(path)
         .map(BufReader::new)

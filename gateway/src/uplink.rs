@@ -11,10 +11,14 @@
 //! `NotAdmitted` messages to the device link's sets, tells the device link which held sessions
 //! were answered, and writes the control-stream messages the device link queued (oversized
 //! frames, `AdmitQuery`). While up, the connection is also published to the device streams
-//! ([`crate::streams`]), each of which opens its own bidirectional QUIC stream on it. When the
-//! connection ends, for whatever reason, the device link is told, and the task reconnects.
+//! ([`crate::streams`]) as an `UplinkUp`, with the address of the core's bulk endpoint when the
+//! `HelloAck` named one (`bulk_port`: the core's IP, that port): device streams then go over a
+//! QUIC connection of their own to it, else each opens its own bidirectional QUIC stream on this
+//! connection. When the connection ends, for whatever reason, the device link is told, and the
+//! task reconnects.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU16;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +52,7 @@ pub const CONTROL_QUEUE: usize = 256;
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Application close codes the gateway sends.
-mod close_code {
+pub(crate) mod close_code {
     pub const SHUTDOWN: u32 = 0;
     pub const PROTOCOL_ERROR: u32 = 1;
 }
@@ -121,6 +125,16 @@ pub(crate) struct ControlMessage {
     bytes: Bytes,
     /// For a `DeviceFrame`, the device frame's length: counted as forwarded once written.
     frame_len: Option<usize>,
+}
+
+/// The uplink as published to the device streams while it is up (after `HelloAck`).
+#[derive(Clone, Debug)]
+pub(crate) struct UplinkUp {
+    /// The uplink connection: device streams fall back to it.
+    pub connection: Connection,
+    /// The core's bulk endpoint for device streams (`HelloAck { bulk_port }` at the connection's
+    /// remote IP); `None`: the core has none (an older core).
+    pub bulk: Option<SocketAddr>,
 }
 
 /// The device link's handle on an established uplink connection.
@@ -259,6 +273,8 @@ struct Session {
     recv: RecvStream,
     /// Control-stream bytes read past the `HelloAck`.
     buf: BytesMut,
+    /// The core's bulk endpoint, if its `HelloAck` named one.
+    bulk: Option<SocketAddr>,
 }
 
 /// The uplink task and what it needs.
@@ -272,8 +288,8 @@ pub(crate) struct Uplink {
     pub device_link: Arc<DeviceLink>,
     pub readiness: Readiness,
     pub events: mpsc::Sender<LinkEvent>,
-    /// The connection while the uplink is up, for device streams (each opens a QUIC stream on it).
-    pub connection: watch::Sender<Option<Connection>>,
+    /// The connection (and the core's bulk endpoint) while the uplink is up, for device streams.
+    pub connection: watch::Sender<Option<UplinkUp>>,
     pub shutdown: CancellationToken,
 }
 
@@ -283,7 +299,9 @@ pub(crate) fn client_endpoint(core: &CoreAddr) -> std::io::Result<Endpoint> {
     endpoint_for(core.ip().is_some_and(|a| a.is_ipv6()))
 }
 
-fn endpoint_for(ipv6: bool) -> std::io::Result<Endpoint> {
+/// A client endpoint on an ephemeral port of the unspecified address of one family, driven by
+/// the runtime current where it is called.
+pub(crate) fn endpoint_for(ipv6: bool) -> std::io::Result<Endpoint> {
     let local: SocketAddr = if ipv6 {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -343,12 +361,16 @@ impl Uplink {
             .await
             .map_err(|_| UplinkError::Timeout("QUIC handshake"))??;
         match self.hello(&conn).await {
-            Ok((send, recv, buf)) => Ok(Session {
-                conn,
-                send,
-                recv,
-                buf,
-            }),
+            Ok((send, recv, buf, bulk_port)) => {
+                let bulk = bulk_port.map(|p| SocketAddr::new(conn.remote_address().ip(), p.get()));
+                Ok(Session {
+                    conn,
+                    send,
+                    recv,
+                    buf,
+                    bulk,
+                })
+            }
             Err(e) => {
                 conn.close(close_code_for(&e), b"hello failed");
                 Err(e)
@@ -385,10 +407,12 @@ impl Uplink {
         Ok(other)
     }
 
+    /// `Hello`, then `HelloAck`: the control stream, the bytes read past the `HelloAck`, and the
+    /// port of the core's bulk endpoint if it has one.
     async fn hello(
         &self,
         conn: &Connection,
-    ) -> Result<(SendStream, RecvStream, BytesMut), UplinkError> {
+    ) -> Result<(SendStream, RecvStream, BytesMut, Option<NonZeroU16>), UplinkError> {
         let hooks = &self.device_link.hooks;
         let (mut send, mut recv) = conn.open_bi().await?;
         let mut hello = BytesMut::new();
@@ -403,11 +427,14 @@ impl Uplink {
             .await
             .map_err(|_| UplinkError::Timeout("HelloAck"))??;
         match ack {
-            UplinkMessage::HelloAck { max_flows } => {
+            UplinkMessage::HelloAck {
+                max_flows,
+                bulk_port,
+            } => {
                 let limit = usize::try_from(max_flows).unwrap_or(usize::MAX);
                 self.device_link.flows.set_peer_limit(limit);
-                tracing::debug!(max_flows, "core acknowledged hello");
-                Ok((send, recv, buf))
+                tracing::debug!(max_flows, bulk_port = ?bulk_port, "core acknowledged hello");
+                Ok((send, recv, buf, bulk_port))
             }
             _ => Err(UplinkError::Protocol("expected HelloAck")),
         }
@@ -420,20 +447,24 @@ impl Uplink {
             mut send,
             mut recv,
             mut buf,
+            bulk,
         } = session;
         let metrics = &self.device_link.metrics;
         let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(CONTROL_QUEUE);
         metrics.uplink_connects.inc();
         metrics.uplink_connected.set(1);
         self.readiness.set(true);
-        tracing::info!(remote = %conn.remote_address(), "uplink connected");
+        tracing::info!(remote = %conn.remote_address(), bulk = ?bulk, "uplink connected");
         let link = Link {
             conn: conn.clone(),
             control: control_tx,
         };
         // The device link gone means shutdown is under way; the select below notices.
         let _ = self.events.send(LinkEvent::Up(link)).await;
-        self.connection.send_replace(Some(conn.clone()));
+        self.connection.send_replace(Some(UplinkUp {
+            connection: conn.clone(),
+            bulk,
+        }));
 
         let end = tokio::select! {
             e = self.downlink_datagrams(&conn) => e,

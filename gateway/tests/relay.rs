@@ -252,7 +252,11 @@ async fn serve_gateway(
         other => bail!("expected Hello, got {other:?}"),
     };
     let mut ack = BytesMut::new();
-    UplinkMessage::HelloAck { max_flows: 1000 }.encode(&mut ack);
+    UplinkMessage::HelloAck {
+        max_flows: 1000,
+        bulk_port: None,
+    }
+    .encode(&mut ack);
     send.write_all(&ack).await?;
     sessions
         .send(CoreSession {

@@ -1,9 +1,12 @@
 //! Device streams through the gateway in-process, against a fake core (a quinn server with a test
 //! CA) that hands every device stream's QUIC stream to the test: bytes pass unchanged both ways,
 //! lengths are checked, stalls and limits end streams, the first frame's admission is checked,
-//! and a core that does not read holds the device back instead of filling the gateway.
+//! and a core that does not read holds the device back instead of filling the gateway. A core that
+//! names a bulk endpoint in its `HelloAck` gets device streams on a connection of their own to it
+//! (datagrams stay on the uplink); one that cannot be reached leaves them on the uplink.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +14,9 @@ use anyhow::{bail, ensure, Context, Result};
 use bytes::BytesMut;
 use gateway::{Cli, FrameTap, GatewayConfig, Hooks, Listeners, TapPoint};
 use relay_protocol::stream::{MAX_STREAM_FRAME, UPLINK_STREAM_HEADER};
-use relay_protocol::{Admission, AdmissionKey, DeviceFrame, Quota, SessionId, UplinkMessage};
+use relay_protocol::{
+    Admission, AdmissionKey, DeviceFrame, Quota, SessionId, UplinkDatagram, UplinkMessage,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -137,59 +142,137 @@ struct CoreStream {
     recv: quinn::RecvStream,
 }
 
+/// The core's bulk endpoint, as the fake core plays it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bulk {
+    /// None: `HelloAck` names no bulk port (an older core).
+    Absent,
+    /// A second endpoint (same TLS configuration) whose streams are handed over apart.
+    Serve,
+    /// Named, but the endpoint refuses every connection.
+    Refuse,
+    /// Named, but nothing answers there.
+    Silent,
+}
+
 /// The core's side of the uplink: `Hello`/`HelloAck`, the control stream for `Admit`, and every
-/// further bidirectional stream handed over as it is accepted.
+/// further bidirectional stream handed over as it is accepted; the datagrams it receives; and
+/// its bulk endpoint's connections and streams.
 struct FakeCore {
     _endpoint: quinn::Endpoint,
+    _bulk: Option<quinn::Endpoint>,
+    _silent: Option<std::net::UdpSocket>,
     control: mpsc::Receiver<quinn::SendStream>,
     streams: mpsc::Receiver<CoreStream>,
+    datagrams: mpsc::Receiver<Vec<u8>>,
+    bulk_conns: mpsc::Receiver<quinn::Connection>,
+    bulk_streams: mpsc::Receiver<CoreStream>,
+}
+
+/// A quinn server endpoint on a free loopback port.
+fn server_endpoint(pki: &Pki) -> Result<(quinn::Endpoint, SocketAddr)> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let addr = socket.local_addr()?;
+    socket.set_nonblocking(true)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(pki.server_config()?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((endpoint, addr))
 }
 
 impl FakeCore {
-    fn start(pki: &Pki) -> Result<(Self, SocketAddr)> {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let addr = socket.local_addr()?;
-        socket.set_nonblocking(true)?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(pki.server_config()?),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+    fn start_with(pki: &Pki, bulk: Bulk) -> Result<(Self, SocketAddr)> {
+        let (endpoint, addr) = server_endpoint(pki)?;
+        let (bulk_conns_tx, bulk_conns) = mpsc::channel(8);
+        let (bulk_streams_tx, bulk_streams) = mpsc::channel(64);
+        let (bulk_endpoint, silent, bulk_port) = match bulk {
+            Bulk::Absent => (None, None, None),
+            Bulk::Silent => {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                let port = socket.local_addr()?.port();
+                (None, Some(socket), NonZeroU16::new(port))
+            }
+            Bulk::Serve | Bulk::Refuse => {
+                let (bulk_endpoint, bulk_addr) = server_endpoint(pki)?;
+                let accepting = bulk_endpoint.clone();
+                tokio::spawn(async move {
+                    while let Some(incoming) = accepting.accept().await {
+                        if bulk == Bulk::Refuse {
+                            incoming.refuse();
+                            continue;
+                        }
+                        let (conns, streams) = (bulk_conns_tx.clone(), bulk_streams_tx.clone());
+                        tokio::spawn(async move {
+                            let _ = serve_bulk(incoming, conns, streams).await;
+                        });
+                    }
+                });
+                (Some(bulk_endpoint), None, NonZeroU16::new(bulk_addr.port()))
+            }
+        };
         let (control_tx, control) = mpsc::channel(8);
         let (streams_tx, streams) = mpsc::channel(64);
+        let (datagrams_tx, datagrams) = mpsc::channel(64);
         let accepting = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
                 let control_tx = control_tx.clone();
                 let streams_tx = streams_tx.clone();
+                let datagrams_tx = datagrams_tx.clone();
                 tokio::spawn(async move {
-                    let _ = serve_gateway(incoming, control_tx, streams_tx).await;
+                    let _ =
+                        serve_gateway(incoming, bulk_port, control_tx, streams_tx, datagrams_tx)
+                            .await;
                 });
             }
         });
         Ok((
             Self {
                 _endpoint: endpoint,
+                _bulk: bulk_endpoint,
+                _silent: silent,
                 control,
                 streams,
+                datagrams,
+                bulk_conns,
+                bulk_streams,
             },
             addr,
         ))
     }
 
+    /// The next device stream on the bulk endpoint.
+    async fn bulk_stream(&mut self) -> Result<CoreStream> {
+        next(
+            &mut self.bulk_streams,
+            "no device stream reached the core's bulk endpoint",
+        )
+        .await
+    }
+
+    /// The next connection to the bulk endpoint.
+    async fn bulk_connection(&mut self) -> Result<quinn::Connection> {
+        next(
+            &mut self.bulk_conns,
+            "no connection to the core's bulk endpoint",
+        )
+        .await
+    }
+
+    /// The next datagram on the uplink connection (the device frame in it).
+    async fn datagram(&mut self) -> Result<Vec<u8>> {
+        next(&mut self.datagrams, "no datagram reached the core").await
+    }
+
     async fn control(&mut self) -> Result<quinn::SendStream> {
-        tokio::time::timeout(WAIT, self.control.recv())
-            .await
-            .context("no gateway connected")?
-            .context("fake core stopped")
+        next(&mut self.control, "no gateway connected").await
     }
 
     async fn stream(&mut self) -> Result<CoreStream> {
-        tokio::time::timeout(WAIT, self.streams.recv())
-            .await
-            .context("no device stream reached the core")?
-            .context("fake core stopped")
+        next(&mut self.streams, "no device stream reached the core").await
     }
 
     /// Whether a device stream reaches the core within `within`.
@@ -200,12 +283,48 @@ impl FakeCore {
     }
 }
 
-async fn serve_gateway(
+/// What the fake core hands the test next on `rx`; `missing` says what did not come in time.
+async fn next<T>(rx: &mut mpsc::Receiver<T>, missing: &'static str) -> Result<T> {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .context(missing)?
+        .context("fake core stopped")
+}
+
+/// A connection to the bulk endpoint: only device streams, no control stream, no `Hello`.
+async fn serve_bulk(
     incoming: quinn::Incoming,
-    control: mpsc::Sender<quinn::SendStream>,
+    conns: mpsc::Sender<quinn::Connection>,
     streams: mpsc::Sender<CoreStream>,
 ) -> Result<()> {
     let conn = incoming.await?;
+    // The gateway presents its certificate here too.
+    ensure!(conn.peer_identity().is_some(), "no client certificate");
+    conns.send(conn.clone()).await?;
+    loop {
+        let (send, recv) = conn.accept_bi().await?;
+        streams.send(CoreStream { send, recv }).await?;
+    }
+}
+
+async fn serve_gateway(
+    incoming: quinn::Incoming,
+    bulk_port: Option<NonZeroU16>,
+    control: mpsc::Sender<quinn::SendStream>,
+    streams: mpsc::Sender<CoreStream>,
+    datagrams: mpsc::Sender<Vec<u8>>,
+) -> Result<()> {
+    let conn = incoming.await?;
+    {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            while let Ok(d) = conn.read_datagram().await {
+                if let Ok(d) = UplinkDatagram::decode(&d) {
+                    let _ = datagrams.try_send(d.frame.to_vec());
+                }
+            }
+        });
+    }
     let (mut send, mut recv) = conn.accept_bi().await?;
     let mut buf = BytesMut::new();
     loop {
@@ -219,7 +338,11 @@ async fn serve_gateway(
         }
     }
     let mut ack = BytesMut::new();
-    UplinkMessage::HelloAck { max_flows: 1000 }.encode(&mut ack);
+    UplinkMessage::HelloAck {
+        max_flows: 1000,
+        bulk_port,
+    }
+    .encode(&mut ack);
     send.write_all(&ack).await?;
     control.send(send).await?;
     // The rest of the control stream is not looked at, but read so that it never blocks.
@@ -264,6 +387,21 @@ struct Running {
     admin_addr: SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), gateway::GatewayError>>,
+}
+
+/// A gateway (`extra` added to its configuration) up on its uplink to a fake core (with `bulk`);
+/// the control stream the core accepted comes back too, to keep it open.
+async fn rig(
+    pki: &Pki,
+    bulk: Bulk,
+    extra: &str,
+    hooks: Hooks,
+) -> Result<(FakeCore, quinn::SendStream, Running)> {
+    let (mut core, core_addr) = FakeCore::start_with(pki, bulk)?;
+    let gw = start_gateway(pki.gateway_config(core_addr, extra)?, hooks).await?;
+    let control = core.control().await?;
+    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
+    Ok((core, control, gw))
 }
 
 async fn start_gateway(config: GatewayConfig, hooks: Hooks) -> Result<Running> {
@@ -442,17 +580,16 @@ async fn expect_reset(stream: &mut CoreStream) -> Result<()> {
 #[tokio::test]
 async fn relays_a_stream_both_ways_byte_for_byte() -> Result<()> {
     let pki = Pki::new()?;
-    let (mut core, core_addr) = FakeCore::start(&pki)?;
     let tap = Arc::new(Recorder::default());
-    let gw = start_gateway(
-        pki.gateway_config(core_addr, "[admission]\nrequire = false\n")?,
+    let (mut core, _control, gw) = rig(
+        &pki,
+        Bulk::Absent,
+        "[admission]\nrequire = false\n",
         Hooks {
             tap: Some(tap.clone()),
         },
     )
     .await?;
-    let _control = core.control().await?;
-    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
     // The stream port follows the device port, over TCP; the ready file names it.
     assert_eq!(gw.stream_addr, gw.device_addr);
     let ready: serde_json::Value =
@@ -543,14 +680,13 @@ async fn relays_a_stream_both_ways_byte_for_byte() -> Result<()> {
 #[tokio::test]
 async fn lengths_over_the_limit_end_the_stream() -> Result<()> {
     let pki = Pki::new()?;
-    let (mut core, core_addr) = FakeCore::start(&pki)?;
-    let gw = start_gateway(
-        pki.gateway_config(core_addr, "[admission]\nrequire = false\n")?,
+    let (mut core, _control, gw) = rig(
+        &pki,
+        Bulk::Absent,
+        "[admission]\nrequire = false\n",
         Hooks::default(),
     )
     .await?;
-    let _control = core.control().await?;
-    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
     let over = u32::try_from(MAX_STREAM_FRAME + 1)?.to_be_bytes();
 
     // From the device, after a good frame: the device's connection and the QUIC stream end.
@@ -622,17 +758,13 @@ async fn lengths_over_the_limit_end_the_stream() -> Result<()> {
 #[tokio::test]
 async fn a_stall_ends_the_stream() -> Result<()> {
     let pki = Pki::new()?;
-    let (mut core, core_addr) = FakeCore::start(&pki)?;
-    let gw = start_gateway(
-        pki.gateway_config(
-            core_addr,
-            "[admission]\nrequire = false\n[streams]\nstall_timeout_secs = 1\n",
-        )?,
+    let (mut core, _control, gw) = rig(
+        &pki,
+        Bulk::Absent,
+        "[admission]\nrequire = false\n[streams]\nstall_timeout_secs = 1\n",
         Hooks::default(),
     )
     .await?;
-    let _control = core.control().await?;
-    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
 
     // Frames trickling one way keep the stream alive past the timeout.
     let mut device = TcpStream::connect(gw.stream_addr).await?;
@@ -671,17 +803,13 @@ async fn a_stall_ends_the_stream() -> Result<()> {
 #[tokio::test]
 async fn at_most_max_streams_at_once() -> Result<()> {
     let pki = Pki::new()?;
-    let (mut core, core_addr) = FakeCore::start(&pki)?;
-    let gw = start_gateway(
-        pki.gateway_config(
-            core_addr,
-            "[admission]\nrequire = false\n[streams]\nmax_streams = 2\n",
-        )?,
+    let (mut core, _control, gw) = rig(
+        &pki,
+        Bulk::Absent,
+        "[admission]\nrequire = false\n[streams]\nmax_streams = 2\n",
         Hooks::default(),
     )
     .await?;
-    let _control = core.control().await?;
-    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
 
     let first = open_transport(1);
     let mut open = Vec::new();
@@ -729,11 +857,9 @@ async fn at_most_max_streams_at_once() -> Result<()> {
 #[tokio::test]
 async fn the_first_frame_must_be_admitted() -> Result<()> {
     let pki = Pki::new()?;
-    let (mut core, core_addr) = FakeCore::start(&pki)?;
     // `[admission] require` is on by default.
-    let gw = start_gateway(pki.gateway_config(core_addr, "")?, Hooks::default()).await?;
-    let mut control = core.control().await?;
-    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
+
+    let (mut core, mut control, gw) = rig(&pki, Bulk::Absent, "", Hooks::default()).await?;
 
     let key = AdmissionKey([0x42; 16]);
     let refused = |first: Vec<u8>| {
@@ -811,14 +937,13 @@ async fn no_uplink_no_stream() -> Result<()> {
 #[tokio::test]
 async fn a_core_that_does_not_read_holds_the_device_back() -> Result<()> {
     let pki = Pki::new()?;
-    let (mut core, core_addr) = FakeCore::start(&pki)?;
-    let gw = start_gateway(
-        pki.gateway_config(core_addr, "[admission]\nrequire = false\n")?,
+    let (mut core, _control, gw) = rig(
+        &pki,
+        Bulk::Absent,
+        "[admission]\nrequire = false\n",
         Hooks::default(),
     )
     .await?;
-    let _control = core.control().await?;
-    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
 
     // 32 MiB: far more than the core's window, the gateway's frame and both sockets' buffers.
     let first = open_transport(1);
@@ -894,14 +1019,13 @@ async fn the_stream_listener_can_move_or_be_off() -> Result<()> {
 #[tokio::test]
 async fn the_core_ending_a_stream_ends_it_at_once() -> Result<()> {
     let pki = Pki::new()?;
-    let (mut core, core_addr) = FakeCore::start(&pki)?;
-    let gw = start_gateway(
-        pki.gateway_config(core_addr, "[admission]\nrequire = false\n")?,
+    let (mut core, _control, gw) = rig(
+        &pki,
+        Bulk::Absent,
+        "[admission]\nrequire = false\n",
         Hooks::default(),
     )
     .await?;
-    let _control = core.control().await?;
-    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
 
     let mut device = TcpStream::connect(gw.stream_addr).await?;
     let first = open_transport(1);
@@ -927,5 +1051,122 @@ async fn the_core_ending_a_stream_ends_it_at_once() -> Result<()> {
         started.elapsed()
     );
     gw.stop().await?;
+    Ok(())
+}
+
+/// A device stream's first frame, then one frame each way, through `stream`.
+async fn exchange(device: &mut TcpStream, stream: &mut CoreStream, first: &[u8]) -> Result<()> {
+    expect_open(stream, first).await?;
+    let up = data_frame(5000, 1);
+    device.write_all(&up).await?;
+    assert_eq!(read_exactly(&mut stream.recv, up.len()).await?, up);
+    let ack = data_frame(68, 2);
+    stream.send.write_all(&ack).await?;
+    assert_eq!(read_exactly(device, ack.len()).await?, ack);
+    Ok(())
+}
+
+/// A core that names a bulk endpoint gets device streams there, on one connection made with the
+/// gateway's certificate, while datagrams stay on the uplink; a bulk connection that closes is
+/// made again for the next stream.
+#[tokio::test]
+async fn device_streams_take_the_bulk_connection() -> Result<()> {
+    let pki = Pki::new()?;
+    let (mut core, _control, gw) = rig(
+        &pki,
+        Bulk::Serve,
+        "[admission]\nrequire = false\n",
+        Hooks::default(),
+    )
+    .await?;
+    assert_eq!(gw.metric("gateway_bulk_uplink_connected").await?, 0.0);
+
+    let first = open_transport(1);
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut device = TcpStream::connect(gw.stream_addr).await?;
+        device.write_all(&first).await?;
+        let mut stream = core.bulk_stream().await?;
+        exchange(&mut device, &mut stream, &first).await?;
+        open.push((device, stream));
+    }
+    let bulk = core.bulk_connection().await?;
+    assert!(
+        core.no_stream(Duration::from_millis(200)).await,
+        "a stream on the uplink"
+    );
+    gw.wait_metric("gateway_bulk_uplink_connected", 1.0).await?;
+    assert_eq!(gw.metric("gateway_bulk_uplink_connects_total").await?, 1.0);
+
+    // A device datagram still goes over the uplink connection.
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let datagram = &first[4..];
+    udp.send_to(datagram, gw.device_addr).await?;
+    assert_eq!(core.datagram().await?, datagram);
+
+    // The bulk connection closes (the core restarted its bulk endpoint, say): its streams end,
+    // and the next stream connects again.
+    bulk.close(0u32.into(), b"bye");
+    for (mut device, _stream) in open {
+        expect_tcp_closed(&mut device).await?;
+    }
+    gw.wait_metric("gateway_bulk_uplink_connected", 0.0).await?;
+    let mut device = TcpStream::connect(gw.stream_addr).await?;
+    device.write_all(&first).await?;
+    let mut stream = core.bulk_stream().await?;
+    exchange(&mut device, &mut stream, &first).await?;
+    gw.wait_metric("gateway_bulk_uplink_connected", 1.0).await?;
+    assert_eq!(gw.metric("gateway_bulk_uplink_connects_total").await?, 2.0);
+    assert!(core.no_stream(Duration::from_millis(100)).await);
+    gw.stop().await?;
+    Ok(())
+}
+
+/// A bulk endpoint that refuses, or does not answer within the stall timeout: the stream goes
+/// over the uplink connection, and so does the next one (without waiting again).
+#[tokio::test]
+async fn an_unreachable_bulk_endpoint_leaves_streams_on_the_uplink() -> Result<()> {
+    for bulk in [Bulk::Refuse, Bulk::Silent] {
+        let pki = Pki::new()?;
+        let (mut core, _control, gw) = rig(
+            &pki,
+            bulk,
+            "[admission]\nrequire = false\n[streams]\nstall_timeout_secs = 1\n",
+            Hooks::default(),
+        )
+        .await?;
+
+        let first = open_transport(1);
+        for i in 0..2 {
+            let started = tokio::time::Instant::now();
+            let mut device = TcpStream::connect(gw.stream_addr).await?;
+            device.write_all(&first).await?;
+            let mut stream = core.stream().await?;
+            exchange(&mut device, &mut stream, &first).await?;
+            if i == 1 {
+                assert!(
+                    started.elapsed() < Duration::from_millis(500),
+                    "{bulk:?}: the second stream waited {:?}",
+                    started.elapsed()
+                );
+            }
+        }
+        assert_eq!(
+            gw.metric("gateway_bulk_uplink_connected").await?,
+            0.0,
+            "{bulk:?}"
+        );
+        assert_eq!(
+            gw.metric("gateway_bulk_uplink_connects_total").await?,
+            0.0,
+            "{bulk:?}"
+        );
+        assert_eq!(
+            gw.metric("gateway_stream_ends_total{reason=\"stalled\"}")
+                .await?,
+            0.0
+        );
+        gw.stop().await?;
+    }
     Ok(())
 }

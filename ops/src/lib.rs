@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod lane;
 pub mod telemetry;
 pub mod udp;
 

@@ -8,7 +8,7 @@
 //!                 | version:u8 = 1 | kind:u8 = 2 | flow:u32 | admission(34) | device frame  core -> gateway
 //! stream message  = length:u16 | version:u8 = 1 | kind:u8 | body      (length counts version..body)
 //!   kind 0x10 Hello        body = name_len:u8 | name (UTF-8, 1..=64 bytes)    gateway -> core
-//!   kind 0x11 HelloAck     body = max_flows:u32                                core -> gateway
+//!   kind 0x11 HelloAck     body = max_flows:u32 [| bulk_port:u16]              core -> gateway
 //!   kind 0x12 DeviceFrame  body = flow:u32 | device frame                      either way
 //!   kind 0x13 Revoked      body = count:u16 (1..=256) | session:u32 × count    core -> gateway
 //!   kind 0x14 Admit        body = count:u8 (1..=32) | admission(34) × count    core -> gateway
@@ -24,6 +24,8 @@
 //! so a cut-off device stops costing uplink capacity within the message's delivery time.
 //!
 //! `DeviceFrame` on the stream is the fallback for a frame that does not fit in a QUIC datagram.
+
+use std::num::NonZeroU16;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -167,6 +169,10 @@ pub enum UplinkMessage {
     HelloAck {
         /// How many device flows the core is willing to route for this gateway.
         max_flows: u32,
+        /// The UDP port of the core's bulk endpoint, at the same address: the gateway carries
+        /// device streams over a second connection to it (`docs/protocol.md` §13.2). `None`
+        /// (a 4-byte body): device streams go over this connection.
+        bulk_port: Option<NonZeroU16>,
     },
     /// A device frame too large for a QUIC datagram.
     DeviceFrame {
@@ -223,7 +229,7 @@ impl UplinkMessage {
     pub fn encode(&self, buf: &mut impl BufMut) {
         let body_len = match self {
             Self::Hello { name } => 1 + name.len().min(MAX_NAME_LEN),
-            Self::HelloAck { .. } => 4,
+            Self::HelloAck { bulk_port, .. } => 4 + if bulk_port.is_some() { 2 } else { 0 },
             Self::DeviceFrame { frame, .. } => 4 + frame.len(),
             Self::Revoked { sessions } => 2 + 4 * sessions.len().min(MAX_REVOKED),
             Self::Admit { admissions } => {
@@ -242,9 +248,15 @@ impl UplinkMessage {
                 buf.put_u8(name.len() as u8);
                 buf.put_slice(name.as_bytes());
             }
-            Self::HelloAck { max_flows } => {
+            Self::HelloAck {
+                max_flows,
+                bulk_port,
+            } => {
                 buf.put_u8(KIND_HELLO_ACK);
                 buf.put_u32(*max_flows);
+                if let Some(port) = bulk_port {
+                    buf.put_u16(port.get());
+                }
             }
             Self::DeviceFrame { flow, frame } => {
                 buf.put_u8(KIND_DEVICE_FRAME);
@@ -317,11 +329,21 @@ impl UplinkMessage {
                 }
             }
             KIND_HELLO_ACK => {
-                if msg.len() != 4 {
+                if msg.len() != 4 && msg.len() != 6 {
                     return Err(DecodeError::Invalid("hello-ack length"));
                 }
+                let max_flows = msg.get_u32();
+                let bulk_port = if msg.is_empty() {
+                    None
+                } else {
+                    Some(
+                        NonZeroU16::new(msg.get_u16())
+                            .ok_or(DecodeError::Invalid("hello-ack bulk port 0"))?,
+                    )
+                };
                 Self::HelloAck {
-                    max_flows: msg.get_u32(),
+                    max_flows,
+                    bulk_port,
                 }
             }
             KIND_DEVICE_FRAME => {
@@ -379,7 +401,14 @@ mod tests {
             UplinkMessage::Hello {
                 name: "gw-1".into(),
             },
-            UplinkMessage::HelloAck { max_flows: 100_000 },
+            UplinkMessage::HelloAck {
+                max_flows: 100_000,
+                bulk_port: None,
+            },
+            UplinkMessage::HelloAck {
+                max_flows: 7,
+                bulk_port: NonZeroU16::new(4434),
+            },
             UplinkMessage::DeviceFrame {
                 flow: FlowId(7),
                 frame: Bytes::from_static(&[1, 3, 0, 0, 0, 0]),

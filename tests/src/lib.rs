@@ -108,11 +108,21 @@ pub struct Core {
 /// Starts the core of `dep` on ephemeral ports (or on `quic` if given, to come back where a
 /// restarted core is expected).
 pub async fn start_core(dep: &Deployment, quic: Option<SocketAddr>) -> Result<Core> {
+    start_core_with(dep, quic, |_| {}).await
+}
+
+/// [`start_core`], with `tweak` applied to the loaded configuration first.
+pub async fn start_core_with(
+    dep: &Deployment,
+    quic: Option<SocketAddr>,
+    tweak: impl FnOnce(&mut core_stub::CoreConfig),
+) -> Result<Core> {
     let mut config = core_stub::CoreConfig::load(&dep.core_config())?;
     config.listen_on_ephemeral_ports();
     if let Some(q) = quic {
         config.listen.quic = q;
     }
+    tweak(&mut config);
     let listeners = core_stub::Listeners::bind(&config).await?;
     let (quic, direct, streams, admin) = (
         listeners.quic_addr(),

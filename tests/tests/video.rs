@@ -14,9 +14,12 @@ use device_sim::video::{
     upload, video_bytes, SessionTickets, UploadError, UploadOptions, UploadProgress,
 };
 use gateway::{Hooks, TapPoint};
+use relay_ops::lane::{BulkLane, LanePriority};
 use relay_tests::hostile_stream::{Attack, StreamMitm};
 use relay_tests::recorder::Recorder;
-use relay_tests::{fleet, metrics, start_core, start_gateway, start_gateway_on, Deployment};
+use relay_tests::{
+    fleet, metrics, start_core, start_core_with, start_gateway, start_gateway_on, Deployment,
+};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -308,18 +311,33 @@ async fn a_stream_cut_by_a_gateway_restart_resumes_from_the_last_acknowledged_ch
 /// 200 meters' reading latency, once alone and once while a camera streams videos back to back at
 /// full speed through the same gateway: the 99th percentile stays within twice the idle figure.
 ///
-/// Not met yet, so not run by default (`cargo test -p relay-tests --test video -- --ignored`): on
-/// the 2-core machine, with the camera, 200 meters, the gateway and the core all in this one
-/// process, the p99 went from about 5 ms idle to 15-19 ms (3.1-3.8x) while the video ran at
-/// 170-200 MB/s. The disk is not the cause (the same with the videos on tmpfs); CPU is: the video
-/// takes both cores, and each QUIC endpoint's one driver task carries the video's packets and the
-/// meters' datagrams alike.
-#[ignore = "issue 6 acceptance item not met yet: p99 3.1-3.8x idle on 2 cores (see the doc comment)"]
+/// Everything runs in this one process on the machine's cores: the gateway and the core do their
+/// device-stream work (TCP, the bulk QUIC connection, decryption, SHA-256, the disk) on their bulk
+/// lanes, under `SCHED_IDLE`, so the readings' threads get the CPU the moment they want it. The
+/// camera stands for another device, with a CPU of its own: here its sealing runs on a
+/// `SCHED_IDLE` thread too, so that it takes only what the meters, the gateway and the core leave.
+///
+/// The videos are stored on a volume of their own (a tmpfs, `/dev/shm`, where there is one), as a
+/// deployment that keeps a camera fleet's videos away from the subscription database would.
+/// `RELAY_VIDEOS_ON_DB_DISK=1` puts them on the database's disk instead: the core's disk gate
+/// (`core-stub/src/disk.rs`) then makes video writes give way to the readings' commits, and the
+/// ratio was 1.58-1.90x in three runs (2.09x and 2.77x before the gate), a margin too thin for
+/// CI; see README, "Performance".
+///
+/// Before the lanes: 5 ms idle, 15-19 ms while streaming (3.1-3.8x); with the stream tasks alone
+/// moved to a lane (the QUIC drivers still shared with the readings), ~3x.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meters_keep_their_latency_while_a_camera_streams_at_full_speed() -> anyhow::Result<()> {
     let _bulk = BULK.lock().await;
     let dep = Deployment::new(201, 1)?;
-    let core = start_core(&dep, None).await?;
+    let volume = Path::new("/dev/shm");
+    let videos = if volume.is_dir() && std::env::var_os("RELAY_VIDEOS_ON_DB_DISK").is_none() {
+        tempfile::TempDir::new_in(volume)
+    } else {
+        tempfile::TempDir::new_in(dep.path())
+    }?;
+    eprintln!("videos in {}", videos.path().display());
+    let core = start_core_with(&dep, None, |c| c.video.dir = videos.path().to_owned()).await?;
     let gw = start_gateway(&dep, 1, core.quic, Hooks::default()).await?;
     let run_meters = || -> anyhow::Result<_> {
         let mut o = fleet(
@@ -334,10 +352,7 @@ async fn meters_keep_their_latency_while_a_camera_streams_at_full_speed() -> any
         o.latency_warmup = Duration::from_secs(1);
         Ok(device_sim::run_fleet(o, None))
     };
-    let idle = run_meters()?.await?;
-    assert_eq!(idle.lost, 0);
-
-    // The camera: one session, 64 MB videos one after another until the meters are done.
+    // The camera: one session, 64 MB videos one after another while `streaming` is set.
     let stop = CancellationToken::new();
     let identity = dep.devices(0..1)?.pop().context("camera")?;
     let mut tickets = SessionTickets::connect(
@@ -349,14 +364,31 @@ async fn meters_keep_their_latency_while_a_camera_streams_at_full_speed() -> any
     .await?;
     let video: Arc<[u8]> = video_bytes(9, 64_000_000).into();
     let progress = Arc::new(UploadProgress::default());
-    let camera = {
-        let (stop, dir, streams) = (stop.clone(), video_dir(&dep), gw.streams);
+    let (streaming_tx, streaming) = tokio::sync::watch::channel(false);
+    let camera_lane = BulkLane::new("camera", 1, LanePriority::Idle)?;
+    let mut camera = {
+        let (stop, dir, streams) = (stop.clone(), videos.path().to_owned(), gw.streams);
         let progress = progress.clone();
-        tokio::spawn(async move {
+        let mut streaming = streaming.clone();
+        camera_lane.handle().spawn(async move {
             let mut videos = 0u32;
-            while !stop.is_cancelled() {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    on = streaming.wait_for(|on| *on) => if on.is_err() { break },
+                }
+                // Each round's video is cut when the round ends, so no upload spills into the
+                // next idle run.
+                let round = stop.child_token();
+                let cut = {
+                    let (round, mut streaming) = (round.clone(), streaming.clone());
+                    tokio::spawn(async move {
+                        let _ = streaming.wait_for(|on| !*on).await;
+                        round.cancel();
+                    })
+                };
                 let mut o = UploadOptions::new(streams);
-                o.shutdown = stop.clone();
+                o.shutdown = round.clone();
                 o.progress = Some(progress.clone());
                 match upload(video.clone(), &o, &mut tickets).await {
                     Ok(report) => {
@@ -366,35 +398,77 @@ async fn meters_keep_their_latency_while_a_camera_streams_at_full_speed() -> any
                             std::fs::remove_file(f)?;
                         }
                     }
-                    Err(UploadError::Interrupted { .. }) => break,
+                    Err(UploadError::Interrupted { .. }) => {}
                     Err(e) => return Err(anyhow::Error::from(e)),
                 }
+                cut.abort();
             }
             anyhow::Ok(videos)
         })
     };
-    while progress.snapshot().stored_bytes < 4 << 20 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+
+    // Three rounds of (idle, streaming); each condition's p99 is the median of its three, so
+    // that one stall of the machine (seen: 100 ms, idle runs included) does not decide.
+    let (mut idle_p99, mut busy_p99, mut rates) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3 {
+        let idle = run_meters()?.await?;
+        assert_eq!(idle.lost, 0);
+        idle_p99.push(idle.latency_p99_ms.context("idle p99")?);
+
+        // Wait until the video flows: 4 MiB more at the core. (Not the upload's own stored
+        // position: each round starts a new video, which may be behind where the last one was
+        // cut.)
+        let before = metrics::value(&core.metrics().await?, "core_stream_bytes_total", "");
+        streaming_tx.send_replace(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if camera.is_finished() {
+                bail!("the camera stopped: {:?}", (&mut camera).await);
+            }
+            let now = metrics::value(&core.metrics().await?, "core_stream_bytes_total", "");
+            if now >= before + f64::from(4u32 << 20) {
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the video did not start within 60 s ({:?})",
+                progress.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let c0 = metrics::value(&core.metrics().await?, "core_stream_bytes_total", "");
+        let busy = run_meters()?.await?;
+        let c = core.metrics().await?;
+        let c1 = metrics::value(&c, "core_stream_bytes_total", "");
+        // The video went over the bulk connection, not the readings' uplink connection.
+        assert_eq!(metrics::value(&c, "core_bulk_connections", ""), 1.0);
+        let g = gw.metrics().await?;
+        assert_eq!(metrics::value(&g, "gateway_bulk_uplink_connected", ""), 1.0);
+        streaming_tx.send_replace(false);
+        assert_eq!(busy.lost, 0);
+        busy_p99.push(busy.latency_p99_ms.context("busy p99")?);
+        let rate = (c1 - c0) / busy.elapsed_secs / 1e6;
+        rates.push(rate);
+        eprintln!(
+            "round {round}: meters p99 idle {:.2} ms, while streaming {:.2} ms; video {rate:.0} MB/s",
+            idle_p99[round], busy_p99[round]
+        );
+        assert!(rate > 5.0, "the camera hardly streamed: {rate:.1} MB/s");
     }
-    let c0 = metrics::value(&core.metrics().await?, "core_stream_bytes_total", "");
-    let busy = run_meters()?.await?;
-    let c1 = metrics::value(&core.metrics().await?, "core_stream_bytes_total", "");
     stop.cancel();
-    let videos = camera.await??;
-    assert_eq!(busy.lost, 0);
-    let video_rate = (c1 - c0) / busy.elapsed_secs / 1e6;
-    let (p_idle, p_busy) = (
-        idle.latency_p99_ms.context("idle p99")?,
-        busy.latency_p99_ms.context("busy p99")?,
-    );
+    let videos = tokio::time::timeout(Duration::from_secs(30), camera)
+        .await
+        .context("the camera did not stop")???;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p_idle, p_busy) = (median(&mut idle_p99), median(&mut busy_p99));
     eprintln!(
-        "meters p99: idle {p_idle:.2} ms, while streaming {p_busy:.2} ms ({:.2}x); \
-         video {video_rate:.0} MB/s during the meters' run, {videos} videos stored",
-        p_busy / p_idle
-    );
-    assert!(
-        video_rate > 5.0,
-        "the camera hardly streamed: {video_rate:.1} MB/s"
+        "meters p99 (median of 3): idle {p_idle:.2} ms, while streaming {p_busy:.2} ms ({:.2}x); \
+         video {:.0} MB/s (median) during the meters' runs, {videos} videos stored",
+        p_busy / p_idle,
+        median(&mut rates)
     );
     assert!(
         p_busy <= 2.0 * p_idle,

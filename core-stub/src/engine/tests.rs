@@ -1939,11 +1939,17 @@ fn a_stream_open_obeys_the_path_policy_and_names_the_device() {
     let mut dev = session_with(&rig, &next);
     establish(&mut rig, &mut dev, 10, GW_A, now);
 
-    // building-a allows gateway gw-a only.
-    for origin in [STREAM_FROM, StreamOrigin::Gateway(GatewayConnId(2))] {
+    // building-a allows gateway gw-a only: a stream is judged by the gateway's certificate
+    // name (gw-b is connected, gw-c is not: neither is on the list).
+    for origin in [
+        STREAM_FROM,
+        StreamOrigin::Gateway("gw-b".into()),
+        StreamOrigin::Gateway("gw-c".into()),
+        StreamOrigin::Gateway("gw-a.evil".into()),
+    ] {
         let (frame, _, _) = stream_open(&mut dev, 1);
         assert_eq!(
-            rig.table.open_stream(&frame, origin, now).err(),
+            rig.table.open_stream(&frame, origin.clone(), now).err(),
             Some(DropReason::NotPermitted),
             "{origin:?}"
         );
@@ -1951,7 +1957,30 @@ fn a_stream_open_obeys_the_path_policy_and_names_the_device() {
     let (frame, _, _) = stream_open(&mut dev, 1);
     let grant = rig
         .table
-        .open_stream(&frame, StreamOrigin::Gateway(GatewayConnId(1)), now)
+        .open_stream(&frame, StreamOrigin::Gateway("gw-a".into()), now)
         .expect("through gw-a");
     assert_eq!(grant.owner.serial.as_deref(), Some("sn-1"));
+
+    // A bulk connection has no control connection behind it: the name alone decides, even
+    // once gw-a's control connection is down.
+    rig.table.gateway_down(GatewayConnId(1));
+    let (frame, _, _) = stream_open(&mut dev, 1);
+    rig.table
+        .open_stream(&frame, StreamOrigin::Gateway("gw-a".into()), now)
+        .expect("through gw-a's bulk connection");
+    let (frame, _, _) = stream_open(&mut dev, 1);
+    assert_eq!(
+        rig.table
+            .open_stream(&frame, StreamOrigin::Gateway("gw-b".into()), now)
+            .err(),
+        Some(DropReason::NotPermitted)
+    );
+
+    // A profile without a list lets its devices stream through any gateway.
+    let mut legacy = device(&rig, 0);
+    establish(&mut rig, &mut legacy, 11, GW_B, now);
+    let (frame, _, _) = stream_open(&mut legacy, 1);
+    rig.table
+        .open_stream(&frame, StreamOrigin::Gateway("gw-c".into()), now)
+        .expect("any gateway");
 }

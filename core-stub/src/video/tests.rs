@@ -303,3 +303,41 @@ fn a_single_chunk_upload_and_an_empty_store_list() {
     assert_eq!(record.sha256, sha_hex(&data));
     assert_eq!(f.store.list().expect("list").len(), 1);
 }
+
+#[test]
+fn with_the_disk_gate_large_commits_are_written_in_pieces_and_stored_whole() {
+    use crate::disk::{DiskGate, WRITE_PIECE};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("videos");
+    let gate = Arc::new(DiskGate::default());
+    let store = VideoStore::new(root.clone(), 64 << 20).with_gate(gate.clone());
+    let chunk = 64 * 1024u32;
+    // Commits of several pieces and a part of one, and a last chunk that is short.
+    let data = video(3 * WRITE_PIECE + 5 * chunk as usize + 777);
+    let open = open_of(9, chunk, data.len() as u64);
+    let mut up = receiving(store.open(&owner(), &open, None, 1).expect("open"));
+    let first = (2 * WRITE_PIECE) / chunk as usize + 3;
+    up.commit(&data[..first * chunk as usize], first as u32)
+        .expect("commit");
+    drop(up);
+
+    // A commit that holds the gate the whole time slows the writes, it does not stop them.
+    let _held = gate.hold();
+    let mut up = receiving(store.open(&owner(), &open, None, 2).expect("reopen"));
+    assert_eq!(up.next_chunk(), first as u32);
+    let chunks = (data.len() as u64).div_ceil(u64::from(chunk)) as usize;
+    let from = first * chunk as usize;
+    let last = (chunks - 1) * chunk as usize;
+    up.commit(&data[from..last], (chunks - 1 - first) as u32)
+        .expect("commit");
+    let record = up
+        .finish(&data[last..], &owner(), "direct")
+        .expect("finish");
+    assert_eq!(record.sha256, sha_hex(&data));
+    let stored = root
+        .join("7")
+        .join(format!("{}.video", UploadId([9; 16]).to_hex()));
+    assert_eq!(std::fs::read(stored).expect("video"), data);
+}

@@ -8,7 +8,8 @@
 //!  gateway: SessionTickets (UDP ─▶ gateway)     + upload ══ TCP ══▶ gateway ══ QUIC ══▶ core
 //!  crypto:  DeviceStream::seal_chunk + CoreStream::open_chunk of the same bytes, one thread
 //!  latency: run_fleet (meters every 100 ms via the gateway) alone, then again (other meters)
-//!           while a camera uploads back to back at full speed through the gateway
+//!           while a camera uploads back to back at full speed through the gateway (the camera
+//!           on a SCHED_IDLE thread: it stands for another device's CPU)
 //! ```
 
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use relay_ops::lane::{BulkLane, LanePriority};
 use relay_protocol::frame::{DeviceFrame, SessionId};
 use relay_protocol::payload::ResponsePayload;
 use relay_protocol::session::{DeviceEvent, DeviceSession, PublicKey, Responder, StaticKeypair};
@@ -519,10 +521,15 @@ async fn meters_under_stream(
         ));
     }
     let stop = CancellationToken::new();
+    // The camera is another device with a CPU of its own: here it shares the bench machine's, so
+    // its sealing runs on a thread of its own under SCHED_IDLE, where it takes only what the
+    // meters, the gateway and the core leave (as the camera's own CPU would).
+    let lane = BulkLane::new("bench-camera", 1, LanePriority::Idle)
+        .map_err(BenchError::io("streaming camera thread"))?;
     let camera = {
         let (stop, video, streams) = (stop.clone(), Arc::clone(video), daemons.gateway_streams);
         let videos = videos.to_owned();
-        tokio::spawn(async move {
+        lane.handle().spawn(async move {
             let (mut bytes, mut completed) = (0u64, 0u32);
             while !stop.is_cancelled() {
                 let opts = UploadOptions {
@@ -562,6 +569,7 @@ async fn meters_under_stream(
     let (camera_bytes, camera_videos) = camera
         .await
         .map_err(|e| BenchError::Daemon(format!("streaming camera: {e}")))?;
+    drop(lane);
     remove_videos(videos);
     let streaming = LatencyRun::from(&streaming?);
     let camera_mb_per_sec = camera_bytes as f64 / secs.max(1e-9) / 1e6;

@@ -95,10 +95,22 @@ pub(super) fn ensure_gateway_flows(path: &Path, flows: usize) -> Result<(), Benc
     std::fs::write(path, text).map_err(BenchError::io(path.display().to_string()))
 }
 
-/// Sets (`Some`) or removes (`None`) keys of `path`'s TOML tables: `(table, key, value)`.
+/// Sets (`Some`) or removes (`None`) integer keys of `path`'s TOML tables: `(table, key, value)`.
 pub(super) fn edit_toml(
     path: &Path,
     edits: &[(&str, &str, Option<i64>)],
+) -> Result<(), BenchError> {
+    let edits: Vec<_> = edits
+        .iter()
+        .map(|(t, k, v)| (*t, *k, v.map(toml::Value::Integer)))
+        .collect();
+    edit_toml_values(path, &edits)
+}
+
+/// [`edit_toml`] with values of any TOML type.
+pub(super) fn edit_toml_values(
+    path: &Path,
+    edits: &[(&str, &str, Option<toml::Value>)],
 ) -> Result<(), BenchError> {
     let text = std::fs::read_to_string(path).map_err(BenchError::io(path.display().to_string()))?;
     let bad = |why: &str| BenchError::Daemon(format!("{}: {why}", path.display()));
@@ -113,7 +125,7 @@ pub(super) fn edit_toml(
             .ok_or_else(|| bad(&format!("[{table}] is not a table")))?;
         match value {
             Some(v) => {
-                t.insert((*key).into(), toml::Value::Integer(*v));
+                t.insert((*key).into(), v.clone());
             }
             None => {
                 t.remove(*key);
@@ -638,6 +650,21 @@ mod tests {
         assert_eq!(doc["admission"]["quota_frames"].as_integer(), Some(9));
         assert!(doc["handshakes"].get("cookie_above_per_sec").is_none());
         assert_eq!(doc["name"].as_str(), Some("core"));
+        edit_toml_values(
+            &path,
+            &[(
+                "video",
+                "dir",
+                Some(toml::Value::String("/dev/shm/v".into())),
+            )],
+        )
+        .expect("edited");
+        let doc: toml::Table = std::fs::read_to_string(&path)
+            .expect("read")
+            .parse()
+            .expect("toml");
+        assert_eq!(doc["video"]["dir"].as_str(), Some("/dev/shm/v"));
+        assert_eq!(doc["admission"]["quota_frames"].as_integer(), Some(9));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use relay_protocol::session::PublicKey;
 use relay_protocol::stream::UploadId;
 use tokio_util::sync::CancellationToken;
 
-use super::{fail, resolve, CliError, EXIT_LOST, EXIT_OK};
+use super::{fail, resolve, run_and_print, CliError, EXIT_LOST, EXIT_OK};
 use crate::camera::{run_camera, CameraDevice, CameraOptions, CameraProgress, CameraReport};
 use crate::config::{load_config, load_fleet};
 use crate::device_dir::DeviceDir;
@@ -249,29 +249,10 @@ pub fn camera(args: CameraArgs) -> u8 {
         Err(e) => return fail(&e),
     };
     drop(args);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
-    };
-    let report = match runtime.block_on(run_with_progress(opts)) {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
-    };
-    if json {
-        match serde_json::to_string(&report) {
-            Ok(line) => println!("{line}"),
-            Err(e) => return fail(&e),
-        }
-    } else {
-        print!("{}", camera_table(&report));
-    }
-    if report.ok {
-        EXIT_OK
-    } else {
-        EXIT_LOST
+    match run_and_print(run_with_progress(opts), json, camera_table) {
+        Ok(report) if report.ok => EXIT_OK,
+        Ok(_) => EXIT_LOST,
+        Err(code) => code,
     }
 }
 
