@@ -15,6 +15,7 @@ use relay_protocol::session::StaticKeypair;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use crate::disk::GiveWay;
 use crate::release::{ReleaseSigner, TrustedReleaser, ISSUER_KEY_LEN};
 use crate::tokens::{TokenFileError, TokenSet};
 
@@ -285,6 +286,9 @@ pub struct VideoConfig {
     /// The CPU priority of the bulk lane's threads (`cpu_priority`: `idle`, `low` or `normal`),
     /// where device streams, the gateways' bulk QUIC connections and their disk writes run.
     pub cpu_priority: LanePriority,
+    /// Whether video writes give way to the store's commits (`give_way`: `auto`, when the videos
+    /// share the database's disk, or `never`; `disk.rs`).
+    pub give_way: GiveWay,
 }
 
 /// The default `[video] dir`.
@@ -309,6 +313,7 @@ impl Default for VideoConfig {
             stall_timeout: Duration::from_secs(DEFAULT_VIDEO_STALL_SECS),
             ack_every_chunks: DEFAULT_VIDEO_ACK_EVERY,
             cpu_priority: LanePriority::default(),
+            give_way: GiveWay::default(),
         }
     }
 }
@@ -383,6 +388,7 @@ struct RawVideo {
     stall_timeout_secs: u64,
     ack_every_chunks: u64,
     cpu_priority: LanePriority,
+    give_way: GiveWay,
 }
 
 impl Default for RawVideo {
@@ -395,6 +401,7 @@ impl Default for RawVideo {
             stall_timeout_secs: d.stall_timeout.as_secs(),
             ack_every_chunks: d.ack_every_chunks.into(),
             cpu_priority: d.cpu_priority,
+            give_way: d.give_way,
         }
     }
 }
@@ -849,6 +856,7 @@ fn video_config(raw: &RawVideo, base: &Path) -> Result<VideoConfig, (&'static st
         stall_timeout: Duration::from_secs(raw.stall_timeout_secs),
         ack_every_chunks: raw.ack_every_chunks as u32,
         cpu_priority: raw.cpu_priority,
+        give_way: raw.give_way,
     })
 }
 
@@ -1129,6 +1137,7 @@ mod tests {
                 stall_timeout: Duration::from_secs(30),
                 ack_every_chunks: 16,
                 cpu_priority: LanePriority::Idle,
+                give_way: GiveWay::Auto,
             }
         );
         let raw: RawConfig = toml::from_str(
@@ -1216,6 +1225,13 @@ mod tests {
         );
         let raw: RawConfig = toml::from_str("[video]\ncpu_priority = \"normal\"\n").expect("parse");
         assert_eq!(raw.video.cpu_priority, LanePriority::Normal);
+        let raw: RawConfig = toml::from_str("[video]\ngive_way = \"never\"\n").expect("parse");
+        assert_eq!(
+            video_config(&raw.video, base).expect("valid").give_way,
+            GiveWay::Never
+        );
+        let e = parse_err("[video]\ngive_way = \"sometimes\"\n");
+        assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");
 
         let e = parse_err("[video]\ncpu_priority = \"high\"\n");
         assert!(matches!(e, ConfigError::Parse { line: 2, .. }), "{e}");

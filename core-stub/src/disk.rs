@@ -21,6 +21,28 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+/// `[video] give_way`: whether video writes give way to store commits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GiveWay {
+    /// When the videos and the database share a file system ([`same_disk`]): the default.
+    #[default]
+    Auto,
+    /// Never: videos are written at the disk's full speed, and readings' commits queue behind
+    /// their syncs (for a disk fast enough that the operator prefers video throughput).
+    Never,
+}
+
+impl GiveWay {
+    /// Whether video writes give way, given whether the videos share the database's disk.
+    pub fn applies(self, shares_disk: bool) -> bool {
+        match self {
+            Self::Auto => shares_disk,
+            Self::Never => false,
+        }
+    }
+}
+
 /// The most video data written to the disk at once (and so the most a commit waits behind).
 pub const WRITE_PIECE: usize = 512 * 1024;
 
@@ -141,6 +163,14 @@ mod tests {
         let started = Instant::now();
         gate.wait_turn();
         assert!(started.elapsed() >= MAX_TURN_WAIT);
+    }
+
+    #[test]
+    fn give_way_applies_on_a_shared_disk_unless_never() {
+        assert!(GiveWay::Auto.applies(true));
+        assert!(!GiveWay::Auto.applies(false));
+        assert!(!GiveWay::Never.applies(true));
+        assert!(!GiveWay::Never.applies(false));
     }
 
     #[test]

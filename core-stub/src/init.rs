@@ -443,6 +443,9 @@ cpu_priority = "idle"         # the threads that receive, decrypt and store stre
                               # bulk QUIC endpoint): "idle" (SCHED_IDLE: only CPU time nothing
                               # else wants, so readings keep their latency under a video),
                               # "low" (nice 10) or "normal"
+give_way = "auto"             # "auto": when dir is on the database's file system, video writes
+                              # give way to the store's commits (readings first, slower videos);
+                              # "never": videos at the disk's full speed
 
 [admin]
 tokens_file = "admin-tokens.toml"   # admin API tokens: name, role, owner, SHA-256 of the secret

@@ -349,11 +349,17 @@ pub async fn run(
     // Readings first: when videos go to the database's disk, their writes give way to commits.
     let gate = Arc::new(disk::DiskGate::default());
     let shares_disk = disk::same_disk(&config.store.path, &config.video.dir);
-    if shares_disk {
-        tracing::info!(
+    let give_way = config.video.give_way.applies(shares_disk);
+    match (shares_disk, give_way) {
+        (true, true) => tracing::info!(
             videos = %config.video.dir.display(),
             "videos share the database's disk: video writes give way to store commits (a volume of their own is faster)"
-        );
+        ),
+        (true, false) => tracing::warn!(
+            videos = %config.video.dir.display(),
+            "videos share the database's disk and [video] give_way = \"never\": readings' commits may wait behind video syncs"
+        ),
+        (false, _) => {}
     }
     let (input_tx, input_rx) = mpsc::channel(ENGINE_QUEUE);
     let (store_tx, store_rx) = mpsc::channel(config.store.batch_max.saturating_mul(2));
@@ -416,7 +422,7 @@ pub async fn run(
         metrics.clone(),
         stop.clone(),
         lane.handle().clone(),
-        shares_disk.then(|| gate.clone()),
+        give_way.then(|| gate.clone()),
     ));
     tasks.spawn(streams::serve_direct(
         listeners.streams,
