@@ -487,6 +487,8 @@ key = "key.pem"
 reconnect_initial_ms = 100
 reconnect_max_ms = 10000
 queue_frames = 4096           # frames held while the core is unreachable; newest dropped past it
+# bulk = "core.example:4434"  # the core's bulk endpoint (device streams) as reached from here, if
+                              # not at the core's IP and the port it names (a NAT, a port forward)
 
 [flows]
 max = 100000

@@ -156,6 +156,10 @@ pub struct UplinkConfig {
     pub reconnect_max: Duration,
     /// Frames held while the core is unreachable; past it, the newest are dropped.
     pub queue_frames: usize,
+    /// Where the core's bulk endpoint is reached (`bulk`), when not at the uplink's IP and the port
+    /// the core names in `HelloAck` (a NAT or a port forward between gateway and core). Used only
+    /// when the core has a bulk endpoint.
+    pub bulk: Option<CoreAddr>,
 }
 
 /// Where the core is: an IP address or a host name, and a port (`10.0.0.1:4433`,
@@ -585,6 +589,8 @@ struct FileUplink {
     reconnect_max_ms: u64,
     #[serde(default = "default_queue_frames")]
     queue_frames: usize,
+    #[serde(default)]
+    bulk: Option<CoreAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -829,6 +835,7 @@ impl GatewayConfig {
                 reconnect_initial: Duration::from_millis(up.reconnect_initial_ms),
                 reconnect_max: Duration::from_millis(up.reconnect_max_ms),
                 queue_frames: up.queue_frames,
+                bulk: up.bulk,
             },
             flows: FlowsConfig {
                 max: file.flows.max,
@@ -1082,6 +1089,20 @@ key = "key.pem"
         assert_eq!(c.uplink.core.to_string(), "core:4433");
         assert_eq!(c.uplink.core.ip(), None);
         assert_eq!(c.uplink.core.port(), 4433);
+        assert_eq!(
+            c.uplink.bulk, None,
+            "the core's announced bulk endpoint by default"
+        );
+
+        // `bulk`: where the core's bulk endpoint is reached from here (a NAT, a port forward).
+        let text = MINIMAL.replace("key.pem\"", "key.pem\"\nbulk = \"bulk.example:7443\"");
+        let c = GatewayConfig::from_toml(&text, &path, &cli(&path)).expect("valid config");
+        assert_eq!(
+            c.uplink.bulk.map(|b| b.to_string()).as_deref(),
+            Some("bulk.example:7443")
+        );
+        let text = MINIMAL.replace("key.pem\"", "key.pem\"\nbulk = \"bulk.example\"");
+        assert!(GatewayConfig::from_toml(&text, &path, &cli(&path)).is_err());
 
         for (text, shown) in [
             ("core.relay.local:4433", "core.relay.local:4433"),

@@ -329,6 +329,7 @@ pub async fn run(
         Uplink {
             name: config.name.clone(),
             core: config.uplink.core.clone(),
+            bulk: config.uplink.bulk.clone(),
             server_name: config.uplink.server_name.clone(),
             client_config,
             reconnect_initial: config.uplink.reconnect_initial,

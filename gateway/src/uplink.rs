@@ -12,7 +12,8 @@
 //! were answered, and writes the control-stream messages the device link queued (oversized
 //! frames, `AdmitQuery`). While up, the connection is also published to the device streams
 //! ([`crate::streams`]) as an `UplinkUp`, with the address of the core's bulk endpoint when the
-//! `HelloAck` named one (`bulk_port`: the core's IP, that port): device streams then go over a
+//! `HelloAck` named one (`bulk_port`: the core's IP, that port, unless `[uplink] bulk` says where
+//! it is reached from here): device streams then go over a
 //! QUIC connection of their own to it, else each opens its own bidirectional QUIC stream on this
 //! connection. When the connection ends, for whatever reason, the device link is told, and the
 //! task reconnects.
@@ -281,6 +282,9 @@ struct Session {
 pub(crate) struct Uplink {
     pub name: String,
     pub core: CoreAddr,
+    /// `[uplink] bulk`: the core's bulk endpoint as reached from here, instead of the uplink's IP
+    /// and `HelloAck`'s port.
+    pub bulk: Option<CoreAddr>,
     pub server_name: String,
     pub client_config: quinn::ClientConfig,
     pub reconnect_initial: Duration,
@@ -362,7 +366,10 @@ impl Uplink {
             .map_err(|_| UplinkError::Timeout("QUIC handshake"))??;
         match self.hello(&conn).await {
             Ok((send, recv, buf, bulk_port)) => {
-                let bulk = bulk_port.map(|p| SocketAddr::new(conn.remote_address().ip(), p.get()));
+                let bulk = match bulk_port {
+                    Some(port) => Some(self.bulk_target(&conn, port).await),
+                    None => None,
+                };
                 Ok(Session {
                     conn,
                     send,
@@ -380,6 +387,32 @@ impl Uplink {
 
     /// Looks the core up now and picks an address of the endpoint's family if there is one;
     /// otherwise the endpoint is replaced by one of the other family.
+    /// The core's bulk endpoint: `[uplink] bulk` looked up, or the uplink's IP and `HelloAck`'s
+    /// port (also when the lookup fails, which is logged).
+    async fn bulk_target(&self, conn: &Connection, port: NonZeroU16) -> SocketAddr {
+        let announced = SocketAddr::new(conn.remote_address().ip(), port.get());
+        let Some(bulk) = &self.bulk else {
+            return announced;
+        };
+        let found = tokio::time::timeout(RESOLVE_TIMEOUT, bulk.resolve()).await;
+        let ipv6 = announced.is_ipv6();
+        match found {
+            Ok(Ok(found)) => {
+                if let Some(a) = found.iter().find(|a| a.is_ipv6() == ipv6).or(found.first()) {
+                    return *a;
+                }
+                tracing::warn!(%bulk, %announced, "[uplink] bulk has no address: using the core's announced bulk endpoint");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%bulk, %announced, error = %e, "looking up [uplink] bulk failed: using the core's announced bulk endpoint");
+            }
+            Err(_) => {
+                tracing::warn!(%bulk, %announced, "looking up [uplink] bulk timed out: using the core's announced bulk endpoint");
+            }
+        }
+        announced
+    }
+
     async fn target(&self, endpoint: &mut Endpoint) -> Result<SocketAddr, UplinkError> {
         let resolve_err = |source| UplinkError::Resolve {
             core: self.core.to_string(),

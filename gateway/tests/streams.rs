@@ -153,6 +153,9 @@ enum Bulk {
     Refuse,
     /// Named, but nothing answers there.
     Silent,
+    /// Served, but `HelloAck` names a port where nothing answers (the endpoint is behind a NAT
+    /// or a port forward, say): only `[uplink] bulk` reaches it.
+    Elsewhere,
 }
 
 /// The core's side of the uplink: `Hello`/`HelloAck`, the control stream for `Admit`, and every
@@ -162,6 +165,8 @@ struct FakeCore {
     _endpoint: quinn::Endpoint,
     _bulk: Option<quinn::Endpoint>,
     _silent: Option<std::net::UdpSocket>,
+    /// Where the bulk endpoint serves, if it does.
+    bulk_addr: Option<SocketAddr>,
     control: mpsc::Receiver<quinn::SendStream>,
     streams: mpsc::Receiver<CoreStream>,
     datagrams: mpsc::Receiver<Vec<u8>>,
@@ -188,14 +193,18 @@ impl FakeCore {
         let (endpoint, addr) = server_endpoint(pki)?;
         let (bulk_conns_tx, bulk_conns) = mpsc::channel(8);
         let (bulk_streams_tx, bulk_streams) = mpsc::channel(64);
-        let (bulk_endpoint, silent, bulk_port) = match bulk {
-            Bulk::Absent => (None, None, None),
+        let silent_port = || -> Result<_> {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            let port = NonZeroU16::new(socket.local_addr()?.port());
+            Ok((socket, port))
+        };
+        let (bulk_endpoint, silent, bulk_port, bulk_addr) = match bulk {
+            Bulk::Absent => (None, None, None, None),
             Bulk::Silent => {
-                let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-                let port = socket.local_addr()?.port();
-                (None, Some(socket), NonZeroU16::new(port))
+                let (socket, port) = silent_port()?;
+                (None, Some(socket), port, None)
             }
-            Bulk::Serve | Bulk::Refuse => {
+            Bulk::Serve | Bulk::Refuse | Bulk::Elsewhere => {
                 let (bulk_endpoint, bulk_addr) = server_endpoint(pki)?;
                 let accepting = bulk_endpoint.clone();
                 tokio::spawn(async move {
@@ -210,7 +219,13 @@ impl FakeCore {
                         });
                     }
                 });
-                (Some(bulk_endpoint), None, NonZeroU16::new(bulk_addr.port()))
+                if bulk == Bulk::Elsewhere {
+                    let (socket, port) = silent_port()?;
+                    (Some(bulk_endpoint), Some(socket), port, Some(bulk_addr))
+                } else {
+                    let port = NonZeroU16::new(bulk_addr.port());
+                    (Some(bulk_endpoint), None, port, Some(bulk_addr))
+                }
             }
         };
         let (control_tx, control) = mpsc::channel(8);
@@ -234,6 +249,7 @@ impl FakeCore {
                 _endpoint: endpoint,
                 _bulk: bulk_endpoint,
                 _silent: silent,
+                bulk_addr,
                 control,
                 streams,
                 datagrams,
@@ -1118,6 +1134,36 @@ async fn device_streams_take_the_bulk_connection() -> Result<()> {
     gw.wait_metric("gateway_bulk_uplink_connected", 1.0).await?;
     assert_eq!(gw.metric("gateway_bulk_uplink_connects_total").await?, 2.0);
     assert!(core.no_stream(Duration::from_millis(100)).await);
+    gw.stop().await?;
+    Ok(())
+}
+
+/// `[uplink] bulk` names where the core's bulk endpoint is reached from the gateway (a NAT or a
+/// port forward between them): device streams go there, not to the port `HelloAck` names, where
+/// nothing answers.
+#[tokio::test]
+async fn uplink_bulk_overrides_the_announced_bulk_endpoint() -> Result<()> {
+    let pki = Pki::new()?;
+    let (mut core, core_addr) = FakeCore::start_with(&pki, Bulk::Elsewhere)?;
+    let mut config = pki.gateway_config(
+        core_addr,
+        "[admission]\nrequire = false\n[streams]\nstall_timeout_secs = 2\n",
+    )?;
+    config.uplink.bulk = Some(core.bulk_addr.context("served")?.into());
+    let gw = start_gateway(config, Hooks::default()).await?;
+    let _control = core.control().await?;
+    gw.wait_metric("gateway_uplink_connected", 1.0).await?;
+
+    let first = open_transport(1);
+    let mut device = TcpStream::connect(gw.stream_addr).await?;
+    device.write_all(&first).await?;
+    let mut stream = core.bulk_stream().await?;
+    exchange(&mut device, &mut stream, &first).await?;
+    gw.wait_metric("gateway_bulk_uplink_connected", 1.0).await?;
+    assert!(
+        core.no_stream(Duration::from_millis(200)).await,
+        "a stream on the uplink"
+    );
     gw.stop().await?;
     Ok(())
 }
