@@ -44,7 +44,9 @@
 //! session, nothing stored) when the path is not allowed. A policy change therefore applies at
 //! each device's next handshake; sessions already open are left alone. A device stream's open is
 //! checked against the policy too, each time: a gateway stream by the name in the certificate of
-//! the connection it came on (a gateway's bulk connection has no `GatewayUp` of its own).
+//! the connection it came on (a gateway's bulk connection has no `GatewayUp` of its own). A
+//! refused open is authenticated, so the core answers it with a sealed `not_permitted` ack
+//! ([`StreamDenied::NotPermitted`]) and the device stops instead of retrying.
 //!
 //! Every refused handshake gets an authenticated refusal (`Refused` + reason), except a replayed
 //! one (dropped silently) and one refused for `session.max_sessions`.
@@ -506,7 +508,7 @@ pub(crate) enum EngineInput {
     StreamOpen {
         frame: Bytes,
         origin: StreamOrigin,
-        reply: oneshot::Sender<Result<StreamGrant, DropReason>>,
+        reply: oneshot::Sender<Result<StreamGrant, StreamDenied>>,
     },
 }
 
@@ -527,6 +529,33 @@ pub(crate) struct StreamGrant {
     pub owner: crate::video::Owner,
     pub open: StreamOpen,
     pub keys: StreamKeys,
+}
+
+/// A device stream's open that was not granted.
+#[derive(Debug)]
+pub(crate) enum StreamDenied {
+    /// Not authenticated, or not a `StreamOpen`: the stream ends with no answer.
+    Dropped(DropReason),
+    /// Authenticated, but the profile's gateway policy does not allow the path it came on: the
+    /// core answers with a refusal (`not_permitted`) sealed under these keys, so the device stops
+    /// instead of retrying (`docs/protocol.md` §13.3).
+    NotPermitted(StreamKeys),
+}
+
+impl StreamDenied {
+    /// What the refusal counts as (`core_frames_dropped_total{reason}`).
+    pub fn reason(&self) -> DropReason {
+        match self {
+            Self::Dropped(reason) => *reason,
+            Self::NotPermitted(_) => DropReason::NotPermitted,
+        }
+    }
+}
+
+impl From<DropReason> for StreamDenied {
+    fn from(reason: DropReason) -> Self {
+        Self::Dropped(reason)
+    }
 }
 
 /// What the admin API asks of the engine, on its own bounded channel, served before frames so a
@@ -2042,7 +2071,7 @@ impl SessionTable {
         bytes: &[u8],
         origin: StreamOrigin,
         now: Instant,
-    ) -> Result<StreamGrant, DropReason> {
+    ) -> Result<StreamGrant, StreamDenied> {
         let (receiver, counter, ciphertext) =
             match DeviceFrame::decode(bytes).map_err(DropReason::Decode)? {
                 DeviceFrame::Transport {
@@ -2056,7 +2085,7 @@ impl SessionTable {
                     ciphertext,
                     ..
                 } => (receiver, counter, ciphertext),
-                _ => return Err(DropReason::UnexpectedType),
+                _ => return Err(DropReason::UnexpectedType.into()),
             };
         self.open_transport(receiver, counter, ciphertext, now)?;
         let session = self
@@ -2064,6 +2093,11 @@ impl SessionTable {
             .get_mut(&receiver)
             .ok_or(DropReason::UnknownSession)?;
         let slot = session.slot;
+        let open = match Message::decode(&self.plaintext).map_err(DropReason::Decode)? {
+            Message::StreamOpen(open) => open,
+            _ => return Err(DropReason::UnexpectedMessage.into()),
+        };
+        let keys = session.transport.stream_keys(&open.salt, &open.upload);
         let entry = self
             .subs
             .get(slot as usize)
@@ -2078,12 +2112,8 @@ impl SessionTable {
                 .is_none_or(|policy| policy.allows_gateway(name)),
         };
         if !permitted {
-            return Err(DropReason::NotPermitted);
+            return Err(StreamDenied::NotPermitted(keys));
         }
-        let open = match Message::decode(&self.plaintext).map_err(DropReason::Decode)? {
-            Message::StreamOpen(open) => open,
-            _ => return Err(DropReason::UnexpectedMessage),
-        };
         let serial = Some(entry.device)
             .filter(|d| *d != NONE)
             .and_then(|d| self.devices.get(d as usize))
@@ -2092,11 +2122,6 @@ impl SessionTable {
             subscription: entry.id,
             serial,
         };
-        let session = self
-            .sessions
-            .get(&receiver)
-            .ok_or(DropReason::UnknownSession)?;
-        let keys = session.transport.stream_keys(&open.salt, &open.upload);
         Ok(StreamGrant { owner, open, keys })
     }
 
@@ -2326,8 +2351,8 @@ impl Engine {
                 reply,
             } => {
                 let granted = self.table.open_stream(&frame, origin, Instant::now());
-                if let Err(reason) = &granted {
-                    self.metrics.frame_dropped(*reason);
+                if let Err(denied) = &granted {
+                    self.metrics.frame_dropped(denied.reason());
                 }
                 let _ = reply.send(granted);
             }

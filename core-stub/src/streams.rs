@@ -53,7 +53,7 @@ use tracing::Instrument;
 
 use crate::config::VideoConfig;
 use crate::disk::DiskGate;
-use crate::engine::{DropReason, EngineInput, StreamGrant, StreamOrigin};
+use crate::engine::{DropReason, EngineInput, StreamDenied, StreamGrant, StreamOrigin};
 use crate::metrics::{Metrics, StreamEnd};
 use crate::store::SubscriptionId;
 use crate::video::{HashCarry, Opened, Owner, PartialUpload, VideoRecord, VideoStore};
@@ -365,7 +365,19 @@ impl StreamHub {
                 reply_rx.await.ok()
             } => match r {
                 None => return StreamEnd::Shutdown,
-                Some(Err(reason)) => return end_of(reason),
+                Some(Err(StreamDenied::Dropped(reason))) => return end_of(reason),
+                Some(Err(StreamDenied::NotPermitted(keys))) => {
+                    // Authenticated, so the device can be told, and stops retrying.
+                    let mut acks = AckWriter {
+                        writer,
+                        core: CoreStream::new(keys),
+                        buf: Vec::with_capacity(128),
+                        timeout: stall,
+                    };
+                    let _ = acks.send(&StreamAck::refused(RefuseReason::NotPermitted)).await;
+                    let _ = tokio::time::timeout(LAST_ACK_TIMEOUT, acks.writer.shutdown()).await;
+                    return StreamEnd::Refused;
+                }
                 Some(Ok(g)) => g,
             },
         };

@@ -376,8 +376,8 @@ pub enum UploadError {
     /// The core refused the upload (authenticated): retrying would not help.
     #[error("the core refused the upload: {reason}")]
     Refused {
-        /// The reason's label (`too_large`, `chunk_size`, `busy`, `size_mismatch`, or
-        /// `code N` for one this version does not know).
+        /// The reason's label (`too_large`, `chunk_size`, `busy`, `size_mismatch`,
+        /// `not_permitted`, or `code N` for one this version does not know).
         reason: String,
         /// What was done until then.
         report: Box<UploadReport>,

@@ -294,6 +294,9 @@ mod keyed {
         Busy = 3,
         /// The total size differs from the upload's earlier attempts.
         SizeMismatch = 4,
+        /// The device's profile does not let it stream over this path (its gateway policy,
+        /// `docs/protocol.md` §11.9): another gateway, or direct access, may be allowed.
+        NotPermitted = 5,
     }
 
     impl RefuseReason {
@@ -304,6 +307,7 @@ mod keyed {
                 2 => Self::ChunkSize,
                 3 => Self::Busy,
                 4 => Self::SizeMismatch,
+                5 => Self::NotPermitted,
                 _ => return None,
             })
         }
@@ -315,6 +319,7 @@ mod keyed {
                 Self::ChunkSize => "chunk_size",
                 Self::Busy => "busy",
                 Self::SizeMismatch => "size_mismatch",
+                Self::NotPermitted => "not_permitted",
             }
         }
     }

@@ -2,8 +2,14 @@
 //! only that building's gateway. Two gateways; a profile allowing only gateway 1 (by the name in
 //! its certificate); factory-fresh meters activated with it provision and deliver through
 //! gateway 1, and are refused `not_permitted` through gateway 2, before and after provisioning,
-//! counted at the core, with nothing stored.
+//! counted at the core, with nothing stored. A camera's stream through a gateway its profile does
+//! not allow is refused `not_permitted`, authenticated, and the camera stops.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use device_sim::video::{upload, video_bytes, SessionTickets, UploadError, UploadOptions};
 use relay_ops::client::Body;
 use relay_tests::lifecycle::{device_entry, run_devices, Admin, Factory};
 use relay_tests::{metrics, start_core, start_gateway, Deployment};
@@ -121,6 +127,79 @@ async fn a_meter_outside_its_gateway_policy_is_refused_and_counted() -> anyhow::
 
     gw2.stop().await?;
     gw1.stop().await?;
+    core.stop().await?;
+    Ok(())
+}
+
+/// A device stream is checked against the policy at every open, not only at the handshake: a
+/// camera whose session is already open, uploading through a gateway its profile no longer allows,
+/// gets an authenticated refusal (`not_permitted`) and stops after one attempt, instead of
+/// retrying into the same refusal; allowed again, the same session uploads through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_through_a_gateway_its_profile_forbids_is_refused_with_the_reason(
+) -> anyhow::Result<()> {
+    let dep = Deployment::new(1, 1)?;
+    let core = start_core(&dep, None).await?;
+    let gw = start_gateway(&dep, 1, core.quic, gateway::Hooks::default()).await?;
+    let admin = Admin::new(&dep, core.admin)?;
+    let identity = dep.devices(0..1)?.pop().context("one device")?;
+    // The session is opened through gateway 1 while the default profile allows every gateway.
+    let mut tickets = SessionTickets::connect(
+        identity,
+        dep.sim.core_public_key,
+        gw.devices,
+        Duration::from_secs(10),
+    )
+    .await?;
+    anyhow::ensure!(tickets.establish().await, "no session through gateway 1");
+    let put_gateways = |gateways: &'static [&'static str]| {
+        let admin = &admin;
+        async move {
+            let profile = serde_json::json!({
+                "report_interval_secs": 60,
+                "report_bytes": 64,
+                "threshold": 0,
+                "gateways": gateways,
+                "allow_direct": true,
+            });
+            let body = serde_json::to_vec(&profile)?;
+            admin
+                .ok(
+                    &admin.operator,
+                    "PUT",
+                    "/v1/profiles/default",
+                    Some(Body::json(&body)),
+                )
+                .await
+        }
+    };
+    put_gateways(&["gateway-2"]).await?;
+
+    let video: Arc<[u8]> = video_bytes(3, 300_000).into();
+    let mut o = UploadOptions::new(gw.streams);
+    o.max_attempts = 5;
+    match upload(video.clone(), &o, &mut tickets).await {
+        Err(UploadError::Refused { reason, report }) => {
+            assert_eq!(reason, "not_permitted");
+            assert_eq!(report.attempts, 1, "no retry into the same refusal");
+        }
+        other => bail!("expected a not_permitted refusal, got {other:?}"),
+    }
+    let m = core.metrics().await?;
+    assert_eq!(
+        metrics::value(&m, "core_stream_ends_total", "reason=\"refused\""),
+        1.0
+    );
+    assert_eq!(metrics::value(&m, "core_videos_stored_total", ""), 0.0);
+
+    // Gateway 1 allowed again: the same session uploads through it.
+    put_gateways(&[GATEWAY_1]).await?;
+    let report = upload(video, &UploadOptions::new(gw.streams), &mut tickets).await?;
+    assert!(report.complete && report.digest_match, "{report:?}");
+    let m = core.metrics().await?;
+    assert_eq!(metrics::value(&m, "core_videos_stored_total", ""), 1.0);
+
+    gw.stop().await?;
     core.stop().await?;
     Ok(())
 }

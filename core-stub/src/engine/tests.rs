@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use relay_protocol::session::{DeviceEvent, DeviceSession};
+use relay_protocol::stream::{RefuseReason, StreamAck};
 use relay_protocol::FrameType;
 
 use super::*;
@@ -1885,31 +1886,44 @@ fn a_stream_open_authenticates_like_a_transport_frame_and_leaves_the_route_alone
     assert_eq!(session.route, B);
     // The same frame again is a replay; a reading is not an open; nor is a handshake.
     assert_eq!(
-        rig.table.open_stream(&frame, STREAM_FROM, now).err(),
+        rig.table
+            .open_stream(&frame, STREAM_FROM, now)
+            .err()
+            .map(|d| d.reason()),
         Some(DropReason::Replay)
     );
     assert_eq!(
         rig.table
             .open_stream(&reading(&mut dev, 1), STREAM_FROM, now)
-            .err(),
+            .err()
+            .map(|d| d.reason()),
         Some(DropReason::UnexpectedMessage)
     );
     let mut other = device(&rig, 0);
     let init = other.start_handshake(SessionId(9), 99, now).expect("init");
     assert_eq!(
-        rig.table.open_stream(&init, STREAM_FROM, now).err(),
+        rig.table
+            .open_stream(&init, STREAM_FROM, now)
+            .err()
+            .map(|d| d.reason()),
         Some(DropReason::UnexpectedType)
     );
     // (Byte 20 is ciphertext; the last 8 bytes are the gateways' admission tag.)
     let mut bad = stream_open(&mut dev, 2).0;
     bad[20] ^= 1;
     assert_eq!(
-        rig.table.open_stream(&bad, STREAM_FROM, now).err(),
+        rig.table
+            .open_stream(&bad, STREAM_FROM, now)
+            .err()
+            .map(|d| d.reason()),
         Some(DropReason::Authentication)
     );
     bad[2..6].copy_from_slice(&0x0bad_0badu32.to_be_bytes());
     assert_eq!(
-        rig.table.open_stream(&bad, STREAM_FROM, now).err(),
+        rig.table
+            .open_stream(&bad, STREAM_FROM, now)
+            .err()
+            .map(|d| d.reason()),
         Some(DropReason::UnknownSession)
     );
 
@@ -1947,12 +1961,22 @@ fn a_stream_open_obeys_the_path_policy_and_names_the_device() {
         StreamOrigin::Gateway("gw-c".into()),
         StreamOrigin::Gateway("gw-a.evil".into()),
     ] {
-        let (frame, _, _) = stream_open(&mut dev, 1);
-        assert_eq!(
-            rig.table.open_stream(&frame, origin.clone(), now).err(),
-            Some(DropReason::NotPermitted),
-            "{origin:?}"
-        );
+        let (frame, device_keys, _) = stream_open(&mut dev, 1);
+        let denied = rig.table.open_stream(&frame, origin.clone(), now).err();
+        let Some(StreamDenied::NotPermitted(core_keys)) = denied else {
+            panic!("{origin:?}: {denied:?}, not a not_permitted refusal");
+        };
+        // The refusal is sealed under the stream's keys: the device opens it, learns why, and
+        // stops instead of retrying.
+        let refusal = StreamAck::refused(RefuseReason::NotPermitted);
+        let mut sealed = Vec::new();
+        relay_protocol::stream::CoreStream::new(core_keys)
+            .seal_ack(&refusal, &mut sealed)
+            .expect("seal");
+        let opened = relay_protocol::stream::DeviceStream::new(device_keys)
+            .open_ack(&sealed[relay_protocol::stream::LENGTH_PREFIX..])
+            .expect("the device opens the refusal");
+        assert_eq!(opened, refusal);
     }
     let (frame, _, _) = stream_open(&mut dev, 1);
     let grant = rig
@@ -1972,7 +1996,8 @@ fn a_stream_open_obeys_the_path_policy_and_names_the_device() {
     assert_eq!(
         rig.table
             .open_stream(&frame, StreamOrigin::Gateway("gw-b".into()), now)
-            .err(),
+            .err()
+            .map(|d| d.reason()),
         Some(DropReason::NotPermitted)
     );
 

@@ -237,3 +237,22 @@ fn long_metadata_is_cut_at_a_character_boundary() {
     };
     assert_eq!(back.meta.len(), MAX_META);
 }
+
+#[test]
+fn refuse_reasons_round_trip_through_their_codes() {
+    let all = [
+        RefuseReason::TooLarge,
+        RefuseReason::ChunkSize,
+        RefuseReason::Busy,
+        RefuseReason::SizeMismatch,
+        RefuseReason::NotPermitted,
+    ];
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(*r as u8, i as u8 + 1);
+        assert_eq!(RefuseReason::from_code(*r as u8), Some(*r));
+        assert!(all[..i].iter().all(|o| o.label() != r.label()));
+    }
+    assert_eq!(RefuseReason::from_code(0), None);
+    assert_eq!(RefuseReason::from_code(6), None);
+    assert_eq!(RefuseReason::NotPermitted.label(), "not_permitted");
+}
