@@ -46,7 +46,7 @@
 //! checked against the policy too, each time: a gateway stream by the name in the certificate of
 //! the connection it came on (a gateway's bulk connection has no `GatewayUp` of its own). A
 //! refused open is authenticated, so the core answers it with a sealed `not_permitted` ack
-//! ([`StreamDenied::NotPermitted`]) and the device stops instead of retrying.
+//! (`StreamDenied::NotPermitted`) and the device stops instead of retrying.
 //!
 //! Every refused handshake gets an authenticated refusal (`Refused` + reason), except a replayed
 //! one (dropped silently) and one refused for `session.max_sessions`.

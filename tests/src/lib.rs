@@ -84,6 +84,24 @@ impl Deployment {
             .collect())
     }
 
+    /// Device `i` of the fleet file as a stream uploader's session holder, its datagrams to
+    /// `target` (a gateway's device port, or the core's direct port); it handshakes at its first
+    /// ticket (or [`establish`](device_sim::video::SessionTickets::establish)), waiting 10 s at most.
+    pub async fn session_tickets(
+        &self,
+        i: usize,
+        target: SocketAddr,
+    ) -> Result<device_sim::video::SessionTickets> {
+        let identity = self.devices(i..i + 1)?.pop().context("the device")?;
+        Ok(device_sim::video::SessionTickets::connect(
+            identity,
+            self.sim.core_public_key,
+            target,
+            Duration::from_secs(10),
+        )
+        .await?)
+    }
+
     /// Opens the store (read side; the core may be running: WAL allows it).
     pub fn store(&self) -> Result<core_stub::Store> {
         Ok(core_stub::Store::open(&self.store_path())?)

@@ -6,10 +6,9 @@
 //! not allow is refused `not_permitted`, authenticated, and the camera stops.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
-use device_sim::video::{upload, video_bytes, SessionTickets, UploadError, UploadOptions};
+use anyhow::bail;
+use device_sim::video::{upload, video_bytes, UploadError, UploadOptions};
 use relay_ops::client::Body;
 use relay_tests::lifecycle::{device_entry, run_devices, Admin, Factory};
 use relay_tests::{metrics, start_core, start_gateway, Deployment};
@@ -142,15 +141,8 @@ async fn a_stream_through_a_gateway_its_profile_forbids_is_refused_with_the_reas
     let core = start_core(&dep, None).await?;
     let gw = start_gateway(&dep, 1, core.quic, gateway::Hooks::default()).await?;
     let admin = Admin::new(&dep, core.admin)?;
-    let identity = dep.devices(0..1)?.pop().context("one device")?;
     // The session is opened through gateway 1 while the default profile allows every gateway.
-    let mut tickets = SessionTickets::connect(
-        identity,
-        dep.sim.core_public_key,
-        gw.devices,
-        Duration::from_secs(10),
-    )
-    .await?;
+    let mut tickets = dep.session_tickets(0, gw.devices).await?;
     anyhow::ensure!(tickets.establish().await, "no session through gateway 1");
     let put_gateways = |gateways: &'static [&'static str]| {
         let admin = &admin;

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use device_sim::camera::{run_camera, CameraDevice, CameraOptions, CameraProgress, CameraReport};
-use device_sim::video::{
-    upload, video_bytes, SessionTickets, UploadError, UploadOptions, UploadProgress,
-};
+use device_sim::video::{upload, video_bytes, UploadError, UploadOptions, UploadProgress};
 use gateway::{Hooks, TapPoint};
 use relay_ops::lane::{BulkLane, LanePriority};
 use relay_tests::hostile_stream::{Attack, StreamMitm};
@@ -378,14 +376,7 @@ async fn meters_keep_their_latency_while_a_camera_streams_at_full_speed() -> any
     };
     // The camera: one session, 64 MB videos one after another while `streaming` is set.
     let stop = CancellationToken::new();
-    let identity = dep.devices(0..1)?.pop().context("camera")?;
-    let mut tickets = SessionTickets::connect(
-        identity,
-        dep.sim.core_public_key,
-        gw.devices,
-        Duration::from_secs(10),
-    )
-    .await?;
+    let mut tickets = dep.session_tickets(0, gw.devices).await?;
     let video: Arc<[u8]> = video_bytes(9, 64_000_000).into();
     let progress = Arc::new(UploadProgress::default());
     let (streaming_tx, streaming) = tokio::sync::watch::channel(false);
