@@ -1520,14 +1520,7 @@ async fn video_stream_through_a_gateway_quic_stream() -> Result<()> {
     let data = video(5 * CHUNK as usize + 1);
     let upload = UploadId([0x44; 16]);
 
-    // A stream without the device stream header is refused.
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&[0x01, 0x99]).await?;
-    assert!(tokio::time::timeout(WAIT, recv.read_to_end(1024))
-        .await?
-        .is_err());
-    core.wait_metric("core_stream_ends_total{reason=\"malformed\"}", 1.0)
-        .await?;
+    headerless_stream_is_refused(&core, &conn).await?;
 
     // Several device streams at once on one connection, beside the control stream.
     let mut open = Vec::new();
@@ -1577,6 +1570,17 @@ fn forged_client_config(dir: &Path) -> Result<quinn::ClientConfig> {
     Ok(quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
     )))
+}
+
+/// A stream on `conn` without the device stream header is refused, counted `malformed`.
+async fn headerless_stream_is_refused(core: &Core, conn: &quinn::Connection) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&[0x01, 0x99]).await?;
+    assert!(tokio::time::timeout(WAIT, recv.read_to_end(1024))
+        .await?
+        .is_err());
+    core.wait_metric("core_stream_ends_total{reason=\"malformed\"}", 1.0)
+        .await
 }
 
 /// Tries to carry a device stream's open over a connection to the bulk endpoint made with
@@ -1652,14 +1656,7 @@ async fn video_stream_over_the_bulk_endpoint() -> Result<()> {
     core.wait_metric("core_bulk_connections", 1.0).await?;
     assert_eq!(core.metric("core_gateways_connected").await?, 0.0);
 
-    // A stream without the device stream header is refused.
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&[0x01, 0x99]).await?;
-    assert!(tokio::time::timeout(WAIT, recv.read_to_end(1024))
-        .await?
-        .is_err());
-    core.wait_metric("core_stream_ends_total{reason=\"malformed\"}", 1.0)
-        .await?;
+    headerless_stream_is_refused(&core, &conn).await?;
 
     // A whole upload, stored, under the gateway's certificate name.
     let data = video(5 * CHUNK as usize + 1);
