@@ -385,8 +385,6 @@ impl Uplink {
         }
     }
 
-    /// Looks the core up now and picks an address of the endpoint's family if there is one;
-    /// otherwise the endpoint is replaced by one of the other family.
     /// The core's bulk endpoint: `[uplink] bulk` looked up, or the uplink's IP and `HelloAck`'s
     /// port (also when the lookup fails, which is logged).
     async fn bulk_target(&self, conn: &Connection, port: NonZeroU16) -> SocketAddr {
@@ -413,6 +411,8 @@ impl Uplink {
         announced
     }
 
+    /// Looks the core up now and picks an address of the endpoint's family if there is one;
+    /// otherwise the endpoint is replaced by one of the other family.
     async fn target(&self, endpoint: &mut Endpoint) -> Result<SocketAddr, UplinkError> {
         let resolve_err = |source| UplinkError::Resolve {
             core: self.core.to_string(),

@@ -306,25 +306,6 @@ async fn a_stream_cut_by_a_gateway_restart_resumes_from_the_last_acknowledged_ch
     Ok(())
 }
 
-/// 200 meters' reading latency, once alone and once while a camera streams videos back to back at
-/// full speed through the same gateway: the 99th percentile stays within twice the idle figure.
-///
-/// Everything runs in this one process on the machine's cores: the gateway and the core do their
-/// device-stream work (TCP, the bulk QUIC connection, decryption, SHA-256, the disk) on their bulk
-/// lanes, under `SCHED_IDLE`, so the readings' threads get the CPU the moment they want it. The
-/// camera stands for another device, with a CPU of its own: here its sealing runs on a
-/// `SCHED_IDLE` thread too, so that it takes only what the meters, the gateway and the core leave.
-///
-/// The videos are stored on a volume of their own (a tmpfs, `/dev/shm`, where there is one), as a
-/// deployment that keeps a camera fleet's videos away from the subscription database would.
-/// `RELAY_VIDEOS_ON_DB_DISK=1`, or less than [`VIDEO_VOLUME_NEED`] free there, puts them on the
-/// database's disk instead: the core's disk gate
-/// (`core-stub/src/disk.rs`) then makes video writes give way to the readings' commits, and the
-/// ratio was 1.58-1.90x in three runs (2.09x and 2.77x before the gate), a margin too thin for
-/// CI; see README, "Performance".
-///
-/// Before the lanes: 5 ms idle, 15-19 ms while streaming (3.1-3.8x); with the stream tasks alone
-/// moved to a lane (the QUIC drivers still shared with the readings), ~3x.
 /// What the latency test's videos need on their volume: a few 64 MB videos, complete and partial.
 const VIDEO_VOLUME_NEED: u64 = 512 << 20;
 
@@ -345,6 +326,24 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// 200 meters' reading latency, once alone and once while a camera streams videos back to back at
+/// full speed through the same gateway: the 99th percentile stays within twice the idle figure.
+///
+/// Everything runs in this one process on the machine's cores: the gateway and the core do their
+/// device-stream work (TCP, the bulk QUIC connection, decryption, SHA-256, the disk) on their bulk
+/// lanes, under `SCHED_IDLE`, so the readings' threads get the CPU the moment they want it. The
+/// camera stands for another device, with a CPU of its own: here its sealing runs on a
+/// `SCHED_IDLE` thread too, so that it takes only what the meters, the gateway and the core leave.
+///
+/// The videos are stored on a volume of their own (a tmpfs, `/dev/shm`, where there is one), as a
+/// deployment that keeps a camera fleet's videos away from the subscription database would.
+/// `RELAY_VIDEOS_ON_DB_DISK=1`, or less than [`VIDEO_VOLUME_NEED`] free there, puts them on the
+/// database's disk instead: the core's disk gate (`core-stub/src/disk.rs`) then makes video writes
+/// give way to the readings' commits, and the ratio was 1.58-1.90x in three runs (2.09x and 2.77x
+/// before the gate), a margin too thin for CI; see README, "Performance".
+///
+/// Before the lanes: 5 ms idle, 15-19 ms while streaming (3.1-3.8x); with the stream tasks alone
+/// moved to a lane (the QUIC drivers still shared with the readings), ~3x.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meters_keep_their_latency_while_a_camera_streams_at_full_speed() -> anyhow::Result<()> {
     let _bulk = BULK.lock().await;
